@@ -1,0 +1,36 @@
+"""Tracking backends: one file each, behind the small interface in base.py.
+
+A backend's library is imported only when that backend is asked for, so nobody pays for one they
+do not use, and a missing one is one clear sentence naming the extra to install.
+"""
+from __future__ import annotations
+
+from .. import schema
+from .base import Backend, Row, RunInfo
+
+
+def backend_names(backend) -> list[str]:
+    """``"mlflow"``, ``"wandb"``, a list of both, or ``"none"`` -> a checked list of names."""
+    if backend is None or backend == "none":
+        return []
+    names = [backend] if isinstance(backend, str) else list(backend)
+    for name in names:
+        if name not in schema.BACKENDS:
+            raise ValueError(f"backend={name!r} is not known: use 'mlflow', 'wandb', a list of both, or 'none'")
+    return list(dict.fromkeys(names))
+
+
+def create(name: str, options: dict | None = None) -> Backend:
+    options = options or {}
+    if name == "mlflow":
+        from .mlflow import MLflowBackend
+
+        return MLflowBackend(**options)
+    if name == "wandb":
+        from .wandb import WandbBackend
+
+        return WandbBackend(**options)
+    raise ValueError(f"backend={name!r} is not known")
+
+
+__all__ = ["Backend", "Row", "RunInfo", "backend_names", "create"]

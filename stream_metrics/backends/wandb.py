@@ -1,0 +1,102 @@
+"""Weights & Biases: charts keyed by the chosen progress axis from the first row.
+
+Every progress key is defined with ``define_metric``; every other key gets the x-axis through
+the glob ``"*"`` (an exact definition beats a glob, so the axes keep their own). ``step=`` is
+never passed to ``log``: W&B's own step orders rows, so a resumed run keeps every row. The usual
+environment applies (``WANDB_PROJECT``, ``WANDB_MODE``, ``WANDB_DIR``, ``WANDB_API_KEY``).
+"""
+from __future__ import annotations
+
+import netrc
+import os
+from urllib.parse import urlparse
+
+from .. import schema
+from .base import Backend, Row, RunInfo
+
+
+class WandbCredentialsError(RuntimeError):
+    pass
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbBackend(Backend):
+    name = "wandb"
+    max_rows_per_call = 100
+
+    def __init__(self, project: str | None = None, mode: str | None = None, entity: str | None = None,
+                 dir: str | None = None):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("the wandb backend needs Weights & Biases: pip install 'stream_metrics[wandb]'") from None
+        self._wandb = wandb
+        self.project, self.entity, self.dir = project, entity, dir
+        self.mode = mode or os.environ.get("WANDB_MODE") or "online"
+        if self.mode in ("dryrun",):
+            self.mode = "offline"
+        self.run = None
+        self.run_id = None
+        self._owns_run = True
+        self._meta: dict = {}
+
+    def start(self, info: RunInfo) -> str:
+        wandb = self._wandb
+        active = wandb.run
+        if active is not None and (info.run_id is None or active.id == info.run_id):
+            self.run, self._owns_run = active, False  # the user's own wandb.init(): log into it
+        else:
+            if self.mode == "online" and not _has_credentials():
+                raise WandbCredentialsError(
+                    "W&B is in online mode but has no API key, and stream_metrics never prompts: set "
+                    "WANDB_API_KEY (or run `wandb login`), or set WANDB_MODE=offline to log locally and "
+                    "`wandb sync` later")
+            self.run = wandb.init(
+                project=self.project or os.environ.get("WANDB_PROJECT") or info.project,
+                entity=self.entity, name=info.name, id=info.run_id, resume="allow" if info.run_id else None,
+                mode=self.mode, dir=self.dir, config=info.config,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        if not self._owns_run and info.config:
+            self.run.config.update(info.config, allow_val_change=True)
+        for key in info.axes:
+            if key == info.x_axis:
+                self.run.define_metric(key)
+            else:
+                self.run.define_metric(key, step_metric=info.x_axis)
+        self.run.define_metric("*", step_metric=info.x_axis)
+        self.set_tags(info.tags)
+        self.run_id = self.run.id
+        return self.run_id
+
+    def log_rows(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.run.log(row.metrics)
+
+    def set_tags(self, tags: dict) -> None:
+        self._meta.update(tags)
+        self.run.config.update({schema.CONFIG_KEY: dict(self._meta)}, allow_val_change=True)
+
+    def log_summary(self, metrics: dict, row: Row) -> None:
+        self.run.summary.update(metrics)
+
+    def finish(self, status: str) -> None:
+        if self._owns_run:
+            self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+    def where(self) -> str:
+        folder = getattr(self.run, "dir", None)
+        if self.mode == "offline" and folder:
+            run_folder = os.path.dirname(folder.rstrip("/"))
+            return f"W&B offline run {self.run.id} in {run_folder}: upload with `wandb sync {run_folder}`"
+        url = getattr(self.run, "url", None)
+        return f"W&B run {self.run.id}" + (f" at {url}" if url else "")

@@ -1,0 +1,219 @@
+"""The epoch estimate: samples seen / samples in one pass, from the best source in force.
+
+Sources, best first (SCHEMA section 2): ``pass`` (a pass has ended and was measured), ``sized``
+(the dataset or loader has a length), ``user`` (``dataset_size=``), ``metadata`` (split info or
+Parquet footers), ``shards`` (position in a streaming dataset's shards), ``none`` (completed passes
+only).
+
+Each rank probes its own dataset (``DatasetProbe.local``); the numbers of every rank come together
+in the row's one collective, and ``EpochEstimator.estimate`` turns them into the same epoch on
+every rank. Where pass ends are watched, an estimate never claims a pass that has not ended
+(it stays below the next whole number), so when a pass ends the integer part is exact.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from .counting import warn_once
+
+# How close below the next whole epoch an estimate may go before that pass has really ended.
+_BELOW_NEXT_PASS = 1e-9
+# datasets iterables that change how many examples a pass holds, so a row count from metadata no longer holds.
+_RESIZING = ("TakeExamplesIterable", "SkipExamplesIterable", "FilteredExamplesIterable",
+             "RepeatExamplesIterable")
+
+
+def check_dataset_size(dataset_size):
+    """``dataset_size`` as a positive int, or None; a clear error otherwise."""
+    if dataset_size is None:
+        return None
+    bad = (isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Real)
+           or not math.isfinite(dataset_size) or dataset_size <= 0 or int(dataset_size) != dataset_size)
+    if bad:
+        raise ValueError(f"dataset_size={dataset_size!r} must be a positive whole number of training examples "
+                         "(or None when unknown: stream_metrics then measures it when a pass ends)")
+    return int(dataset_size)
+
+
+def _ex_iterables(dataset):
+    ex = getattr(dataset, "_ex_iterable", None)
+    while ex is not None:
+        yield ex
+        ex = getattr(ex, "ex_iterable", None)
+
+
+def metadata_size(dataset) -> tuple[int | None, bool]:
+    """(examples the dataset says it has, whether that is only this rank's share).
+
+    Hugging Face split info where it is filled in, else the row counts in Parquet footers.
+    """
+    chain = list(_ex_iterables(dataset))
+    if any(type(ex).__name__ in _RESIZING for ex in chain):
+        return None, False
+    info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
+    splits = getattr(info, "splits", None)
+    if splits and split is not None:
+        try:
+            n = splits[str(split)].num_examples
+        except (KeyError, AttributeError):
+            n = None
+        if n:
+            return int(n), False
+    files = chain[-1].kwargs.get("files") if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else None
+    if files and all(str(f).endswith(".parquet") for f in files):
+        try:
+            import pyarrow.parquet as pq
+
+            rows = sum(pq.read_metadata(f).num_rows for f in files)
+        except Exception:  # a remote or unreadable file: no metadata, no failure
+            return None, False
+        # After split_dataset_by_node with whole shards per rank, each rank holds only its own files.
+        split_by_node = getattr(dataset, "_distributed", None) is not None
+        stepped = any(type(ex).__name__ == "StepExamplesIterable" for ex in chain)
+        return rows, split_by_node and not stepped
+    return None, False
+
+
+def shard_position(dataset):
+    """(shard_idx, shard_example_idx, num_shards) of a streaming dataset in the main process, or None."""
+    state_dict = getattr(dataset, "state_dict", None)
+    num_shards = getattr(dataset, "num_shards", None) or getattr(dataset, "n_shards", None)
+    if not callable(state_dict) or not num_shards:
+        return None
+    try:
+        state = state_dict()
+    except Exception:
+        return None
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "shard_idx" in node and "shard_example_idx" in node:
+                found.append(node)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(state)
+    if len(found) != 1:  # several sources (interleave, shuffled sources): no single position
+        return None
+    return int(found[0]["shard_idx"]), int(found[0]["shard_example_idx"]), int(num_shards)
+
+
+@dataclass
+class DatasetProbe:
+    """What one rank can tell about the dataset it reads: its length, metadata, shard position."""
+
+    dataset: object = None
+    length: int | None = None          # len() of the dataset (rows) or loader (batches)
+    is_loader: bool = False
+    metadata: int | None = None
+    metadata_is_local: bool = False
+
+    @classmethod
+    def of(cls, dataset) -> "DatasetProbe":
+        if dataset is None:
+            return cls()
+        probe = cls(dataset=dataset)
+        try:
+            probe.length = len(dataset)
+        except Exception:  # IterableDataset and friends have no length, or raise TypeError
+            probe.length = None
+        if probe.length == 0:
+            probe.length = None
+        probe.is_loader = hasattr(dataset, "batch_size") and hasattr(dataset, "dataset")
+        inner = getattr(dataset, "dataset", dataset) if probe.is_loader else dataset
+        probe.metadata, probe.metadata_is_local = metadata_size(inner)
+        if not hasattr(inner, "state_dict") and type(inner).__module__.startswith("datasets"):
+            warn_once("datasets-state", "this version of datasets has no IterableDataset.state_dict(), so the "
+                                        "'shards' epoch source is unavailable; upgrade datasets to 2.20 or newer")
+        probe.dataset = inner
+        return probe
+
+    def local(self, rows: int, batches: int) -> dict:
+        """This rank's numbers for the row's collective (-1 where unknown)."""
+        pos = shard_position(self.dataset) if self.dataset is not None and self.length is None else None
+        return {
+            "sized_units": (batches if self.is_loader else rows) if self.length else -1,
+            "sized_length": self.length or -1,
+            "sized_is_loader": int(self.is_loader),
+            "metadata": self.metadata if self.metadata else -1,
+            "metadata_local": int(self.metadata_is_local),
+            "shard_idx": pos[0] if pos else -1,
+            "shard_example_idx": pos[1] if pos else -1,
+            "num_shards": pos[2] if pos else -1,
+        }
+
+
+class EpochEstimator:
+    """Turns the samples seen and every rank's probe into ``(epoch, source)``; restorable."""
+
+    def __init__(self, dataset_size=None):
+        self.user_size = check_dataset_size(dataset_size)
+        self.watching = False      # pass ends will be reported (iterate(), end_pass(), the Trainer)
+        self.sized_epoch = None    # an exact epoch given from outside (the Trainer's, for sized data)
+        self.passes = 0            # passes completed on every rank, before this session
+        self.pass_size = None      # samples in one pass, measured when the first one ended
+        self.samples_at_start = 0  # samples restored from a checkpoint
+        self.last_epoch = 0.0
+
+    def state_dict(self) -> dict:
+        return {"passes": self.passes, "pass_size": self.pass_size, "last_epoch": self.last_epoch,
+                "watching": self.watching}
+
+    def load_state_dict(self, d: dict, samples: int) -> None:
+        passes, pass_size = d.get("passes", 0), d.get("pass_size")
+        if not isinstance(passes, int) or passes < 0 or (pass_size is not None and
+                                                         (not isinstance(pass_size, int) or pass_size <= 0)):
+            raise ValueError(f"epoch state {d!r} is not valid")
+        self.passes, self.pass_size = passes, pass_size
+        self.last_epoch = float(d.get("last_epoch", 0.0))
+        self.watching = bool(d.get("watching", False)) or self.watching
+        self.samples_at_start = samples
+
+    def estimate(self, samples: int, ranks: list[dict]) -> tuple[float, str]:
+        """``ranks``: each rank's gathered numbers (passes, first_pass_samples, samples_in_pass, probe)."""
+        session_passes = min(r["passes"] for r in ranks)
+        passes = self.passes + session_passes
+        if self.pass_size is None and session_passes >= 1 and self.passes == 0:
+            # Every sample before this session's start was in the first pass.
+            self.pass_size = self.samples_at_start + int(sum(r["first_pass_samples"] for r in ranks))
+        epoch, source = self._raw(samples, ranks, passes)
+        if self.watching or passes:
+            epoch = min(max(epoch, passes), passes + 1 - _BELOW_NEXT_PASS)
+        epoch = max(epoch, self.last_epoch)
+        self.last_epoch = epoch
+        return epoch, source
+
+    def _raw(self, samples, ranks, passes):
+        if self.pass_size and passes >= 1:
+            return samples / self.pass_size, "pass"
+        if self.sized_epoch is not None:
+            return float(self.sized_epoch), "sized"
+        if all(r["sized_length"] > 0 for r in ranks):
+            units = sum(r["sized_units"] for r in ranks)
+            length = sum(r["sized_length"] for r in ranks) if ranks[0]["sized_is_loader"] else ranks[0]["sized_length"]
+            return units / length, "sized"
+        if self.user_size:
+            return samples / self.user_size, "user"
+        if all(r["metadata"] > 0 for r in ranks):
+            size = sum(r["metadata"] for r in ranks) if ranks[0]["metadata_local"] else ranks[0]["metadata"]
+            return samples / size, "metadata"
+        sizes = [_shard_size(r) for r in ranks]
+        if passes == 0 and all(s is not None for s in sizes):
+            return samples / sum(sizes), "shards"
+        return float(passes), "none"
+
+
+def _shard_size(r: dict) -> float | None:
+    # Examples per completed shard, times the shard count: this rank's share of one pass.
+    done, within, shards = r["shard_idx"], r["shard_example_idx"], r["num_shards"]
+    in_completed = r["samples_in_pass"] - within
+    if done < 1 or shards < 1 or in_completed <= 0:
+        return None
+    return shards * in_completed / done

@@ -1,0 +1,374 @@
+"""The plain-loop helper: ``Run`` counts batches, writes rows, and keeps its state for checkpoints.
+
+Data flows one way: batch -> counts (counting.py) -> progress (one collective per row) -> row ->
+backends (each in its own thread).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import time
+import weakref
+
+import torch
+
+from . import distributed, schema
+from .backends import RunInfo, backend_names, create
+from .backends.base import Row
+from .backends.delivery import Delivery
+from .counting import BatchError, Total, read_batch, warn_once
+from .epoch import DatasetProbe, EpochEstimator
+from .progress import Progress
+from .redact import redact_config
+from .sanitize import KeyMap, clean_metrics
+from .version import __version__
+
+log = logging.getLogger("stream_metrics")
+
+STATE_FORMAT = "stream_metrics.run"
+STATE_VERSION = 1
+_open_runs: "weakref.WeakSet[Run]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_open_runs():
+    # Rows are flushed and runs closed at interpreter exit too (Ctrl-C included).
+    for run in list(_open_runs):
+        run.finish()
+
+
+class Run:
+    """One training run's progress and its tracking runs. Create it with ``stream_metrics.init``.
+
+    >>> import stream_metrics, torch
+    >>> with stream_metrics.init(backend="none") as run:
+    ...     run.update({"input_ids": torch.ones(4, 8, dtype=torch.long)}, tokens=30)
+    ...     p = run.log({"loss": 1.5})
+    >>> p.samples, p.tokens
+    (4, 30)
+    """
+
+    def __init__(self, backend="mlflow", x_axis: str = "samples", dataset_size=None,
+                 gradient_accumulation_steps: int = 1, config=None, *, dataset=None, pad_token_id=None,
+                 name: str | None = None, project: str | None = None, mlflow_step: str = "samples",
+                 resume: dict | None = None, mlflow: dict | None = None, wandb: dict | None = None,
+                 flush_timeout: float = 60.0, buffer_rows: int | None = None):
+        names = backend_names(backend)
+        self.x_axis = schema.axis_key(x_axis)
+        self.mlflow_step = schema.axis_key(mlflow_step, allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
+        if (isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int)
+                or gradient_accumulation_steps < 1):
+            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be a whole "
+                             "number >= 1: the micro-batches that make one optimizer step")
+        if isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float)) or flush_timeout < 0:
+            raise ValueError(f"flush_timeout={flush_timeout!r} must be a number of seconds >= 0")
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.pad_token_id = pad_token_id
+        self.estimator = EpochEstimator(dataset_size)
+        self.probe = DatasetProbe.of(dataset)
+        self.flush_timeout = flush_timeout
+        self.name, self.project = name, project
+        self.config = redact_config(config)
+        self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
+                                      schema.TOKENS_PER_S))
+        # Backends exist on the main process only; the others count and join the row's collective.
+        options = {"mlflow": mlflow or {}, "wandb": wandb or {}}
+        backends = [create(n, options[n]) for n in names] if distributed.is_main() else []
+        self._deliveries = [Delivery(b, **({"buffer_rows": buffer_rows} if buffer_rows else {}))
+                            for b in backends]
+        self._run_ids: dict[str, str] = {}
+        self._started = self._finished = False
+        self._step_override = None
+        self._reset_session(Progress(), rows=0, batches=0)
+        if resume is not None:
+            self.load_state_dict(resume)
+        _open_runs.add(self)
+
+    # ------------------------------------------------------------------ counting (hot path)
+    def _reset_session(self, base: Progress, rows: int, batches: int) -> None:
+        self._base, self._base_rows, self._base_batches = base, rows, batches
+        self._samples, self._tokens, self._loss_tokens = Total(), Total(), Total()
+        self._rows = self._micro_batches = self._steps = 0
+        self._has_tokens = self._has_loss_tokens = False
+        self._passes, self._first_pass, self._pass_start = 0, None, Total()
+        self._t0 = time.monotonic()
+        self._last = base
+        self._progress = base
+
+    def update(self, batch=None, *, samples=None, tokens=None, loss_tokens=None) -> None:
+        """Account for one micro-batch; explicit counts override what is read from ``batch``.
+
+        Costs no host-device synchronisation: device counts are summed on the device and read
+        when a row is written. Every ``gradient_accumulation_steps`` calls make one step.
+        """
+        counts = None
+        if batch is not None:
+            try:
+                counts = read_batch(batch, self.pad_token_id)
+            except BatchError as exc:
+                if samples is None:
+                    warn_once("batch:" + exc.what, f"{exc}; this batch is not counted")
+                    return
+        elif samples is None:
+            raise TypeError("update() needs a batch or samples=")
+        if samples is not None:
+            _check_count("samples", samples)
+        self._samples.add(samples if samples is not None else counts.samples)
+        rows = counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
+        self._rows += rows
+        if tokens is not None or (counts is not None and counts.tokens is not None):
+            if tokens is not None:
+                _check_count("tokens", tokens)
+            self._tokens.add(tokens if tokens is not None else counts.tokens)
+            self._has_tokens = True
+        if loss_tokens is not None or (counts is not None and counts.loss_tokens is not None):
+            self._loss_tokens.add(loss_tokens if loss_tokens is not None else counts.loss_tokens)
+            self._has_loss_tokens = True
+        self._micro_batches += 1
+        if self._micro_batches % self.gradient_accumulation_steps == 0:
+            self._steps += 1
+
+    def iterate(self, loader, *, count: bool = True):
+        """Yield the batches of one pass over ``loader``, counting each; the pass's end is seen.
+
+        >>> for batch in run.iterate(loader):   # doctest: +SKIP
+        ...     loss = model(**batch).loss
+        """
+        self.watch(loader)
+        for batch in loader:
+            if count:
+                self.update(batch)
+            yield batch
+        self.end_pass()
+
+    def watch(self, dataset) -> None:
+        """Use ``dataset`` (a dataset or loader) for the epoch estimate, and expect pass ends."""
+        if self.probe.dataset is None:
+            self.probe = DatasetProbe.of(dataset)
+        self.estimator.watching = True
+
+    def end_pass(self) -> None:
+        """Say that a full pass over the training data has ended (for loops that don't use ``iterate``)."""
+        self._passes += 1
+        if self._first_pass is None:
+            self._first_pass = self._samples.snapshot()
+        self._pass_start = self._samples.snapshot()
+        self.estimator.watching = True
+
+    # ------------------------------------------------------------------ rows
+    def _sync(self) -> Progress:
+        """Bring every rank's counts together: the one collective and host sync of a row."""
+        now = time.monotonic()
+        world = distributed.world_size()
+        base = self._base
+        in_pass = self._samples.value() if self._passes == 0 else _minus(self._samples, self._pass_start)
+        if self._passes == 0 and self.estimator.passes == 0:
+            in_pass = in_pass + base.samples / world  # the restored samples were all in the first pass
+        main = distributed.is_main()
+        fields = {
+            "samples": self._samples.value(),
+            "tokens": self._tokens.value(),
+            "loss_tokens": self._loss_tokens.value(),
+            "has_tokens": int(self._has_tokens),
+            "has_loss_tokens": int(self._has_loss_tokens),
+            "steps": self._steps,
+            "wall_clock": base.wall_clock + (now - self._t0),
+            "passes": self._passes,
+            "first_pass_samples": self._first_pass.value() if self._first_pass is not None else -1,
+            "samples_in_pass": in_pass,
+            **self.probe.local(rows=self._rows + (self._base_rows if main else 0),
+                               batches=self._micro_batches + (self._base_batches if main else 0)),
+        }
+        ranks = [{k: (int(v) if float(v).is_integer() else v) for k, v in r.items()}
+                 for r in distributed.gather(fields)]
+        samples = base.samples + sum(r["samples"] for r in ranks)
+        has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
+        has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
+        step = self._step_override if self._step_override is not None else base.step + max(r["steps"] for r in ranks)
+        epoch, source = self.estimator.estimate(samples, ranks)
+        self._progress = Progress(
+            step=int(step), samples=int(samples),
+            tokens=int((base.tokens or 0) + sum(r["tokens"] for r in ranks)) if has_tokens else None,
+            loss_tokens=int((base.loss_tokens or 0) + sum(r["loss_tokens"] for r in ranks)) if has_loss else None,
+            epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source)
+        return self._progress
+
+    @property
+    def progress(self) -> Progress:
+        """The axes as of now (brings the ranks together, like a row: call it on every rank)."""
+        return self._sync()
+
+    def log(self, metrics: dict | None = None) -> Progress:
+        """Write one row: ``metrics`` plus every progress axis. Call it on every rank.
+
+        Values: numbers, bools, NumPy scalars, 0-d/1-element tensors; nested dicts become
+        '/'-joined keys; None, text and arrays are skipped with a one-time warning.
+        """
+        progress = self._sync()
+        row = progress.axes()
+        if not self._deliveries:
+            self._last = progress
+            return progress
+        if progress.tokens is None:
+            warn_once("no-tokens-row", "no batch has carried token information, so progress/tokens is left out "
+                                       "of the rows; pass tokens= to update() to count them")
+        elapsed = progress.wall_clock - self._last.wall_clock
+        if elapsed > 0:
+            row[schema.SAMPLES_PER_S] = (progress.samples - self._last.samples) / elapsed
+            if progress.tokens is not None:
+                row[schema.TOKENS_PER_S] = (progress.tokens - (self._last.tokens or 0)) / elapsed
+        row.update(clean_metrics(metrics or {}, self._keys))
+        self._last = progress
+        self._submit_row(row, progress)
+        return progress
+
+    def summary(self, metrics: dict) -> None:
+        """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
+        progress = self._sync()
+        if self._deliveries:
+            self._start()
+            figures = clean_metrics(metrics, self._keys)
+            row = self._row(progress.axes(), progress)
+            for d in self._deliveries:
+                d.submit("summary", (figures, row))
+
+    def _row(self, metrics: dict, progress: Progress) -> Row:
+        step = progress[self.mlflow_step]
+        if step is None:
+            warn_once("mlflow-step", f"mlflow_step={self.mlflow_step!r} has no value (no token information); "
+                                     "rows use progress/samples as their MLflow step")
+            step = progress.samples
+        return Row(metrics, int(time.time() * 1000), int(step))
+
+    def _submit_row(self, metrics: dict, progress: Progress) -> None:
+        self._start()
+        row = self._row(metrics, progress)
+        for d in self._deliveries:
+            d.submit("rows", row)
+        if progress.epoch_source != self._epoch_source:
+            self._set_epoch_source(progress.epoch_source)
+
+    def _tags(self, backend_name: str) -> dict:
+        tags = {schema.TAG_VERSION: __version__, schema.TAG_X_AXIS: self.x_axis,
+                schema.TAG_EPOCH_SOURCE: self._progress.epoch_source}
+        if backend_name == "mlflow":
+            tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
+        return tags
+
+    _epoch_source = None
+
+    def _set_epoch_source(self, source: str) -> None:
+        self._epoch_source = source
+        for d in self._deliveries:
+            d.submit("tags", {schema.TAG_EPOCH_SOURCE: source})
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._epoch_source = self._progress.epoch_source
+        for d in self._deliveries:
+            info = RunInfo(name=self.name, project=self.project, run_id=self._run_ids.get(d.backend.name),
+                           config=self.config, tags=self._tags(d.backend.name), x_axis=self.x_axis,
+                           axes=(*schema.AXES.values(), schema.LOSS_TOKENS))
+            d.submit("start", info)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def run_ids(self) -> dict[str, str]:
+        """{"mlflow": id, "wandb": id} of the tracking runs (waits briefly for them to open)."""
+        self._start()
+        for d in self._deliveries:
+            if d.backend.run_id is None:
+                d.flush(self.flush_timeout)
+            if d.backend.run_id is not None:
+                self._run_ids[d.backend.name] = d.backend.run_id
+        return dict(self._run_ids)
+
+    def state_dict(self) -> dict:
+        """Plain, JSON-safe state for checkpoints; brings the ranks together like a row (every rank)."""
+        progress = self._sync()
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "library_version": __version__,
+            "progress": progress.to_dict(),
+            "rows": self._base_rows + self._rows, "batches": self._base_batches + self._micro_batches,
+            "epoch": self.estimator.state_dict(),
+            "run_ids": self.run_ids if distributed.is_main() else dict(self._run_ids),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``: every axis goes on from its saved value, and the same runs."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a stream_metrics state dict (no format 'stream_metrics.run'): pass the dict "
+                             "that Run.state_dict() returned")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream_metrics state version {state.get('version')!r} is not {STATE_VERSION}, the "
+                             f"one this release ({__version__}) reads")
+        try:
+            base = Progress.from_dict(state["progress"])
+            rows, batches = int(state.get("rows", 0)), int(state.get("batches", 0))
+            run_ids = {str(k): str(v) for k, v in dict(state.get("run_ids") or {}).items()}
+            self.estimator.load_state_dict(dict(state.get("epoch") or {}), base.samples)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"corrupt stream_metrics state dict: {exc}") from None
+        if self._started and run_ids != {k: v for k, v in self._run_ids.items() if k in run_ids}:
+            raise ValueError("load_state_dict() must come before the first log(): the tracking runs are open")
+        self._run_ids.update(run_ids)
+        self._reset_session(base, rows, batches)
+
+    # ------------------------------------------------------------------ the end
+    def where(self) -> list[str]:
+        """Where each backend's run is, and how to look at it."""
+        self.run_ids  # wait for the runs to open
+        return [d.backend.where() for d in self._deliveries if d.backend.run_id]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every row written so far has been delivered (or ``timeout`` passes)."""
+        timeout = self.flush_timeout if timeout is None else timeout
+        return all([d.flush(timeout) for d in self._deliveries])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Deliver every row and close the runs; what cannot be delivered is saved and reported."""
+        if self._finished:
+            return
+        self._finished = True
+        _open_runs.discard(self)
+        if self._deliveries:
+            self._start()
+        for d in self._deliveries:
+            message = d.close(status, self.flush_timeout)
+            if message:
+                log.warning(message)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        self.finish(status)
+
+
+def _minus(total: Total, start: Total):
+    return total.value() - start.value()
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and (
+            not math.isfinite(value) or not value.is_integer())) or value < 0:
+        raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
+
+
+def init(backend="mlflow", x_axis: str = "samples", dataset_size=None, gradient_accumulation_steps: int = 1,
+         config=None, **options) -> Run:
+    """Start tracking a run. See ``Run`` for the options; usable as a context manager.
+
+    >>> import stream_metrics
+    >>> run = stream_metrics.init(backend="none", dataset_size=1000)
+    >>> run.update(samples=250, tokens=9000)
+    >>> run.log({"loss": 2.0}).epoch
+    0.25
+    """
+    return Run(backend, x_axis, dataset_size, gradient_accumulation_steps, config, **options)

@@ -12,6 +12,7 @@ every rank. Where pass ends are watched, an estimate never claims a pass that ha
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -44,14 +45,17 @@ def _ex_iterables(dataset):
         ex = getattr(ex, "ex_iterable", None)
 
 
-def metadata_size(dataset) -> tuple[int | None, bool]:
-    """(examples the dataset says it has, whether that is only this rank's share).
+def metadata_size(dataset) -> tuple[int | None, int]:
+    """(examples the dataset says it has, a number naming the files they are in; -1: the whole split).
 
-    Hugging Face split info where it is filled in, else the row counts in Parquet footers.
+    Hugging Face split info where it is filled in, else the row counts in Parquet footers. Ranks
+    that list the same files each count the whole dataset (split_dataset_by_node splits at
+    iteration time); ranks given their own files (``IterableDataset.shard``, as accelerate does)
+    each count their share: ``EpochEstimator`` adds up one count per distinct file list.
     """
     chain = list(_ex_iterables(dataset))
     if any(type(ex).__name__ in _RESIZING for ex in chain):
-        return None, False
+        return None, -1
     info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
     splits = getattr(info, "splits", None)
     if splits and split is not None:
@@ -60,7 +64,7 @@ def metadata_size(dataset) -> tuple[int | None, bool]:
         except (KeyError, AttributeError):
             n = None
         if n:
-            return int(n), False
+            return int(n), -1
     files = chain[-1].kwargs.get("files") if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else None
     if files and all(str(f).endswith(".parquet") for f in files):
         try:
@@ -68,12 +72,10 @@ def metadata_size(dataset) -> tuple[int | None, bool]:
 
             rows = sum(pq.read_metadata(f).num_rows for f in files)
         except Exception:  # a remote or unreadable file: no metadata, no failure
-            return None, False
-        # After split_dataset_by_node with whole shards per rank, each rank holds only its own files.
-        split_by_node = getattr(dataset, "_distributed", None) is not None
-        stepped = any(type(ex).__name__ == "StepExamplesIterable" for ex in chain)
-        return rows, split_by_node and not stepped
-    return None, False
+            return None, -1
+        # 48 bits: exact in the float64 vector of the row's collective.
+        return rows, int(hashlib.sha1("\n".join(sorted(map(str, files))).encode()).hexdigest()[:12], 16)
+    return None, -1
 
 
 def shard_position(dataset):
@@ -86,23 +88,17 @@ def shard_position(dataset):
         state = state_dict()
     except Exception:
         return None
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "shard_idx" in node and "shard_example_idx" in node:
-                found.append(node)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(state)
-    if len(found) != 1:  # several sources (interleave, shuffled sources): no single position
+    # Follow the chain of wrapped iterables down to the one reading the files; several sources
+    # (interleave, shuffled sources) have no single position.
+    node = state
+    while isinstance(node, dict) and "shard_idx" not in node:
+        node = node.get("examples_iterable")
+    if not isinstance(node, dict) or "shard_example_idx" not in node:
         return None
-    return int(found[0]["shard_idx"]), int(found[0]["shard_example_idx"]), int(num_shards)
+    shard_idx, num_shards = int(node["shard_idx"]), int(num_shards)
+    if shard_idx >= num_shards:  # read ahead to the end of the last shard: the position says nothing
+        return None
+    return shard_idx, int(node["shard_example_idx"]), num_shards
 
 
 @dataclass
@@ -113,7 +109,7 @@ class DatasetProbe:
     length: int | None = None          # len() of the dataset (rows) or loader (batches)
     is_loader: bool = False
     metadata: int | None = None
-    metadata_is_local: bool = False
+    metadata_files: int = -1
 
     @classmethod
     def of(cls, dataset) -> "DatasetProbe":
@@ -128,7 +124,7 @@ class DatasetProbe:
             probe.length = None
         probe.is_loader = hasattr(dataset, "batch_size") and hasattr(dataset, "dataset")
         inner = getattr(dataset, "dataset", dataset) if probe.is_loader else dataset
-        probe.metadata, probe.metadata_is_local = metadata_size(inner)
+        probe.metadata, probe.metadata_files = metadata_size(inner)
         if not hasattr(inner, "state_dict") and type(inner).__module__.startswith("datasets"):
             warn_once("datasets-state", "this version of datasets has no IterableDataset.state_dict(), so the "
                                         "'shards' epoch source is unavailable; upgrade datasets to 2.20 or newer")
@@ -143,7 +139,7 @@ class DatasetProbe:
             "sized_length": self.length or -1,
             "sized_is_loader": int(self.is_loader),
             "metadata": self.metadata if self.metadata else -1,
-            "metadata_local": int(self.metadata_is_local),
+            "metadata_files": self.metadata_files,
             "shard_idx": pos[0] if pos else -1,
             "shard_example_idx": pos[1] if pos else -1,
             "num_shards": pos[2] if pos else -1,
@@ -185,7 +181,10 @@ class EpochEstimator:
             self.pass_size = self.samples_at_start + int(sum(r["first_pass_samples"] for r in ranks))
         epoch, source = self._raw(samples, ranks, passes)
         if self.watching or passes:
-            epoch = min(max(epoch, passes), passes + 1 - _BELOW_NEXT_PASS)
+            # A measured pass may reach the next whole number (training stopped exactly at a pass's
+            # end); any other estimate stays below it until the pass is seen to end.
+            ceiling = passes + 1 if source == "pass" else passes + 1 - _BELOW_NEXT_PASS
+            epoch = min(max(epoch, passes), ceiling)
         epoch = max(epoch, self.last_epoch)
         self.last_epoch = epoch
         return epoch, source
@@ -202,7 +201,7 @@ class EpochEstimator:
         if self.user_size:
             return samples / self.user_size, "user"
         if all(r["metadata"] > 0 for r in ranks):
-            size = sum(r["metadata"] for r in ranks) if ranks[0]["metadata_local"] else ranks[0]["metadata"]
+            size = sum({r["metadata_files"]: r["metadata"] for r in ranks}.values())  # one per file list
             return samples / size, "metadata"
         sizes = [_shard_size(r) for r in ranks]
         if passes == 0 and all(s is not None for s in sizes):

@@ -48,6 +48,15 @@ class WandbBackend(Backend):
         self.run_id = None
         self._owns_run = True
         self._meta: dict = {}
+        if wandb.run is None:
+            self._check_credentials()  # here, in the caller's thread: fail before training starts
+
+    def _check_credentials(self) -> None:
+        if self.mode == "online" and not _has_credentials():
+            raise WandbCredentialsError(
+                "W&B is in online mode but has no API key, and stream_metrics never prompts: set "
+                "WANDB_API_KEY (or run `wandb login`), or set WANDB_MODE=offline to log locally and "
+                "`wandb sync` later")
 
     def start(self, info: RunInfo) -> str:
         wandb = self._wandb
@@ -55,15 +64,12 @@ class WandbBackend(Backend):
         if active is not None and (info.run_id is None or active.id == info.run_id):
             self.run, self._owns_run = active, False  # the user's own wandb.init(): log into it
         else:
-            if self.mode == "online" and not _has_credentials():
-                raise WandbCredentialsError(
-                    "W&B is in online mode but has no API key, and stream_metrics never prompts: set "
-                    "WANDB_API_KEY (or run `wandb login`), or set WANDB_MODE=offline to log locally and "
-                    "`wandb sync` later")
+            self._check_credentials()
             self.run = wandb.init(
                 project=self.project or os.environ.get("WANDB_PROJECT") or info.project,
                 entity=self.entity, name=info.name, id=info.run_id, resume="allow" if info.run_id else None,
-                mode=self.mode, dir=self.dir, config=info.config,
+                # wandb caches its settings for the process; read the environment at each run's start.
+                mode=self.mode, dir=self.dir or os.environ.get("WANDB_DIR"), config=info.config,
                 settings=wandb.Settings(console="off", silent=True),
             )
         if not self._owns_run and info.config:
@@ -87,6 +93,8 @@ class WandbBackend(Backend):
         self.run.config.update({schema.CONFIG_KEY: dict(self._meta)}, allow_val_change=True)
 
     def log_summary(self, metrics: dict, row: Row) -> None:
+        # The final position goes into the history too, so the last row shows where the run ended.
+        self.run.log(row.metrics)
         self.run.summary.update(metrics)
 
     def finish(self, status: str) -> None:

@@ -1,0 +1,127 @@
+"""The command line: ``stream-metrics compare``, ``stream-metrics show RUN``, ``stream-metrics replay FILE``.
+
+    stream-metrics compare bs8 bs32 --mlflow-uri sqlite:///mlflow.db --at 50k
+    stream-metrics compare wandb/ --axis tokens --smooth 20000 --log-y
+    stream-metrics show bs8
+    stream-metrics replay stream_metrics_undelivered/mlflow-abc-123.jsonl
+
+Every failure a user can fix ends with one sentence on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import compare as comparing
+from . import schema
+from .version import __version__
+
+_RUNS_HELP = ("MLflow run ids or run names, W&B run folders (or their .wandb files), or a folder of W&B runs "
+              "such as wandb/")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-metrics",
+                                     description="Look at runs logged by stream_metrics, by the data they have seen.")
+    parser.add_argument("--version", action="version", version=f"stream_metrics {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def mlflow_option(p):
+        p.add_argument("--mlflow-uri", metavar="URI",
+                       help="where MLflow runs are read: a sqlite:/// URI, a SQLite file, or a server URL "
+                            "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+    p = commands.add_parser("compare", help="plot and tabulate runs side by side on a progress axis",
+                            description="Plot runs side by side on samples, tokens, epochs, steps or wall-clock, "
+                                        "and tabulate each metric at equal amounts of data.")
+    p.add_argument("runs", nargs="*", metavar="RUN", help=_RUNS_HELP)
+    mlflow_option(p)
+    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                   help="add every run of this MLflow experiment (repeatable)")
+    p.add_argument("--metric", action="append", metavar="KEY",
+                   help=f"a metric to compare (repeatable; default {comparing.DEFAULT_METRIC})")
+    p.add_argument("--axis", default="samples", choices=list(schema.AXES), help="the x-axis (default samples)")
+    p.add_argument("--at", action="append", default=[], metavar="AMOUNT",
+                   help="also tabulate at this amount of the axis: 50000, 50k, 1.5M, or with the axis's unit "
+                        "(50ksp, 2Mtok, 0.5ep, 30min) (repeatable)")
+    p.add_argument("--smooth", metavar="HALF_LIFE",
+                   help="smooth the plotted lines: an average whose weights halve every HALF_LIFE of the axis, "
+                        "e.g. 2000 or 2k (the table is never smoothed)")
+    p.add_argument("--log-x", action="store_true", help="logarithmic x-axis")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y-axis")
+    p.add_argument("--out", default="compare", metavar="DIR",
+                   help="folder for compare.png, compare.html, table.csv and table.md (default ./compare)")
+    p.add_argument("--no-png", action="store_true", help="skip the PNG (it needs matplotlib)")
+
+    p = commands.add_parser("show", help="one run's axes, epoch source, throughput and final metrics")
+    p.add_argument("run", metavar="RUN", help="an MLflow run id or name, or a W&B run folder")
+    mlflow_option(p)
+
+    p = commands.add_parser("replay", help="send rows saved while a backend was failing into their run")
+    p.add_argument("file", metavar="FILE", help="a file named in the 'could not be delivered' warning")
+    p.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking URI, where it has changed")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 on success)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return {"compare": _compare, "show": _show, "replay": _replay}[args.command](args)
+    except comparing.CompareError as exc:
+        print(f"stream-metrics: {exc}", file=sys.stderr)
+        return 1
+
+
+def _compare(args) -> int:
+    runs = comparing.read_runs(args.runs, args.mlflow_uri, args.experiment)
+    result = comparing.compare(runs, args.metric or [comparing.DEFAULT_METRIC], args.axis, args.smooth, args.at)
+    print(comparing.table_text(result))
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+
+    def path(name):
+        written.append(os.path.join(args.out, name))
+        return written[-1]
+
+    comparing.write_html(result, path("compare.html"), args.log_x, args.log_y)
+    comparing.write_csv(result, path("table.csv"))
+    with open(path("table.md"), "w") as f:
+        f.write(comparing.table_markdown(result))
+    if not args.no_png:
+        try:
+            comparing.write_png(result, os.path.join(args.out, "compare.png"), args.log_x, args.log_y)
+            written.insert(0, os.path.join(args.out, "compare.png"))
+        except comparing.CompareError as exc:
+            # The HTML page and the tables do not need matplotlib: keep them, and say what is missing.
+            print(f"\nwrote {', '.join(written)}", file=sys.stderr)
+            raise comparing.CompareError(f"no PNG: {exc} (or pass --no-png)") from None
+    print(f"\nwrote {', '.join(written)}")
+    return 0
+
+
+def _show(args) -> int:
+    runs = comparing.read_runs([args.run], args.mlflow_uri)
+    if len(runs) > 1:
+        raise comparing.CompareError(f"{args.run!r} holds {len(runs)} runs ({', '.join(r.label for r in runs)}): "
+                                     "show takes one run folder")
+    print(comparing.describe(runs[0]))
+    return 0
+
+
+def _replay(args) -> int:
+    from .backends.delivery import replay
+
+    if not os.path.isfile(args.file):
+        raise comparing.CompareError(f"there is no file {args.file!r} to replay")
+    sent = replay(args.file, tracking_uri=args.tracking_uri)
+    print(f"sent {sent} row(s) from {args.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

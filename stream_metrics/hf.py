@@ -1,0 +1,320 @@
+"""The Hugging Face Trainer integration: one line in an existing training script.
+
+    from stream_metrics.hf import StreamMetricsCallback
+
+    trainer = Trainer(..., callbacks=[StreamMetricsCallback()])
+
+What it does, and why this way:
+- Callbacks never see batches, so a forward pre-hook on the model counts every training
+  micro-batch, in the main process, after collation and device placement (``module.training`` is
+  False during evaluation, and batches skipped on resume are never forwarded). Counting stays on
+  the device; the host reads it only when the Trainer logs.
+- The Trainer's own W&B and MLflow integrations, where ``report_to`` names them, are taken out of
+  the callback list (one run per backend, every metric once); by default this callback then logs
+  to the backends they would have used.
+- The Trainer's ``epoch`` is progress towards ``max_steps`` for a stream: it is not logged. Ours
+  comes from the dataset (sized: the Trainer's exact epoch; a stream: metadata, shards or
+  ``dataset_size`` until a pass ends, then the measured pass).
+- State goes into every checkpoint (``ExportableState``), so ``resume_from_checkpoint`` continues
+  every axis and the same W&B and MLflow runs, with or without
+  ``restore_callback_states_from_checkpoint``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, ExportableState
+
+from . import distributed, schema
+from .amount import as_amount
+from .display import ProgressDisplay
+from .run import Run
+from .schedule import Every, Until
+
+log = logging.getLogger("stream_metrics")
+
+# The Trainer's built-in integrations that would log the same metrics a second time.
+_INTEGRATIONS = {"WandbCallback": "wandb", "MLflowCallback": "mlflow"}
+
+
+class _TakenOver(TrainerCallback):
+    """Stands where a built-in integration stood, doing nothing (keeps the handler's list length)."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __repr__(self):
+        return f"<{type(self.original).__name__} replaced by StreamMetricsCallback>"
+
+
+def _handler_from_stack() -> CallbackHandler | None:
+    # A callback is not given its handler; the handler's call_event is a few frames up.
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, CallbackHandler):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _auto_backends(taken_over: list[str], report_to) -> list[str]:
+    names = list(taken_over) or [n for n in schema.BACKENDS if n in (report_to or [])]
+    if names:
+        return names
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow"):
+        names.append("mlflow")
+    if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+                                              or os.environ.get("WANDB_API_KEY")):
+        names.append("wandb")
+    return names
+
+
+class StreamMetricsCallback(TrainerCallback, ExportableState):
+    """Log samples, tokens, estimated epochs and wall-clock with every Trainer row.
+
+    Args:
+        backend: ``"mlflow"``, ``"wandb"``, a list of both, ``"none"``, or ``"auto"`` (the default:
+            the backends ``report_to`` names; else MLflow where installed, and W&B where it is
+            installed and offline or has an API key).
+        x_axis: the default x-axis: ``"samples"``, ``"tokens"``, ``"step"``, ``"epoch"`` or ``"wall_clock"``.
+        dataset_size: examples in one pass over the training data, where known.
+        eval_every, save_every: an amount (``"500ksp"``, ``"50Mtok"``, ``"0.5ep"``, ``"30min"``): evaluate,
+            or save a checkpoint, once each time the run crosses a multiple of it (docs/schedule.md).
+        stop_at: an amount: stop training there, with a final checkpoint (``max_steps`` still applies).
+        progress: show progress in samples and tokens, with an ETA (default: when the Trainer's bar shows).
+        **options: passed to ``stream_metrics.init`` (``mlflow_step``, ``project``, ``mlflow={...}``,
+            ``wandb={...}``, ``flush_timeout``, ``pad_token_id``).
+
+    >>> trainer = Trainer(model, args, train_dataset=stream,          # doctest: +SKIP
+    ...                   callbacks=[StreamMetricsCallback(backend=["mlflow", "wandb"])])
+    """
+
+    def __init__(self, backend="auto", x_axis: str = "samples", dataset_size=None, *,
+                 finish_on_train_end: bool = True, saved_state: dict | None = None, eval_every=None,
+                 save_every=None, stop_at=None, progress: bool | None = None, **options):
+        # Amounts are checked now and kept as text (JSON-safe in the checkpoint's callback state).
+        self.eval_every, self.save_every, self.stop_at = (
+            None if a is None else str(as_amount(a)) for a in (eval_every, save_every, stop_at))
+        if self.eval_every is not None:
+            Every(self.eval_every)  # more than 0
+        if self.save_every is not None:
+            Every(self.save_every)
+        self.show_progress = progress
+        self.display: ProgressDisplay | None = None
+        self._init_args = {"backend": backend, "x_axis": x_axis, "dataset_size": dataset_size,
+                           "finish_on_train_end": finish_on_train_end, "eval_every": self.eval_every,
+                           "save_every": self.save_every, "stop_at": self.stop_at, "progress": progress, **options}
+        self.backend, self.x_axis, self.dataset_size = backend, x_axis, dataset_size
+        self.options = options
+        self.finish_on_train_end = finish_on_train_end
+        # Validate now, so a typo fails when the Trainer is built, not hours later.
+        Run(backend="none", x_axis=x_axis, dataset_size=dataset_size,
+            **{k: v for k, v in options.items() if k == "mlflow_step"}).finish()
+        self.saved_state = saved_state  # the state of the last checkpoint (set on restore too)
+        self.run: Run | None = None
+        self._taken_over: list[str] = []
+        self._hook = None
+        self._sized = False
+        self._batches_this_epoch = 0
+
+    # ------------------------------------------------------------------ ExportableState
+    def state(self) -> dict:
+        """Stored in each checkpoint's trainer_state.json (taken in on_step_end when a save is due)."""
+        args = {k: v for k, v in self._init_args.items() if _json_safe(v)}
+        return {"args": args, "attributes": {"saved_state": self.saved_state}}
+
+    # ------------------------------------------------------------------ taking over
+    def _take_over_integrations(self) -> None:
+        handler = _handler_from_stack()
+        if handler is None:
+            return
+        for i, cb in enumerate(handler.callbacks):
+            name = _INTEGRATIONS.get(type(cb).__name__)
+            if name:
+                handler.callbacks[i] = _TakenOver(cb)  # replaced in place: the handler is iterating
+                if name not in self._taken_over:
+                    self._taken_over.append(name)
+                log.info("stream_metrics: the Trainer's %s is replaced by StreamMetricsCallback, which logs "
+                         "to %s with the progress axes", type(cb).__name__, name)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._take_over_integrations()
+
+    # ------------------------------------------------------------------ training
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
+                       **kwargs):
+        self._take_over_integrations()
+        if self.run is not None and not self.run._finished:
+            self.run.finish()
+        resume = self._resume_state(state)
+        options = dict(self.options)
+        options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
+        options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
+        backend = self.backend
+        if backend == "auto":
+            backend = _auto_backends(self._taken_over, args.report_to)
+        self.run = Run(backend=backend, x_axis=self.x_axis, dataset_size=self.dataset_size,
+                       config=_hyperparameters(args, model), dataset=train_dataloader, resume=resume, **options)
+        self._sized = self.run.probe.length is not None
+        self.run.estimator.watching = True  # the Trainer's epochs are seen to end (on_epoch_end)
+        self._step(state)
+        if model is not None:
+            self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._begin_display(args, state)
+
+    def _resume_state(self, state):
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(stored, list):
+            stored = stored[0] if stored else None
+        saved = ((stored or {}).get("attributes") or {}).get("saved_state")
+        if saved is None and state.global_step > 0:
+            saved = self.saved_state
+        if saved is None and state.global_step > 0:
+            log.warning("stream_metrics: resuming at step %d from a checkpoint without stream_metrics state; "
+                        "the progress axes start again from zero", state.global_step)
+        return saved if state.global_step > 0 else None
+
+    def _count(self, module, args, kwargs):
+        # The forward pre-hook: every training micro-batch, on its device. No host sync here.
+        if module.training and self.run is not None:
+            self._batches_this_epoch += 1
+            self.run.update(kwargs if kwargs else (args[0] if args else None))
+
+    def _step(self, state) -> None:
+        self.run._step_override = state.global_step
+        if self._sized:
+            self.run.estimator.sized_epoch = state.epoch or 0.0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._batches_this_epoch = 0
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The loader ran out before max_steps: a whole pass over the data has ended. (When the
+        # Trainer stops at max_steps instead, the pass has not ended, as far as anyone can tell.)
+        if self.run is not None and self._batches_this_epoch and not control.should_training_stop:
+            self.run.end_pass()
+        if self.run is not None and control.should_save:
+            self._snapshot(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.run is None:
+            return
+        self._step(state)
+        self._apply_schedules(control)
+        if control.should_save:
+            self._snapshot(state)
+
+    def _snapshot(self, state) -> None:
+        # state() is read by the Trainer on the main process only, so every rank meets here instead.
+        self._step(state)
+        self.saved_state = self.run.state_dict()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.run is None or not logs:
+            return
+        if self.run._finished:  # e.g. trainer.evaluate() after train(): continue the same runs
+            self.run = Run(backend=self.run_backends(), x_axis=self.x_axis, dataset_size=self.dataset_size,
+                           resume=self.saved_state, **self.options)
+        self._step(state)
+        metrics, summary = {}, {}
+        for key, value in logs.items():
+            if key in schema.HF_DROPPED_KEYS:
+                continue
+            if key in schema.HF_SUMMARY_KEYS:
+                summary[key] = value
+            else:
+                metrics[schema.hf_metric_name(key)] = value
+        if metrics:
+            self._show(self.run.log(metrics))
+        if summary:
+            self.run.summary(summary)
+
+    def run_backends(self) -> list[str]:
+        return [d.backend.name for d in self.run._deliveries] if self.run else []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.run is None:
+            return
+        self._step(state)
+        self.saved_state = self.run.state_dict()
+        self._end_display()
+        if self.finish_on_train_end:
+            self.run.finish()
+            for line in self.run.where():
+                log.info("stream_metrics: %s", line)
+
+    # ------------------------------------------------------------------ schedules and display
+    def _apply_schedules(self, control) -> None:
+        """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed.
+
+        Reads the progress (one collective, on every rank alike) only when a schedule or the display
+        needs it; the decision is a function of that Progress, so every rank sets the same flags.
+        """
+        if not (self.eval_every or self.save_every or self.stop_at):
+            # Without a schedule the ranks meet at rows only (on_log shows those); a lone process may
+            # read its counts for the display. (display.ready() differs between ranks: never a collective.)
+            if self.display is not None and self.display.ready() and distributed.world_size() == 1:
+                self._show(self.run.progress)
+            return
+        progress = self.run.progress
+        if self.eval_every and self.run.schedule(self.eval_every, name="eval_every").crossed(progress):
+            control.should_evaluate = True
+        if self.save_every and self.run.schedule(self.save_every, name="save_every").crossed(progress):
+            control.should_save = True
+        if self.stop_at and Until(self.stop_at).reached(progress):
+            control.should_training_stop = True
+            control.should_save = True  # the final checkpoint, at the amount
+        self._show(progress)
+
+    def _begin_display(self, args, state) -> None:
+        show = (not args.disable_tqdm) if self.show_progress is None else self.show_progress
+        self._end_display()
+        if show:
+            targets = [t for t in (self.stop_at, (state.max_steps, "ba") if state.max_steps > 0 else None) if t]
+            self.display = ProgressDisplay(targets=targets)
+
+    def _show(self, progress) -> None:
+        if self.display is not None:
+            self.display.update(progress)
+
+    def _end_display(self) -> None:
+        if self.display is not None:
+            self.display.close()
+            self.display = None
+
+
+def _json_safe(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _pad_token_id(processing_class, model):
+    for owner in (processing_class, getattr(processing_class, "tokenizer", None), getattr(model, "config", None)):
+        pad = getattr(owner, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return None
+
+
+def _hyperparameters(args, model) -> dict:
+    # TrainingArguments.to_dict() masks hub_token already; redact_config (in Run) catches the rest.
+    config = args.to_dict()
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "to_dict"):
+        config["model"] = {k: v for k, v in model_config.to_dict().items() if _json_safe(v)}
+    return config

@@ -1,0 +1,185 @@
+"""The Trainer integration on real Trainer runs: exact counts, one run per backend, the epoch, the schema."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mlflow import MlflowClient
+
+import tiny
+from conftest import assert_conformant, mlflow_rows, wandb_rows, wandb_run_dirs
+from streaming_trainer import build_trainer
+
+from stream_metrics.hf import StreamMetricsCallback
+
+pytestmark = pytest.mark.slow
+
+
+def consumed(texts, batch_size, grad_accum, max_steps):
+    """What the Trainer feeds the model, computed from the data alone: (samples, tokens, passes ended).
+
+    Per pass the stream is cut into micro-batches of ``batch_size`` (the last one partial); each
+    full window of ``grad_accum`` micro-batches is one optimizer step; a partial window at the end
+    of a pass is trained on without a step. Training stops when ``max_steps`` steps are done.
+    """
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    samples = tokens = steps = passes = 0
+    while True:
+        windows = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+        for window in windows:
+            for batch in window:
+                samples += len(batch)
+                tokens += sum(tiny.token_count(t) for t in batch)
+            if len(window) == grad_accum:
+                steps += 1
+                if steps == max_steps:
+                    return samples, tokens, passes
+        passes += 1
+
+
+def only_run(uri, experiment="Default"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, f"{len(runs)} MLflow runs"
+    return client, runs[0]
+
+
+def train(workdir, corpus, *, steps, batch_size=8, grad_accum=2, workers=0, callback=None, **kwargs):
+    callback = callback or StreamMetricsCallback(backend=["mlflow", "wandb"],
+                                                 mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"})
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                               workers=workers, callbacks=[callback], data=corpus["paths"], **kwargs)
+    trainer.train()
+    return trainer, callback
+
+
+@pytest.mark.parametrize("batch_size, grad_accum, workers, steps", [
+    (8, 2, 0, 13),   # a pass and part of the next: the stream restarts; a partial last batch
+    (8, 3, 2, 12),   # two dataloader workers: whole passes (6 steps each), so the order does not matter
+])
+def test_trainer_counts_exactly_what_the_model_saw(workdir, corpus, batch_size, grad_accum, workers, steps):
+    _, callback = train(workdir, corpus, steps=steps, batch_size=batch_size, grad_accum=grad_accum, workers=workers)
+    samples, tokens, passes = consumed(corpus["texts"], batch_size, grad_accum, steps)
+    p = callback.run.progress
+    assert (p.step, p.samples, p.tokens) == (steps, samples, tokens)
+    assert p.epoch_source == "pass" and math.floor(p.epoch + 1e-9) == max(passes, math.floor(samples / corpus["samples"]))
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    _, run = only_run(uri)
+    assert_conformant("--mlflow-uri", uri, "--run-id", run.info.run_id, "--expect-samples", samples,
+                      "--expect-tokens", tokens, "--expect-steps", steps)
+    [folder] = wandb_run_dirs(workdir)
+    assert_conformant("--wandb-run", folder, "--expect-samples", samples, "--expect-tokens", tokens)
+    assert run.data.tags["stream_metrics.epoch_source"] == "pass"
+
+
+def test_tokens_equal_the_trainers_own_non_padding_count(workdir, corpus):
+    _, callback = train(workdir, corpus, steps=12, include_num_input_tokens_seen="non_padding")
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    _, run = only_run(uri)
+    rows = [r for r in mlflow_rows(uri, run.info.run_id) if "train/num_input_tokens_seen" in r]
+    assert rows
+    for row in rows:
+        assert row["progress/tokens"] == row["train/num_input_tokens_seen"]
+
+
+def test_report_to_both_plus_the_callback_gives_one_run_each_and_every_metric_once(workdir, corpus):
+    callback = StreamMetricsCallback(mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"})
+    _, callback = train(workdir, corpus, steps=10, callback=callback, report_to=["wandb", "mlflow"])
+    assert sorted(callback.run_backends()) == ["mlflow", "wandb"]
+    _, run = only_run(f"sqlite:///{workdir}/mlflow.db")
+    assert "loss" not in run.data.metrics and "train/loss" in run.data.metrics
+    assert run.data.params["learning_rate"] == "0.003"
+    [folder] = wandb_run_dirs(workdir)
+    keys = set().union(*wandb_rows(folder))
+    assert "train/loss" in keys and not keys & {"loss", "train/global_step", "train/epoch", "epoch"}
+    assert_conformant("--wandb-run", folder)
+
+
+def test_hub_token_and_other_secrets_are_redacted(workdir, corpus):
+    _, callback = train(workdir, corpus, steps=2, hub_token="hf_planted_secret_123")
+    client, run = only_run(f"sqlite:///{workdir}/mlflow.db")
+    assert "hf_planted_secret_123" not in json.dumps(run.data.params)
+    [folder] = wandb_run_dirs(workdir)
+    for path in (workdir / "wandb").rglob("*"):
+        if path.is_file():
+            assert b"hf_planted_secret_123" not in path.read_bytes(), path
+
+
+def test_a_sized_dataset_uses_the_trainers_exact_epoch(workdir, corpus):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    import datasets
+
+    tokenizer = tiny.byte_tokenizer()
+    ds = datasets.Dataset.from_dict({"text": corpus["texts"]}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"])
+    callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"})
+    args = TrainingArguments(output_dir=str(workdir / "out"), max_steps=5, per_device_train_batch_size=8,
+                             logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=tiny.tiny_model(), args=args, train_dataset=ds, callbacks=[callback],
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    p = callback.run.progress
+    assert p.epoch_source == "sized"
+    assert p.epoch == pytest.approx(5 / math.ceil(len(ds) / 8))
+
+
+def test_packed_batches_count_every_example(workdir, corpus):
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    tokenizer = tiny.byte_tokenizer()
+    stream = tiny.streaming_dataset(corpus["paths"], tokenizer).remove_columns(["attention_mask"])
+    callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"})
+    args = TrainingArguments(output_dir=str(workdir / "out"), max_steps=9, per_device_train_batch_size=8,
+                             gradient_accumulation_steps=2, logging_steps=3, report_to="none", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=tiny.tiny_model(), args=args, train_dataset=stream, callbacks=[callback],
+                      data_collator=DataCollatorWithFlattening())
+    trainer.train()
+    samples, tokens, _ = consumed(corpus["texts"], 8, 2, 9)
+    p = callback.run.progress
+    assert (p.samples, p.tokens) == (samples, tokens)
+
+
+def test_the_plain_loop_and_the_trainer_write_the_same_axes(workdir, corpus):
+    """One stream, trained once through the Trainer and once through the plain-loop helper."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForLanguageModeling
+
+    import stream_metrics
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    cb = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": uri, "experiment": "trainer"})
+    train(workdir, corpus, steps=12, callback=cb, logging_steps=3)
+
+    tokenizer = tiny.byte_tokenizer()
+    loader = DataLoader(tiny.streaming_dataset(corpus["paths"], tokenizer), batch_size=8,
+                        collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    model = tiny.tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with stream_metrics.init(backend="mlflow", gradient_accumulation_steps=2, pad_token_id=0,
+                             mlflow={"tracking_uri": uri, "experiment": "plain"}) as run:
+        micro = 0
+        while run.progress.step < 12:
+            for batch in run.iterate(loader):
+                model(**batch).loss.backward()
+                micro += 1
+                if micro % 2 == 0:
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    if (micro // 2) % 3 == 0:
+                        run.log({"train/loss": 0.0})
+                    if micro // 2 == 12:
+                        break
+            micro -= micro % 2  # a partial window at the end of a pass makes no step (as in the Trainer)
+    axes = ("progress/step", "progress/samples", "progress/tokens", "progress/loss_tokens", "progress/epoch")
+    client = MlflowClient(uri)
+
+    def rows(experiment):
+        [r] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        return {row["progress/step"]: tuple(round(row[a], 9) for a in axes) for row in mlflow_rows(uri, r.info.run_id)}
+
+    trainer_rows, plain_rows = rows("trainer"), rows("plain")
+    assert set(trainer_rows) == set(plain_rows) == {3, 6, 9, 12}
+    assert trainer_rows == plain_rows

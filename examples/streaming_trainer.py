@@ -6,6 +6,7 @@ stream starts again and the epoch estimate switches from the files' shard positi
 pass. MLflow writes to ./mlflow.db (SQLite) and W&B to ./wandb (offline): no account or server.
 
     python examples/streaming_trainer.py [--max-steps 60] [--batch-size 8] [--out runs/demo]
+    python examples/streaming_trainer.py --save-steps 10 ...; then again with --resume last
 
 The only stream_metrics line is the callback in ``callbacks=[...]``.
 """
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--experiment", default="stream_metrics_demo")
+    parser.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="a checkpoint folder, or 'last' for the newest")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", args.experiment)
     os.environ.setdefault("WANDB_PROJECT", args.experiment)
@@ -57,8 +60,14 @@ def main(argv=None) -> int:
 
     callback = StreamMetricsCallback(backend=["mlflow", "wandb"])
     trainer, paths = build_trainer(args.out, max_steps=args.max_steps, batch_size=args.batch_size,
-                                   grad_accum=args.grad_accum, callbacks=[callback])
-    trainer.train()
+                                   grad_accum=args.grad_accum, callbacks=[callback], save_steps=args.save_steps)
+    resume = args.resume
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.out)
+    # Resuming continues every progress axis and the same MLflow and W&B runs.
+    trainer.train(resume_from_checkpoint=resume)
 
     p = callback.run.progress
     print(f"\nTrained {p.step} steps on {p.samples} samples and {p.tokens} tokens "

@@ -68,7 +68,7 @@ def _samples(rows: int, mapping: Mapping, mask) -> Count:
 
 def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
     ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor):
+    if not isinstance(ids, (torch.Tensor, list, tuple)):
         ids = batch.get("inputs_embeds")
     mask = batch.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) else None

@@ -154,12 +154,13 @@ class EpochEstimator:
         self.watching = False      # pass ends will be reported (iterate(), end_pass(), the Trainer)
         self.sized_epoch = None    # an exact epoch given from outside (the Trainer's, for sized data)
         self.passes = 0            # passes completed on every rank, before this session
+        self.passes_seen = 0       # ... and including this session's, as of the last estimate
         self.pass_size = None      # samples in one pass, measured when the first one ended
         self.samples_at_start = 0  # samples restored from a checkpoint
         self.last_epoch = 0.0
 
     def state_dict(self) -> dict:
-        return {"passes": self.passes, "pass_size": self.pass_size, "last_epoch": self.last_epoch,
+        return {"passes": self.passes_seen, "pass_size": self.pass_size, "last_epoch": self.last_epoch,
                 "watching": self.watching}
 
     def load_state_dict(self, d: dict, samples: int) -> None:
@@ -167,7 +168,8 @@ class EpochEstimator:
         if not isinstance(passes, int) or passes < 0 or (pass_size is not None and
                                                          (not isinstance(pass_size, int) or pass_size <= 0)):
             raise ValueError(f"epoch state {d!r} is not valid")
-        self.passes, self.pass_size = passes, pass_size
+        self.passes = self.passes_seen = passes
+        self.pass_size = pass_size
         self.last_epoch = float(d.get("last_epoch", 0.0))
         self.watching = bool(d.get("watching", False)) or self.watching
         self.samples_at_start = samples
@@ -175,7 +177,7 @@ class EpochEstimator:
     def estimate(self, samples: int, ranks: list[dict]) -> tuple[float, str]:
         """``ranks``: each rank's gathered numbers (passes, first_pass_samples, samples_in_pass, probe)."""
         session_passes = min(r["passes"] for r in ranks)
-        passes = self.passes + session_passes
+        passes = self.passes_seen = self.passes + session_passes
         if self.pass_size is None and session_passes >= 1 and self.passes == 0:
             # Every sample before this session's start was in the first pass.
             self.pass_size = self.samples_at_start + int(sum(r["first_pass_samples"] for r in ranks))

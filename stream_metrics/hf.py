@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import weakref
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
@@ -98,9 +99,19 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     ...                   callbacks=[StreamMetricsCallback(backend=["mlflow", "wandb"])])
     """
 
+    _latest = None  # a weak reference to the last callback built by user code
+
     def __init__(self, backend="auto", x_axis: str = "samples", dataset_size=None, *,
                  finish_on_train_end: bool = True, saved_state: dict | None = None, eval_every=None,
-                 save_every=None, stop_at=None, progress: bool | None = None, **options):
+                 save_every=None, stop_at=None, progress: bool | None = None, restored: bool = False,
+                 **options):
+        original = StreamMetricsCallback._latest() if restored and StreamMetricsCallback._latest else None
+        if original is not None:
+            # restore_callback_states_from_checkpoint rebuilds callbacks from their state() and drops
+            # the user's: share the user's object, so it keeps its options and still shows the run.
+            self.__dict__ = original.__dict__
+            return
+        StreamMetricsCallback._latest = weakref.ref(self)
         # Amounts are checked now and kept as text (JSON-safe in the checkpoint's callback state).
         self.eval_every, self.save_every, self.stop_at = (
             None if a is None else str(as_amount(a)) for a in (eval_every, save_every, stop_at))
@@ -112,7 +123,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.display: ProgressDisplay | None = None
         self._init_args = {"backend": backend, "x_axis": x_axis, "dataset_size": dataset_size,
                            "finish_on_train_end": finish_on_train_end, "eval_every": self.eval_every,
-                           "save_every": self.save_every, "stop_at": self.stop_at, "progress": progress, **options}
+                           "save_every": self.save_every, "stop_at": self.stop_at, "progress": progress,
+                           **options}
         self.backend, self.x_axis, self.dataset_size = backend, x_axis, dataset_size
         self.options = options
         self.finish_on_train_end = finish_on_train_end
@@ -130,6 +142,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """Stored in each checkpoint's trainer_state.json (taken in on_step_end when a save is due)."""
         args = {k: v for k, v in self._init_args.items() if _json_safe(v)}
+        args["restored"] = True
         return {"args": args, "attributes": {"saved_state": self.saved_state}}
 
     # ------------------------------------------------------------------ taking over

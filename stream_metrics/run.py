@@ -295,6 +295,7 @@ class Run:
             "rows": self._base_rows + self._rows, "batches": self._base_batches + self._micro_batches,
             "epoch": self.estimator.state_dict(),
             "run_ids": self.run_ids if distributed.is_main() else dict(self._run_ids),
+            "schedules": self._schedules_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -310,12 +311,55 @@ class Run:
             rows, batches = int(state.get("rows", 0)), int(state.get("batches", 0))
             run_ids = {str(k): str(v) for k, v in dict(state.get("run_ids") or {}).items()}
             self.estimator.load_state_dict(dict(state.get("epoch") or {}), base.samples)
+            schedules = self._load_schedules(state.get("schedules"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"corrupt stream_metrics state dict: {exc}") from None
         if self._started and run_ids != {k: v for k, v in self._run_ids.items() if k in run_ids}:
             raise ValueError("load_state_dict() must come before the first log(): the tracking runs are open")
         self._run_ids.update(run_ids)
         self._reset_session(base, rows, batches)
+        self._schedules = schedules
+
+    # ------------------------------------------------------------------ schedules (schedule.py)
+    _schedules: dict | None = None  # name -> Every, made on first use; kept in state_dict()
+
+    def due(self, every, progress: Progress | None = None) -> bool:
+        """True once each time the run crosses a multiple of ``every`` (``"1Mtok"``, ``"500ksp"``, ``"30min"``).
+
+        A call that jumps over several multiples answers True once. The answer is a pure function of
+        the progress, the same on every rank. Without ``progress`` it brings the ranks together like
+        ``run.progress`` (call it on every rank); pass the Progress ``log()`` returned to avoid that.
+
+        >>> if run.due("1Mtok", run.log({"loss": loss})):   # doctest: +SKIP
+        ...     evaluate()
+        """
+        return self.schedule(every).crossed(self._sync() if progress is None else progress) > 0
+
+    def schedule(self, every, name: str | None = None):
+        """The ``Every`` kept under ``name`` (default: the amount's text) and in ``state_dict()``.
+
+        A schedule new to this session (or changed across a resume) counts from where the session
+        started, so it does not fire for boundaries passed before.
+        """
+        from .schedule import Every
+
+        every = Every(every, after=self._base)
+        name = str(every.amount) if name is None else name
+        if self._schedules is None:
+            self._schedules = {}
+        kept = self._schedules.get(name)
+        if kept is None or kept.amount != every.amount:
+            kept = self._schedules[name] = every
+        return kept
+
+    def _schedules_state(self) -> dict:
+        return {name: every.state_dict() for name, every in (self._schedules or {}).items()}
+
+    @staticmethod
+    def _load_schedules(state) -> dict:
+        from .schedule import Every
+
+        return {str(name): Every.from_state_dict(s) for name, s in dict(state or {}).items()}
 
     # ------------------------------------------------------------------ the end
     def where(self) -> list[str]:

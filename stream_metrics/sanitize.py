@@ -1,12 +1,16 @@
 """Metric keys and values made safe for every backend, the same way for all of them.
 
 MLflow allows letters, digits, ``_ - . / :`` and space, at most 250 characters, and a key that
-``posixpath.normpath`` leaves unchanged; W&B accepts all of those. One rule set serves both, so a
-metric has one name everywhere.
+``posixpath.normpath`` leaves unchanged and that does not start with ``..``; W&B keeps keys that
+start with ``_`` for itself (``_step``, ``_runtime``). One rule set serves both, so a metric has
+one name everywhere: other characters become ``_`` (accents are dropped first), empty and ``.``
+parts go, a ``..`` part becomes ``__``, leading ``_``, ``.`` and spaces go, an empty key becomes
+``metric``, and a key over 250 characters is cut and ends with a hash of the whole.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 import posixpath
 import re
@@ -33,15 +37,21 @@ def sanitize_key(key) -> str:
 
 def _normalise_parts(text: str) -> str:
     # Empty and '.' parts go ('//', a leading or trailing '/'), '..' becomes '__', and no part starts
-    # or ends with a space, so posixpath.normpath leaves the result as it is.
-    parts = [part.strip(" ") for part in text.split("/")]
-    return "/".join("__" if part == ".." else part for part in parts if part not in ("", ".")) or "_"
+    # or ends with a space, so posixpath.normpath leaves the result as it is. The key starts with
+    # neither '..' (MLflow) nor '_' (W&B's own keys): leading '_', '.' and spaces go.
+    parts = ["__" if part == ".." else part for part in (p.strip(" ") for p in text.split("/"))
+             if part not in ("", ".")]
+    while parts and not parts[0].lstrip("_. "):
+        parts.pop(0)
+    if parts:
+        parts[0] = parts[0].lstrip("_. ")
+    return "/".join(parts) or "metric"
 
 
 def is_valid_key(key: str) -> bool:
-    """True where MLflow and W&B both accept ``key`` unchanged."""
-    return (0 < len(key) <= MAX_KEY_LENGTH and not _NOT_ALLOWED.search(key)
-            and posixpath.normpath(key) == key and not key.startswith("/"))
+    """True where ``key`` is stored unchanged: MLflow and W&B both accept it as it is."""
+    return (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and not _NOT_ALLOWED.search(key)
+            and posixpath.normpath(key) == key and sanitize_key(key) == key)
 
 
 class KeyMap:
@@ -64,14 +74,14 @@ class KeyMap:
         while name in self._taken:
             n += 1
             suffix = f"_{n}"
-            name = base[:MAX_KEY_LENGTH - len(suffix)] + suffix
+            name = _normalise_parts(base[:MAX_KEY_LENGTH - len(suffix)] + suffix)
         self._names[key] = name
         self._taken.add(name)
         if name != key and key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"stream_metrics: metric key {key!r} is stored as {name!r} (keys allow letters, digits, "
-                          f"'_-./: ' and space, at most {MAX_KEY_LENGTH} characters, and no empty or '..' parts; "
-                          "two keys never share a name)", stacklevel=4)
+                          f"'_-./: ' and space, at most {MAX_KEY_LENGTH} characters, no empty or '..' parts, and do "
+                          "not start with '_' or '.'; two keys never share a name)", stacklevel=4)
         return name
 
 
@@ -91,45 +101,66 @@ def _warn_value_once(key: str, kind: str, message: str) -> None:
 def to_number(key: str, value):
     """A metric value as an int or float, or raise _Skip after a one-time warning saying why.
 
-    Conversions (documented in the README): bool -> 0/1, NumPy scalars and 0-d or 1-element tensors
-    -> their number (a host sync: this happens when a row is written, never per step); NaN and
-    +/-inf are kept (a diverging loss is worth seeing). None, strings and multi-element arrays are
-    skipped with a warning naming the fix.
+    Stored as they are: ints, floats, NumPy scalars, 0-d and 1-element tensors and arrays (read
+    when the row is written, the one host sync). Converted, with a one-time warning per key:
+    bools -> 0/1; numeric strings ("0.5") -> their number; NaN and +/-inf are kept (a diverging
+    loss is worth seeing; MLflow itself stores +/-inf as +/-1.8e308). Skipped, with a one-time
+    warning naming the fix: None, other strings, multi-element arrays, values that cannot be read
+    (a tensor on the meta device), ints too large for a float, anything else.
     """
     if isinstance(value, bool):
+        _warn_value_once(key, "bool", f"the bool {value} is stored as {int(value)}")
         return int(value)
     if isinstance(value, numbers.Integral):
+        try:
+            float(value)
+        except OverflowError:
+            _warn_value_once(key, "big", "an int too large for a 64-bit float is skipped; log it as a float")
+            raise _Skip from None
         return int(value)
     if isinstance(value, numbers.Real):
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            _warn_value_once(key, "nonfinite", f"the value {number} is stored as it is (MLflow stores +/-inf "
+                                               "as +/-1.8e308)")
+        return number
     if value is None:
         _warn_value_once(key, "none", "value None is skipped; log a number")
         raise _Skip
     if isinstance(value, (str, bytes)):
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
         try:
-            return float(value)
+            number = float(text)
         except ValueError:
-            _warn_value_once(key, "str", f"the string {str(value)[:40]!r} is not a number and is skipped; "
+            _warn_value_once(key, "str", f"the string {text[:40]!r} is not a number and is skipped; "
                                          "log text as a config value instead")
             raise _Skip from None
+        _warn_value_once(key, "numeric-str", f"the string {text[:40]!r} is stored as the number {number}")
+        return to_number(key, number)
     numel = getattr(value, "numel", None) or getattr(value, "size", None)
     try:
         count = numel() if callable(numel) else numel
     except Exception:
         count = None
     if count == 1 and hasattr(value, "item"):
-        # The one host sync for a device value, taken as the row is written.
-        return to_number(key, value.item())
+        try:
+            item = value.item()  # the one host sync for a device value, taken as the row is written
+        except Exception as exc:
+            _warn_value_once(key, "unreadable", f"the value cannot be read ({type(exc).__name__}: {exc}) and is "
+                                                "skipped; log a tensor with data, or a number")
+            raise _Skip from None
+        return to_number(key, item)
     if count is not None and hasattr(value, "shape"):
         _warn_value_once(key, "array", f"an array of {count} elements is skipped; log a scalar such as "
                                        "value.mean() or one key per element")
         raise _Skip
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        _warn_value_once(key, "type", f"a {type(value).__name__} is not a number and is skipped")
+    except (TypeError, ValueError, OverflowError):
+        _warn_value_once(key, "type", f"a {type(value).__name__} is not a number and is skipped; log a number, "
+                                      "or one key per element")
         raise _Skip from None
-    return number
+    return to_number(key, number)
 
 
 def flatten(metrics, prefix: str = ""):

@@ -2,57 +2,81 @@
 
 A backend that fails (server down, disk full) never stops training: its rows wait in a bounded
 buffer and are retried with backoff, and a warning says how many are held back. Rows past the
-buffer's bound, and rows still undelivered when the run finishes, are written to a local file
-(JSON lines) that ``stream-metrics replay FILE`` sends into the run later. Nothing is dropped
-without a message saying how many rows and where they are.
+buffer's bound, and everything still undelivered when the run finishes, are written to a local
+file (JSON lines) that ``stream-metrics replay FILE`` sends into the run later. Nothing is
+dropped without a message saying how many rows and where they are.
+
+    >>> from stream_metrics.backends.delivery import replay
+    >>> replay("stream_metrics_undelivered/mlflow-1a2b-x7.jsonl")   # doctest: +SKIP
+    120
+
+Every warning goes to the ``stream_metrics`` logger; docs/reliability.md quotes them.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 
 from ..redact import redact_uri
-from .base import Backend, Row
+from .base import Backend, Row, RunInfo
 
 log = logging.getLogger("stream_metrics")
 
-#: Rows held in memory per backend while it fails; past this they are written to the spill file.
+#: Rows held in memory per backend while it fails; past this the oldest go to the spill file.
 BUFFER_ROWS = 10_000
+#: A call that has not answered for this long counts as failing (MLflow's own HTTP retries can
+#: hold one call for minutes), and failure warnings repeat at most this often.
+STALL_SECONDS = 30.0
 _RETRY_FIRST, _RETRY_MAX = 0.5, 30.0
 SPILL_DIR = "stream_metrics_undelivered"
+REPLAY_COMMAND = "stream-metrics replay"  # cli.py; also `python -m stream_metrics replay`
 
 
 class Delivery:
-    """One backend's queue and sender thread."""
+    """One backend's queue of operations ("start", "rows", "tags", "summary", "finish") and its sender thread."""
 
     def __init__(self, backend: Backend, *, buffer_rows: int = BUFFER_ROWS, spill_dir: str | None = None):
         self.backend = backend
-        self.buffer_rows = buffer_rows
+        self.buffer_rows = max(1, int(buffer_rows))
         self.spill_dir = spill_dir or os.environ.get("STREAM_METRICS_SPILL_DIR") or SPILL_DIR
-        self._queue: collections.deque = collections.deque()  # (kind, payload)
+        self._queue: collections.deque = collections.deque()  # (kind, payload), oldest first
         self._lock = threading.Condition()
         self._thread = None
         self._closing = False
+        self._held_rows = 0          # "rows" operations in the queue
+        self._in_flight = 0          # operations at the head of the queue being sent right now
+        self._sending_since = None   # when the call in flight started
+        self._retry_now = False      # flush() asks a backing-off sender to try again at once
+        self._failures = 0
         self._failing_since = None
         self._last_error = None
+        self._next_warning = 0.0
+        self._start_info: RunInfo | None = None
         self.delivered_rows = 0
         self.spilled_rows = 0
         self.spill_path = None
-        self._next_warning = 0.0
 
     # ---------------------------------------------------------------- training thread side
     def submit(self, kind: str, payload) -> None:
-        """Queue an operation; O(1), never blocks on the backend."""
+        """Queue an operation; never waits for the backend (past the buffer, rows go to the spill file)."""
         with self._lock:
+            if kind == "start":
+                self._start_info = payload
             self._queue.append((kind, payload))
-            if len(self._queue) > self.buffer_rows:
-                self._spill_oldest(len(self._queue) - self.buffer_rows)
-            self._lock.notify()
+            if kind == "rows":
+                self._held_rows += 1
+                if self._held_rows > self.buffer_rows:
+                    # In chunks of a tenth of the buffer, so the file is opened once per many rows.
+                    self._spill_oldest(self._held_rows - self.buffer_rows + self.buffer_rows // 10)
+            self._warn_if_stalled()
+            self._lock.notify_all()
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name=f"stream_metrics-{self.backend.name}",
                                             daemon=True)
@@ -62,7 +86,9 @@ class Delivery:
         """Wait until everything queued so far is delivered, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._queue or self._busy:
+            self._retry_now = True
+            self._lock.notify_all()
+            while self._queue:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -70,25 +96,44 @@ class Delivery:
         return True
 
     def close(self, status: str, timeout: float) -> str | None:
-        """Deliver what is queued, finish the backend's run, and report anything left undelivered."""
+        """Deliver what is queued and finish the backend's run, waiting at most ``timeout`` seconds.
+
+        Whatever is still undelivered then (rows, tags, the run's end) goes to the spill file;
+        returns the message saying how many rows, where, and how to replay them, or None.
+        """
         self.submit("finish", status)
         self.flush(timeout)
         with self._lock:
             self._closing = True
-            left = [(k, p) for k, p in self._queue if k == "rows"]
+            left = list(self._queue)  # a call still in flight is included: its outcome is unknown
             self._queue.clear()
+            self._held_rows = 0
             self._lock.notify_all()
             if left:
-                self._write_spill([p for _, p in left])
+                self._write_spill(left, run_id_known=self.backend.run_id)
+        if not (self.spilled_rows or left):
+            return None
+        what = f"{self.spilled_rows} row(s)" if self.spilled_rows else "the end of the run"
+        return (f"stream_metrics: {what} could not be delivered to {self.backend.name} "
+                f"({self._last_error or 'no answer in time'}); saved in {self.spill_path}: send them with "
+                f"`{REPLAY_COMMAND} {self.spill_path}`")
+
+    def _warn_if_stalled(self) -> None:
+        # With the lock held. Failures the sender sees are warned about in _on_failure; this catches
+        # a call that blocks without failing (a server that accepts connections but never answers).
+        now = time.monotonic()
+        if self._sending_since is not None and now - self._sending_since > STALL_SECONDS and now >= self._next_warning:
+            self._next_warning = now + STALL_SECONDS
+            log.warning("stream_metrics: %s has not answered for %.0f s; %s, training goes on",
+                        self.backend.name, now - self._sending_since, self._held_text())
+
+    def _held_text(self) -> str:
+        text = f"{self._held_rows} row(s) held back and retried"
         if self.spilled_rows:
-            return (f"stream_metrics: {self.spilled_rows} row(s) could not be delivered to {self.backend.name} "
-                    f"({self._last_error}); they are saved in {self.spill_path}: send them with "
-                    f"`stream-metrics replay {self.spill_path}`")
-        return None
+            text += f", {self.spilled_rows} more saved in {self.spill_path}"
+        return text
 
     # ---------------------------------------------------------------- sender thread side
-    _busy = False
-
     def _work(self) -> None:
         while True:
             with self._lock:
@@ -103,27 +148,29 @@ class Delivery:
                         if k != "rows":
                             break
                         batch.append(p)
-                self._busy = True
+                self._in_flight, self._sending_since = len(batch), time.monotonic()
             try:
                 self._send(kind, payload, batch)
-            except Exception as exc:  # the backend failed: keep the rows, wait, retry
+            except Exception as exc:  # the backend failed: keep everything queued, wait, retry
                 with self._lock:
-                    self._busy = False
+                    self._in_flight, self._sending_since = 0, None
                     self._lock.notify_all()
                 self._on_failure(exc)
                 continue
             with self._lock:
+                if self._closing:  # close() gave up waiting and saved the queue, this call included
+                    return
                 for _ in batch:
-                    if self._queue:
-                        self._queue.popleft()
-                self._busy = False
+                    self._queue.popleft()  # the in-flight head is never spilled, so these are ours
+                if kind == "rows":
+                    self._held_rows -= len(batch)
+                    self.delivered_rows += len(batch)
+                self._in_flight, self._sending_since = 0, None
                 self._lock.notify_all()
-            if kind == "rows":
-                self.delivered_rows += len(batch)
             if self._failing_since is not None:
                 log.warning("stream_metrics: %s is reachable again after %.0f s; held-back rows are being delivered",
                             self.backend.name, time.monotonic() - self._failing_since)
-                self._failing_since = None
+                self._failing_since, self._failures, self._next_warning = None, 0, 0.0
             if kind == "finish":
                 return
 
@@ -141,80 +188,140 @@ class Delivery:
 
     def _on_failure(self, exc: Exception) -> None:
         now = time.monotonic()
-        self._last_error = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
-        if self._failing_since is None:
-            self._failing_since = now
-            self._next_warning = 0.0
-        if now >= self._next_warning:
-            held = sum(1 for k, _ in list(self._queue) if k == "rows")
-            log.warning("stream_metrics: %s is failing (%s); %d row(s) held back and retried, training goes on",
-                        self.backend.name, self._last_error, held)
-            self._next_warning = now + 30.0
-        wait = min(_RETRY_MAX, _RETRY_FIRST * 2 ** min(10, int((now - self._failing_since) // 5)))
         with self._lock:
-            if not self._closing:
-                self._lock.wait(wait)
+            self._last_error = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
+            if self._failing_since is None:
+                self._failing_since = now
+            if now >= self._next_warning:
+                self._next_warning = now + STALL_SECONDS
+                log.warning("stream_metrics: %s is failing (%s); %s, training goes on",
+                            self.backend.name, self._last_error, self._held_text())
+            deadline = now + min(_RETRY_MAX, _RETRY_FIRST * 2 ** min(self._failures, 10))
+            self._failures += 1
+            self._retry_now = False
+            # Backoff: new rows arriving do not cut it short; flush() and close() do.
+            while not self._closing and not self._retry_now and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
 
     # ---------------------------------------------------------------- the spill file
     def _spill_oldest(self, count: int) -> None:
-        # Called with the lock held. The head may be in flight: leave it in place.
-        keep_head = 1 if self._busy and self._queue else 0
-        rows, kept = [], collections.deque()
+        # With the lock held. The operations being sent stay at the head of the queue.
         items = list(self._queue)
-        head, rest = items[:keep_head], items[keep_head:]
+        head, rest = items[:self._in_flight], items[self._in_flight:]
+        spilled, kept = [], []
         for kind, payload in rest:
-            if kind == "rows" and len(rows) < count:
-                rows.append(payload)
+            if kind == "rows" and len(spilled) < count:
+                spilled.append((kind, payload))
             else:
                 kept.append((kind, payload))
-        if rows:
-            self._queue = collections.deque(head + list(kept))
-            self._write_spill(rows)
+        if not spilled:
+            return
+        self._queue = collections.deque(head + kept)
+        self._held_rows -= len(spilled)
+        first = self.spill_path is None
+        self._write_spill(spilled, run_id_known=None)
+        now = time.monotonic()
+        if first or now >= self._next_warning:
+            self._next_warning = now + STALL_SECONDS
+            log.warning("stream_metrics: the buffer of %d rows for %s is full: %d row(s) so far saved in %s; "
+                        "replay them with `%s %s`", self.buffer_rows, self.backend.name, self.spilled_rows,
+                        self.spill_path, REPLAY_COMMAND, self.spill_path)
 
-    def _write_spill(self, rows: list[Row]) -> None:
+    def _write_spill(self, ops: list, run_id_known) -> None:
         if self.spill_path is None:
             os.makedirs(self.spill_dir, exist_ok=True)
-            run_id = getattr(self.backend, "run_id", None) or getattr(getattr(self.backend, "run", None), "id", "run")
-            self.spill_path = os.path.abspath(os.path.join(
-                self.spill_dir, f"{self.backend.name}-{run_id}-{os.getpid()}.jsonl"))
-            header = {"backend": self.backend.name, "run_id": run_id, **self.backend_target()}
-            with open(self.spill_path, "w") as f:
+            run_id = self.backend.run_id
+            fd, path = tempfile.mkstemp(prefix=f"{self.backend.name}-{run_id or 'unstarted'}-", suffix=".jsonl",
+                                        dir=self.spill_dir)
+            self.spill_path = os.path.abspath(path)
+            info = self._start_info and dataclasses.asdict(self._start_info)
+            header = {"backend": self.backend.name, "run_id": run_id, "start": info, **self._target()}
+            with os.fdopen(fd, "w") as f:
                 f.write(json.dumps({"header": header}) + "\n")
         with open(self.spill_path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row.to_json()) + "\n")
-        self.spilled_rows += len(rows)
-        log.warning("stream_metrics: %d row(s) for %s written to %s (buffer of %d rows full or run finished); "
-                    "replay with `stream-metrics replay %s`", len(rows), self.backend.name, self.spill_path,
-                    self.buffer_rows, self.spill_path)
+            for kind, payload in ops:
+                f.write(json.dumps(_op_json(kind, payload)) + "\n")
+            if run_id_known:  # the run may have opened after the header was written
+                f.write(json.dumps({"op": "run", "run_id": run_id_known}) + "\n")
+        self.spilled_rows += sum(1 for kind, _ in ops if kind == "rows")
 
-    def backend_target(self) -> dict:
+    def _target(self) -> dict:
         # Where the rows belong, with credentials left out: replay takes them from the environment.
         uri = getattr(self.backend, "tracking_uri", None)
-        project = getattr(getattr(self.backend, "run", None), "project", None)
+        project = getattr(self.backend, "project", None) or getattr(getattr(self.backend, "run", None), "project", None)
         return {k: v for k, v in (("tracking_uri", uri and redact_uri(uri)), ("project", project)) if v}
 
 
+def _op_json(kind: str, payload) -> dict:
+    if kind == "rows":
+        return payload.to_json()
+    if kind == "tags":
+        return {"op": "tags", "tags": payload}
+    if kind == "summary":
+        figures, row = payload
+        return {"op": "summary", "metrics": figures, "row": row.to_json()}
+    if kind == "finish":
+        return {"op": "finish", "status": payload}
+    return {"op": kind}  # "start": its RunInfo is in the header
+
+
 def replay(path: str, tracking_uri: str | None = None) -> int:
-    """Send the rows saved in a spill file into their run; returns how many were sent."""
+    """Send a spill file's rows (and any undelivered tags and end of run) into their run.
+
+    Returns how many rows were sent, and renames the file to ``<path>.replayed``. The target
+    comes from the file; credentials from the environment (``MLFLOW_TRACKING_URI``,
+    ``WANDB_API_KEY``), since the file never holds them. A run that never opened is created.
+    Sending rows MLflow already has is harmless: it keeps one copy of identical points.
+    """
+    from . import create
+
     with open(path) as f:
         header = json.loads(f.readline())["header"]
-        rows = [Row.from_json(json.loads(line)) for line in f if line.strip()]
-    if header["backend"] == "mlflow":
-        from .mlflow import MLflowBackend
-
+        ops = [json.loads(line) for line in f if line.strip()]
+    name = header["backend"]
+    run_id = header.get("run_id")
+    for op in ops:
+        if op.get("op") == "run":
+            run_id = op["run_id"]
+    start = dict(header.get("start") or {})
+    info = RunInfo(**{**start, "run_id": run_id, "axes": tuple(start.get("axes") or ())})
+    if name == "mlflow":
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header.get("tracking_uri")
-        backend = MLflowBackend(tracking_uri=uri)
-        backend.run_id = header["run_id"]
-        backend.client.get_run(backend.run_id)
-        backend.log_rows(rows)
-    elif header["backend"] == "wandb":
-        import wandb
-
-        run = wandb.init(id=header["run_id"], project=header.get("project"), resume="allow")
-        for row in rows:
-            run.log(row.metrics)
-        run.finish()
+        backend = create(name, {"tracking_uri": uri})
+    elif name == "wandb":
+        backend = create(name, {"project": header.get("project")})
     else:
-        raise ValueError(f"{path}: unknown backend {header['backend']!r}")
-    return len(rows)
+        raise ValueError(f"{path}: unknown backend {name!r}")
+    if name == "mlflow" and run_id:
+        backend.client.get_run(run_id)  # a clear error where the run is not on this server
+        backend.run_id = run_id         # continue it as it is: its status changes only with a "finish" below
+    else:
+        backend.start(info)
+
+    sent, pending, finished = 0, [], False
+
+    def send_pending():
+        nonlocal sent
+        for i in range(0, len(pending), backend.max_rows_per_call):
+            backend.log_rows(pending[i:i + backend.max_rows_per_call])
+        sent += len(pending)
+        pending.clear()
+
+    for op in ops:
+        kind = op.get("op")
+        if kind is None:
+            pending.append(Row.from_json(op))
+            continue
+        send_pending()
+        if kind == "tags":
+            backend.set_tags(op["tags"])
+        elif kind == "summary":
+            backend.log_summary(op["metrics"], Row.from_json(op["row"]))
+        elif kind == "finish":
+            backend.finish(op["status"])
+            finished = True
+    send_pending()
+    if name == "wandb" and not finished:
+        backend.finish("FINISHED")  # close the resumed W&B run again
+    os.replace(path, path + ".replayed")
+    return sent

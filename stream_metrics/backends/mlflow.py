@@ -27,7 +27,10 @@ class MLflowBackend(Backend):
         except ImportError:
             raise ImportError("the mlflow backend needs MLflow: pip install 'stream_metrics[mlflow]'") from None
         self._mlflow = mlflow
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _default_uri(mlflow)
+        if redact_uri(self.tracking_uri) != self.tracking_uri:
+            # MLflow prints "View run ... at: <tracking URI>" when a run ends, password included.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.run_id = None
@@ -88,6 +91,18 @@ class MLflowBackend(Backend):
         if uri.startswith("sqlite:"):
             return f"MLflow run {self.run_id} in {uri}: look with `mlflow ui --backend-store-uri {uri}`"
         return f"MLflow run {self.run_id} at {uri}"
+
+
+def _default_uri(mlflow) -> str:
+    """MLflow's own default; MLflow 2 defaults to a ./mlruns file store, where 3 uses sqlite:///mlflow.db."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:
+        return uri
+    if uri.startswith("file:") and not is_tracking_uri_set() and not os.path.isdir("mlruns"):
+        return "sqlite:///mlflow.db"
+    return uri
 
 
 def _param_key(key: str) -> str:

@@ -1,0 +1,117 @@
+"""Resuming a Trainer run, gracefully or after a SIGKILL, continues every axis and the same runs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT, assert_conformant, wandb_rows, wandb_run_dirs
+from streaming_trainer import build_trainer
+
+from stream_metrics import schema
+from stream_metrics.hf import StreamMetricsCallback
+
+pytestmark = pytest.mark.slow
+AXES = (schema.STEP, schema.SAMPLES, schema.TOKENS, schema.EPOCH, schema.WALL_CLOCK)
+
+
+def the_mlflow_run(uri, experiment="Default"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, f"{len(runs)} MLflow runs: a resume must continue the same run"
+    return client, runs[0]
+
+
+def never_decrease(rows, start=None):
+    last = dict(start or {})
+    for row in rows:
+        for axis in AXES:
+            if axis in row:
+                assert row[axis] >= last.get(axis, 0) - 1e-9, f"{axis} went down: {last.get(axis)} -> {row[axis]}"
+                last[axis] = row[axis]
+    return last
+
+
+@pytest.mark.parametrize("restore_callback_states", [False, True])
+def test_resume_from_a_checkpoint_continues_every_axis_and_the_same_runs(workdir, corpus, restore_callback_states):
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    out = workdir / "out"
+
+    def trainer(steps):
+        callback = StreamMetricsCallback(backend=["mlflow", "wandb"], mlflow={"tracking_uri": uri})
+        t, _ = build_trainer(str(out), max_steps=steps, batch_size=8, grad_accum=2, callbacks=[callback],
+                             data=corpus["paths"], save_steps=6, logging_steps=3,
+                             restore_callback_states_from_checkpoint=restore_callback_states)
+        return t, callback
+
+    first, cb1 = trainer(12)
+    first.train()
+    at_checkpoint = cb1.saved_state["progress"]
+    ids = cb1.run.run_ids
+
+    second, cb2 = trainer(18)
+    second.train(resume_from_checkpoint=str(out / "checkpoint-12"))
+    resumed = cb2.run.progress
+    assert cb2.run.run_ids == ids
+    assert resumed.step == 18 and resumed.samples > at_checkpoint["samples"]
+    assert resumed.tokens > at_checkpoint["tokens"] and resumed.wall_clock > at_checkpoint["wall_clock"]
+
+    client, run = the_mlflow_run(uri)
+    assert run.info.run_id == ids["mlflow"]
+    assert_conformant("--mlflow-uri", uri, "--run-id", ids["mlflow"], "--expect-steps", 18,
+                      "--expect-samples", resumed.samples, "--expect-tokens", resumed.tokens)
+    folders = wandb_run_dirs(workdir)
+    assert len(folders) == 2 and all(f.endswith(ids["wandb"]) for f in folders)  # offline: a folder per session
+    before, after = wandb_rows(folders[0]), wandb_rows(folders[1])
+    never_decrease(before + after)
+    assert after[0][schema.SAMPLES] > at_checkpoint["samples"]
+
+
+def test_a_killed_training_process_resumes_from_its_last_checkpoint(workdir):
+    """SIGKILL after a checkpoint, then the same command with --resume last."""
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    # A fresh process, as a user would start it: not attached to this test process's W&B service.
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("WANDB") and "SERVICE" in k)}
+    env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "examples", "streaming_trainer.py")
+    out = workdir / "out"
+    cmd = [sys.executable, script, "--out", str(out), "--save-steps", "4", "--experiment", "crash"]
+    proc = subprocess.Popen(cmd + ["--max-steps", "100000"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint-8" / "trainer_state.json").exists():
+            assert proc.poll() is None, "training ended before its second checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it log a few rows past the checkpoint before the crash
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    client, run = the_mlflow_run(uri, "crash")
+    crashed_id = run.info.run_id
+    samples_before_crash = max(m.value for m in client.get_metric_history(crashed_id, schema.SAMPLES))
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = int(get_last_checkpoint(str(out)).rsplit("-", 1)[1])
+    done = subprocess.run(cmd + ["--max-steps", str(last + 12), "--resume", "last"], env=env, timeout=300,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client, run = the_mlflow_run(uri, "crash")
+    assert run.info.run_id == crashed_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(crashed_id, schema.SAMPLES)
+    assert max(m.value for m in history) > samples_before_crash
+    assert_conformant("--mlflow-uri", uri, "--run-id", crashed_id, "--expect-steps", last + 12)
+    folders = wandb_run_dirs(out.parent)
+    ids = {os.path.basename(f).rsplit("-", 1)[1] for f in folders}
+    assert len(folders) == 2 and len(ids) == 1, folders
+    resumed_rows = wandb_rows(folders[1])
+    never_decrease(resumed_rows)
+    assert resumed_rows[-1][schema.STEP] == last + 12

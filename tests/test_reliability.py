@@ -1,0 +1,319 @@
+"""A tracking server that goes away, and W&B without an account, never stop training or lose a row.
+
+Each test runs a real ``mlflow server`` (SQLite store) on 127.0.0.1 and stops it mid-run, or runs a
+real script in a subprocess with no terminal; what arrived is read back from the server.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+import stream_metrics
+from stream_metrics.backends import delivery
+from conftest import assert_conformant, wandb_run_dirs
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store, which a test can stop and start again."""
+
+    def __init__(self, folder, port: int | None = None):
+        self.folder = str(folder)
+        os.makedirs(self.folder, exist_ok=True)
+        self.port = port or free_port()
+        self.store = f"sqlite:///{self.folder}/srv.db"
+        self.proc = None
+
+    def url(self, credentials: str = "") -> str:
+        return f"http://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        log = open(os.path.join(self.folder, "server.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store, "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.folder, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: stop() ends the server's workers too
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url() + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"mlflow server not healthy after {timeout} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+    def log_tail(self) -> str:
+        with open(os.path.join(self.folder, "server.log"), errors="replace") as f:
+            return f.read()[-2000:]
+
+
+pytestmark = pytest.mark.slow  # real servers and subprocesses: about 20 s per server start on a busy machine
+
+
+@pytest.fixture
+def mlflow_server(workdir):
+    server = MlflowServer(workdir / "server")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fail_fast(monkeypatch):
+    """The MLflow HTTP settings docs/reliability.md recommends: stream_metrics retries, MLflow need not."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+BATCH, WIDTH, PADDING = 4, 8, 2
+
+
+def train(run, rows: int) -> None:
+    """A plain training loop: one batch and one row per iteration; every call must return."""
+    ids = torch.ones(BATCH, WIDTH, dtype=torch.long)
+    mask = torch.ones(BATCH, WIDTH, dtype=torch.long)
+    mask[:, WIDTH - PADDING:] = 0
+    for i in range(rows):
+        run.update({"input_ids": ids, "attention_mask": mask})
+        run.log({"loss": 1.0 / (i + 1)})
+
+
+def history(url, run_id, key="loss"):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=url).get_metric_history(run_id, key)
+
+
+def messages(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "stream_metrics" and text in r.getMessage()]
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def spill_files(workdir) -> list[str]:
+    return sorted(glob.glob(str(workdir / "undelivered" / "*.jsonl")))
+
+
+def spilled_rows(path) -> list[dict]:
+    with open(path) as f:
+        lines = [json.loads(line) for line in f][1:]
+    return [line for line in lines if "op" not in line]
+
+
+def test_a_server_outage_holds_rows_back_and_delivers_them_when_it_returns(mlflow_server, fail_fast, caplog,
+                                                                           workdir):
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    url = mlflow_server.url()
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": url, "experiment": "outage"})
+    try:
+        train(run, 5)
+        assert run.flush(60)
+        run_id = run.run_ids["mlflow"]
+
+        mlflow_server.stop()
+        train(run, 10)  # training goes on: every update() and log() returns
+        assert wait_for(lambda: messages(caplog, "held back"), 30)
+        held = [int(n) for m in messages(caplog, "mlflow is failing")
+                for n in re.findall(r"(\d+) row\(s\) held back", m)]
+        assert held and all(1 <= n <= 10 for n in held), messages(caplog, "held back")
+
+        mlflow_server.start()
+        assert run.flush(60)
+    finally:
+        run.finish()
+
+    points = history(url, run_id)
+    assert sorted(p.step for p in points) == [BATCH * i for i in range(1, 16)]  # every row, once
+    assert messages(caplog, "mlflow is reachable again")
+    assert not messages(caplog, "could not be delivered") and not spill_files(workdir)
+    assert_conformant("--mlflow-uri", url, "--run-id", run_id, "--expect-samples", 15 * BATCH,
+                      "--expect-tokens", 15 * BATCH * (WIDTH - PADDING), "--expect-steps", 15)
+
+
+def test_rows_past_the_buffer_go_to_a_spill_file_that_replay_delivers(mlflow_server, fail_fast, caplog, workdir):
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    url = mlflow_server.url()
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": url}, buffer_rows=20)
+    try:
+        train(run, 2)
+        assert run.flush(60)
+        run_id = run.run_ids["mlflow"]
+        mlflow_server.stop()
+        train(run, 50)
+
+        # While the run goes on, the oldest rows past the bound of 20 are already in the file.
+        [path] = spill_files(workdir)
+        assert 30 <= len(spilled_rows(path)) <= 50 - 20 + 2
+        [full] = messages(caplog, "the buffer of 20 rows for mlflow is full")
+        assert path in full and f"stream-metrics replay {path}" in full
+
+        mlflow_server.start()
+        assert run.flush(60)  # the rows still in memory arrive
+    finally:
+        run.finish()
+    in_file = len(spilled_rows(path))
+    [final] = messages(caplog, "could not be delivered")
+    assert f"{in_file} row(s) could not be delivered to mlflow" in final and path in final
+    assert len(history(url, run_id)) == 52 - in_file
+
+    assert delivery.replay(path) == in_file
+    points = history(url, run_id)
+    assert sorted(p.step for p in points) == [BATCH * i for i in range(1, 53)]
+    assert os.path.exists(path + ".replayed") and not os.path.exists(path)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(url).get_run(run_id).info.status == "FINISHED"
+
+
+def test_finish_with_the_server_down_saves_the_rows_and_says_how_to_replay(mlflow_server, fail_fast, caplog,
+                                                                           workdir):
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    url = mlflow_server.url()
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": url}, flush_timeout=3)
+    train(run, 3)
+    assert run.flush(60)
+    run_id = run.run_ids["mlflow"]
+    mlflow_server.stop()
+    train(run, 7)
+    run.finish()  # returns after flush_timeout
+
+    [message] = messages(caplog, "could not be delivered")
+    assert "7 row(s) could not be delivered to mlflow" in message
+    command = re.search(r"`(stream-metrics replay [^`]+)`", message).group(1)
+    [path] = spill_files(workdir)
+    assert command == f"stream-metrics replay {path}"
+    from mlflow import MlflowClient
+
+    mlflow_server.start()
+    assert len(history(url, run_id)) == 3
+    assert MlflowClient(url).get_run(run_id).info.status == "RUNNING"  # its end was not delivered either
+
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    done = subprocess.run(shlex.split(command), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "sent 7 row(s)" in done.stdout
+    assert sorted(p.step for p in history(url, run_id)) == [BATCH * i for i in range(1, 11)]
+    assert MlflowClient(url).get_run(run_id).info.status == "FINISHED"
+    assert_conformant("--mlflow-uri", url, "--run-id", run_id, "--expect-samples", 10 * BATCH)
+
+
+def test_finish_keeps_to_flush_timeout_even_while_mlflow_retries_a_call_for_minutes(monkeypatch, caplog, workdir):
+    # MLflow's own defaults (7 HTTP retries with backoff) hold one call for minutes; nothing listens here.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setattr(delivery, "STALL_SECONDS", 1.0)
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": f"http://127.0.0.1:{free_port()}"},
+                              flush_timeout=2)
+    train(run, 3)
+    time.sleep(1.5)
+    train(run, 2)
+    [stalled] = messages(caplog, "mlflow has not answered for")
+    assert "row(s) held back" in stalled
+    started = time.monotonic()
+    run.finish()
+    assert time.monotonic() - started < 30  # flush_timeout=2, not MLflow's minutes of retries
+
+    [path] = spill_files(workdir)
+    assert len(spilled_rows(path)) == 5
+    with open(path) as f:
+        header = json.loads(f.readline())["header"]
+        ops = [json.loads(line).get("op") for line in f]
+    assert header["run_id"] is None and header["start"]["tags"]  # replay will open the run
+    assert ops[0] == "start" and ops[-1] == "finish"
+    assert messages(caplog, "5 row(s) could not be delivered to mlflow")
+
+
+# ----------------------------------------------------------------------------- W&B without an account
+WANDB_SCRIPT = """
+import torch
+import stream_metrics
+
+run = stream_metrics.init(backend="wandb", wandb={"project": "no-account"})
+print("training starts", flush=True)
+for i in range(3):
+    run.update({"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)})
+    run.log({"loss": 1.0 / (i + 1)})
+run.finish()
+print("training done", flush=True)
+"""
+
+
+def run_wandb_script(workdir, mode: str | None):
+    home = workdir / "empty_home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / ".config" / "wandb"),
+               WANDB_DIR=str(workdir), WANDB_SILENT="true", XDG_CONFIG_HOME=str(home / ".config"))
+    if mode:
+        env["WANDB_MODE"] = mode
+    script = workdir / "train.py"
+    script.write_text(WANDB_SCRIPT)
+    # No terminal, as in CI: a prompt would read EOF, a hang would hit the timeout.
+    return subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("mode", ["online", None])
+def test_wandb_online_without_an_api_key_fails_before_training_with_a_clear_message(workdir, mode):
+    done = run_wandb_script(workdir, mode)
+    assert done.returncode != 0
+    assert "training starts" not in done.stdout
+    assert "WandbCredentialsError" in done.stderr
+    assert "set WANDB_API_KEY" in done.stderr and "WANDB_MODE=offline" in done.stderr
+    assert "wandb login" in done.stderr and not wandb_run_dirs(workdir)
+
+
+def test_wandb_offline_works_without_an_account(workdir):
+    done = run_wandb_script(workdir, "offline")
+    assert done.returncode == 0, done.stderr
+    assert "training done" in done.stdout
+    [run_dir] = wandb_run_dirs(workdir)
+    assert_conformant("--wandb-run", run_dir, "--expect-samples", 6, "--expect-tokens", 30)

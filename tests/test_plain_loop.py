@@ -1,0 +1,195 @@
+"""The plain-loop helper: the example end to end, every epoch source, state, both backends alike."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch.utils.data import DataLoader
+
+import stream_metrics
+import tiny
+from conftest import ROOT, assert_conformant, mlflow_rows, wandb_rows, wandb_run_dirs
+from stream_metrics import schema
+
+
+def texts_loader(dataset, batch_size=10):
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=lambda b: {"text": [x["text"] for x in b]})
+
+
+def stream(paths):
+    import datasets
+
+    fmt = "json" if paths[0].endswith(".jsonl") else "parquet"
+    return datasets.load_dataset(fmt, data_files=paths, split="train", streaming=True)
+
+
+def epochs_during_a_pass(run, loader):
+    seen = []
+    for i, _ in enumerate(run.iterate(loader)):
+        if i % 5 == 4:
+            p = run.progress
+            seen.append((p.samples, p.epoch, p.epoch_source))
+    return seen
+
+
+@pytest.mark.slow
+def test_the_example_trains_and_both_runs_conform_with_the_ground_truth(workdir):
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("WANDB") and "SERVICE" in k)}
+    env["PYTHONPATH"] = ROOT
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "plain_loop.py"), "--out", "out",
+                           "--passes", "2"], cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    texts = tiny.read_texts(sorted(str(p) for p in (workdir / "out" / "data").glob("*.jsonl")))
+    samples, tokens = 2 * len(texts), 2 * sum(tiny.token_count(t) for t in texts)
+    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout and "wandb sync" in done.stdout
+    assert_conformant("--mlflow-uri", f"sqlite:///{workdir}/mlflow.db", "--experiment", "stream_metrics_plain_loop",
+                      "--expect-samples", samples, "--expect-tokens", tokens, "--expect-epoch", 2.0)
+    [folder] = wandb_run_dirs(workdir)
+    assert_conformant("--wandb-run", folder, "--expect-samples", samples, "--expect-tokens", tokens,
+                      "--expect-epoch", 2.0)
+
+
+def test_without_any_size_the_epoch_counts_passes_then_uses_the_measured_pass(workdir):
+    # Interleaving two sources leaves no single shard position: nothing is known until the pass ends.
+    import datasets
+
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(30,))
+    ds = datasets.interleave_datasets([stream(paths[:1]), stream(paths[1:])])
+    with stream_metrics.init(backend="none") as run:
+        first = epochs_during_a_pass(run, texts_loader(ds))
+        assert {source for _, _, source in first} == {"none"} and {e for _, e, _ in first} == {0.0}
+        assert (run.progress.epoch, run.progress.epoch_source) == (1.0, "pass")
+        pass_size = run.progress.samples  # interleaving stops when the first source runs out
+        second = epochs_during_a_pass(run, texts_loader(ds))
+        assert [round(e, 6) for s, e, _ in second] == [round(s / pass_size, 6) for s, _, _ in second]
+        assert run.progress.epoch == 2.0
+
+
+def test_a_sized_loader_gives_progress_in_its_own_batches(workdir):
+    data = [{"text": "x" * n} for n in range(1, 36)]  # 35 examples: 4 batches of 10, the last partial
+    loader = texts_loader(data)
+    with stream_metrics.init(backend="none") as run:
+        for i, _ in enumerate(run.iterate(loader)):
+            p = run.progress
+            assert p.epoch_source == "sized" and p.epoch == pytest.approx((i + 1) / 4)
+        assert (run.progress.epoch, run.progress.epoch_source) == (1.0, "pass")
+
+
+def test_a_user_size_is_used_until_a_pass_is_measured(workdir):
+    paths = tiny.write_corpus(str(workdir / "d"), files=1, lines_per_file=(40,))
+    with stream_metrics.init(backend="none", dataset_size=50) as run:  # a wrong guess: the pass shows it
+        during = epochs_during_a_pass(run, texts_loader(stream(paths)))
+        assert all(src == "user" and e == pytest.approx(s / 50) for s, e, src in during)
+        p = run.progress
+        assert (p.epoch, p.epoch_source) == (1.0, "pass")
+
+
+def test_parquet_footers_give_the_size(workdir):
+    paths = tiny.write_corpus(str(workdir / "d"), files=3, lines_per_file=(20, 25, 30), fmt="parquet")
+    ds = stream(paths)
+    with stream_metrics.init(backend="none", dataset=ds) as run:
+        during = epochs_during_a_pass(run, texts_loader(ds))
+        assert all(src == "metadata" and e == pytest.approx(s / 75) for s, e, src in during)
+
+
+def test_the_shard_position_estimates_the_epoch_while_the_first_pass_runs(workdir):
+    paths = tiny.write_corpus(str(workdir / "d"), files=8, lines_per_file=(50,))
+    with stream_metrics.init(backend="none") as run:
+        during = epochs_during_a_pass(run, texts_loader(stream(paths)))
+        estimated = [(s, e) for s, e, src in during if src == "shards"]
+        assert len(estimated) >= 5
+        for samples, epoch in estimated:
+            assert abs(epoch - samples / 400) <= 0.15 and epoch < 1
+        assert run.progress.epoch_source == "pass"
+
+
+def test_the_epoch_source_tag_follows_the_best_source(workdir, mlflow_uri):
+    paths = tiny.write_corpus(str(workdir / "d"), files=8, lines_per_file=(50,))
+    with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:
+        for i, _ in enumerate(run.iterate(texts_loader(stream(paths)))):
+            run.log({"loss": 1.0}, ) if i % 5 == 4 else None
+        run.log({"loss": 0.5})
+        ids = run.run_ids
+    tags = MlflowClient(mlflow_uri).get_run(ids["mlflow"]).data.tags
+    assert tags["stream_metrics.epoch_source"] == "pass"
+    sources = [r["progress/epoch"] for r in mlflow_rows(mlflow_uri, ids["mlflow"])]
+    assert sources[0] == 0.0 and sources[-1] == 1.0
+    [folder] = wandb_run_dirs(workdir)
+    assert_conformant("--wandb-run", folder, "--no-tokens")
+
+
+def test_a_state_dict_round_trip_continues_every_axis_exactly(workdir, mlflow_uri):
+    ids = torch.randint(3, 50, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    with stream_metrics.init(backend="mlflow", gradient_accumulation_steps=2, dataset_size=100,
+                             mlflow={"tracking_uri": mlflow_uri}) as run:
+        for _ in range(6):
+            run.update(batch)
+        run.log({"loss": 1.0})
+        saved = json.loads(json.dumps(run.state_dict()))  # plain JSON: a user's own checkpoint
+        before = run.progress
+    resumed = stream_metrics.init(backend="mlflow", gradient_accumulation_steps=2, dataset_size=100,
+                                  mlflow={"tracking_uri": mlflow_uri}, resume=saved)
+    with resumed as run:
+        assert run.progress.samples == before.samples and run.progress.step == before.step
+        for _ in range(2):
+            run.update(batch)
+        after = run.log({"loss": 0.5})
+        assert run.run_ids == saved["run_ids"]
+    assert (after.step, after.samples, after.tokens, after.loss_tokens) == (4, 32, 384, 384)
+    assert after.epoch == pytest.approx(0.32) and after.wall_clock >= saved["progress"]["wall_clock"]
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", saved["run_ids"]["mlflow"], "--expect-samples", 32)
+
+
+def test_keys_are_sanitised_the_same_way_for_both_backends(workdir, mlflow_uri):
+    odd = {"eval/ä acc": 1.0, "/lead": 2.0, "a//b": 3.0, "x@y": 4.0, "x#y": 5.0, "ok/key": 6.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:
+            run.update(samples=4, tokens=40)
+            run.log(odd)
+            ids = run.run_ids
+    stored_mlflow = {k for k in MlflowClient(mlflow_uri).get_run(ids["mlflow"]).data.metrics
+                     if not k.startswith(("progress/", "throughput/"))}
+    [folder] = wandb_run_dirs(workdir)
+    stored_wandb = {k for row in wandb_rows(folder) for k in row if k != "run"
+                    and not k.startswith(("progress/", "throughput/"))}
+    assert stored_mlflow == stored_wandb and len(stored_mlflow) == len(odd)
+    assert "ok/key" in stored_mlflow
+
+
+def test_a_backend_whose_library_is_missing_names_the_extra(workdir):
+    code = ("import sys; sys.modules['mlflow'] = None; sys.modules['wandb'] = None\n"
+            "sys.modules['transformers'] = None; sys.modules['datasets'] = None\n"
+            "import stream_metrics\n"
+            "with stream_metrics.init(backend='none') as run: run.update(samples=1)\n"
+            "for name in ('mlflow', 'wandb'):\n"
+            "    try:\n"
+            "        stream_metrics.init(backend=name)\n"
+            "    except ImportError as e:\n"
+            "        print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'stream_metrics[mlflow]'" in done.stdout
+    assert "pip install 'stream_metrics[wandb]'" in done.stdout
+
+
+def test_bad_settings_fail_at_init_with_the_fix(workdir):
+    with pytest.raises(ValueError, match="x_axis='batches' is not a progress axis"):
+        stream_metrics.init(backend="none", x_axis="batches")
+    with pytest.raises(ValueError, match="backend='tensorboard' is not known"):
+        stream_metrics.init(backend="tensorboard")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=0"):
+        stream_metrics.init(backend="none", gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="mlflow_step='epoch'"):
+        stream_metrics.init(backend="none", mlflow_step="epoch")

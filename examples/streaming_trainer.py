@@ -60,7 +60,8 @@ def main(argv=None) -> int:
 
     callback = StreamMetricsCallback(backend=["mlflow", "wandb"])
     trainer, paths = build_trainer(args.out, max_steps=args.max_steps, batch_size=args.batch_size,
-                                   grad_accum=args.grad_accum, callbacks=[callback], save_steps=args.save_steps)
+                                   grad_accum=args.grad_accum, callbacks=[callback], save_steps=args.save_steps,
+                                   run_name=os.path.basename(os.path.normpath(args.out)))
     resume = args.resume
     if resume == "last":
         from transformers.trainer_utils import get_last_checkpoint

@@ -50,18 +50,21 @@ def gather(fields: dict) -> list[dict]:
     one wait for the device (``tolist``) everywhere.
     """
     names = list(fields)
-    distributed = _active() and world_size() > 1
-    if distributed:
-        device = _collective_device()
-    else:
-        device = next((v.device for v in fields.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    if not (_active() and world_size() > 1):
+        # One process: only the device counts need reading, all of them in one stack.
+        on_device = [name for name in names if isinstance(fields[name], torch.Tensor)]
+        values = dict(fields)
+        if on_device:
+            device = fields[on_device[0]].device
+            stacked = torch.stack([fields[n].to(device=device, dtype=torch.float64) for n in on_device])
+            values.update(zip(on_device, stacked.tolist()))  # host sync: the row's one wait
+        return [values]
+    device = _collective_device()
     vector = torch.stack([
         value.to(device=device, dtype=torch.float64) if isinstance(value, torch.Tensor)
         else torch.tensor(float(value), dtype=torch.float64, device=device)
         for value in fields.values()
     ])
-    if not distributed:
-        return [dict(zip(names, vector.tolist()))]  # host sync: the row's one wait
     out = [torch.empty_like(vector) for _ in range(world_size())]
     dist.all_gather(out, vector)  # the row's one collective
     return [dict(zip(names, row)) for row in torch.stack(out).tolist()]  # host sync: the row's one wait

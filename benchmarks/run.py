@@ -1,0 +1,582 @@
+"""What stream_metrics costs a training loop, measured side by side as ratios; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py            # about 5 minutes on a busy 2-core machine
+    python benchmarks/run.py --quick    # about 2 minutes: fewer steps, calls and repeats
+
+Every figure is compared with a baseline measured in the same process, interleaved with it
+(A B A B ..., the order rotated each repeat) and repeated; the table shows medians. See
+benchmarks/README.md for what each figure means.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+for _var, _value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("TOKENIZERS_PARALLELISM", "false"),
+                     ("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_var, _value)
+for _var in ("MLFLOW_RUN_ID", "WANDB_RUN_ID", "WANDB_RESUME", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    os.environ.pop(_var, None)
+
+import torch  # noqa: E402
+
+import stream_metrics  # noqa: E402
+
+BATCH, SEQ = 8, 512
+METRICS = 3  # loss, learning rate, grad norm: what the Trainer logs each row
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def realistic_batch(seed=0):
+    """8 x 512 token ids, right-padded to random lengths, with the mask and the labels a collator makes."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 258, (BATCH, SEQ), generator=g)
+    lengths = torch.randint(SEQ // 4, SEQ + 1, (BATCH,), generator=g)
+    mask = (torch.arange(SEQ).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- 1. update()
+def bench_update(cfg) -> dict:
+    import tiny
+
+    batch = realistic_batch()
+    forms = {"dict": batch, "tuple": (batch["input_ids"], batch["attention_mask"], batch["labels"])}
+    model = tiny.tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    run = stream_metrics.init(backend="none", pad_token_id=0)
+    for _ in range(3):
+        train_step()
+    for form in forms.values():
+        for _ in range(200):
+            run.update(form)
+    step_s, per_call = [], {name: [] for name in forms}
+    for _ in range(cfg.repeats_update):  # interleaved: step, dict, tuple, step, dict, tuple, ...
+        t = time.perf_counter()
+        for _ in range(cfg.steps_update):
+            train_step()
+        step_s.append((time.perf_counter() - t) / cfg.steps_update)
+        for name, form in forms.items():
+            t = time.perf_counter()
+            for _ in range(cfg.calls_update):
+                run.update(form)
+            per_call[name].append((time.perf_counter() - t) / cfg.calls_update)
+    run.finish()
+    step = median(step_s)
+    return {"params": sum(p.numel() for p in model.parameters()), "step_ms": step * 1e3,
+            **{f"{name}_us": median(v) * 1e6 for name, v in per_call.items()},
+            **{f"{name}_share": median(v) / step for name, v in per_call.items()}}
+
+
+# ---------------------------------------------------------------------------------------------- 2. log()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 (SQLite store), in its own process group, stopped by stop()."""
+
+    def __init__(self, folder):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, "server.log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                 f"sqlite:///{self.folder}/server.db", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--workers", "1"],
+                cwd=self.folder, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {self.folder}/server.log")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.25)
+        raise RuntimeError(f"mlflow server not healthy after {timeout:.0f} s; see {self.folder}/server.log")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+
+def bench_log(cfg, name, backend, options) -> dict:
+    """log() as the training thread sees it: rows paced like training, after the runs have started."""
+    batch = realistic_batch()
+    run = stream_metrics.init(backend=backend, pad_token_id=0, flush_timeout=120, **options)
+    metrics = lambda i: {"loss": 1.0 / (i + 1), "learning_rate": 3e-4, "grad_norm": 0.5 + i % 7}  # noqa: E731
+    run.update(batch)
+    run.log(metrics(0))  # the first row starts the runs, in the background: not measured
+    run.flush()
+    for i in range(20):
+        run.update(batch)
+        run.log(metrics(i))
+    run.flush()
+    paced, burst = [], []
+    for i in range(cfg.rows_log):
+        time.sleep(cfg.gap_s)  # the training between two rows (the sender may work meanwhile)
+        for _ in range(cfg.updates_per_row):  # the micro-batches just before the row
+            run.update(batch)
+        t = time.perf_counter_ns()
+        run.log(metrics(i))
+        paced.append((time.perf_counter_ns() - t) / 1e3)
+    run.flush()
+    for i in range(cfg.rows_log // 2):  # rows back to back: the sender is busy all along (not a target)
+        t = time.perf_counter_ns()
+        run.log(metrics(i))
+        burst.append((time.perf_counter_ns() - t) / 1e3)
+    delivered = run.flush()
+    rows = sum(d.delivered_rows for d in run._deliveries)
+    run.finish()
+    return {"name": name, "median_us": median(paced), "p99_us": percentile(paced, 99), "max_us": max(paced),
+            "burst_median_us": median(burst), "burst_p99_us": percentile(burst, 99),
+            "rows": len(paced), "delivered": delivered, "delivered_rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------- 3. Trainer
+def bench_trainer(cfg, workdir) -> dict:
+    import tiny
+    from streaming_trainer import build_trainer
+    from transformers import TrainerCallback
+
+    from stream_metrics.hf import StreamMetricsCallback
+
+    # The demo's corpus generator, with enough lines that the timed steps stay within one pass.
+    paths = tiny.write_corpus(os.path.join(workdir, "corpus"), lines_per_file=(2000, 2000, 2000))
+
+    class StartClock(TrainerCallback):
+        """Last in the list: starts the clock after `warmup` steps, once every callback has started its runs."""
+
+        def __init__(self, warmup, ours=None):
+            self.warmup, self.ours, self.t0, self.train_start = warmup, ours, None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.warmup:
+                if self.ours is not None and self.ours.run is not None:
+                    self.ours.run.flush()  # our runs open in the background at the first row: let them
+                self.t0 = time.perf_counter()
+
+    class EndClock(TrainerCallback):
+        """First in the list: stops the clock before any callback's on_train_end (closing runs)."""
+
+        t1 = None
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.t1 = time.perf_counter()
+
+    def one(kind: str, repeat: int) -> dict:
+        out = os.path.join(workdir, f"trainer-{kind}-{repeat}")
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = os.environ["WANDB_PROJECT"] = "bench_trainer"
+        ours = StreamMetricsCallback(backend=["mlflow", "wandb"], progress=False) if kind == "b" else None
+        start = StartClock(cfg.warmup_steps, ours)
+        extra = {}
+        if kind == "c":
+            extra = {"report_to": ["wandb", "mlflow"], "include_num_input_tokens_seen": "non_padding"}
+        trainer, _ = build_trainer(out, max_steps=cfg.trainer_steps, batch_size=8, grad_accum=2, data=paths,
+                                   callbacks=[c for c in (ours, start) if c is not None], logging_steps=5,
+                                   **extra)
+        end = EndClock()
+        trainer.callback_handler.callbacks.insert(0, end)
+        with contextlib.redirect_stdout(open(os.devnull, "w")):  # the Trainer prints every row
+            t = time.perf_counter()
+            trainer.train()
+            whole = time.perf_counter() - t
+        if kind == "c":  # the Trainer's W&B integration leaves its run open; a script would end it at exit
+            import wandb
+
+            wandb.finish()
+        timed_steps = cfg.trainer_steps - cfg.warmup_steps
+        result = {"per_step_ms": (end.t1 - start.t0) / timed_steps * 1e3, "train_s": whole}
+        if ours is not None:
+            result["delivered"] = sum(d.delivered_rows for d in ours.run._deliveries)
+        del trainer
+        gc.collect()
+        return result
+
+    kinds = ["a", "b", "c"]
+    results = {k: [] for k in kinds}
+    one("a", -1)  # warm-up: imports, the first wandb service, the dataset cache
+    for repeat in range(cfg.repeats_trainer):
+        order = kinds[repeat % 3:] + kinds[:repeat % 3]
+        for kind in order:
+            results[kind].append(one(kind, repeat))
+            print(f"    trainer {kind} repeat {repeat}: {results[kind][-1]['per_step_ms']:.1f} ms/step", flush=True)
+    per_step = {k: [r["per_step_ms"] for r in v] for k, v in results.items()}
+    # Ratios per repeat (the runs of one repeat ran back to back), then the median of those.
+    b_a = median([b / a for a, b in zip(per_step["a"], per_step["b"])])
+    b_c = median([b / c for c, b in zip(per_step["c"], per_step["b"])])
+    return {"per_step": {k: median(v) for k, v in per_step.items()},
+            "train_s": {k: median([r["train_s"] for r in v]) for k, v in results.items()},
+            "b_a": b_a, "b_c": b_c, "runs": per_step}
+
+
+# ---------------------------------------------------------------------------------------------- 4. memory
+def bench_memory(cfg, mlflow_uri) -> dict:
+    batch = realistic_batch()
+    out = {}
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        for _ in range(10_000):
+            run.update(batch)
+        gc.collect()
+        before = rss_mb()
+        for _ in range(cfg.mem_updates):
+            run.update(batch)
+        gc.collect()
+        out["updates_rss_mb"] = rss_mb() - before
+        tracemalloc.start()
+        snap = tracemalloc.get_traced_memory()[0]
+        for _ in range(cfg.mem_updates // 10):
+            run.update(batch)
+        gc.collect()
+        out["updates_traced_mb"] = (tracemalloc.get_traced_memory()[0] - snap) / 2 ** 20
+        tracemalloc.stop()
+        run.log({"loss": 1.0})
+
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        small = {"input_ids": batch["input_ids"][:2, :16], "attention_mask": batch["attention_mask"][:2, :16]}
+        for i in range(2_000):
+            run.update(small)
+            run.log({"loss": 1.0 / (i + 1), "learning_rate": 3e-4, "grad_norm": 0.5})
+        gc.collect()
+        before = rss_mb()
+        tracemalloc.start()
+        snap = tracemalloc.get_traced_memory()[0]
+        for i in range(cfg.mem_rows):
+            run.update(small)
+            run.log({"loss": 1.0 / (i + 1), "learning_rate": 3e-4, "grad_norm": 0.5})
+        gc.collect()
+        out["rows_traced_mb"] = (tracemalloc.get_traced_memory()[0] - snap) / 2 ** 20
+        tracemalloc.stop()
+        out["rows_rss_mb"] = rss_mb() - before
+
+    # A real backend: rows are held until the sender has delivered them, so compare after a flush.
+    with stream_metrics.init(backend="mlflow", pad_token_id=0, mlflow={"tracking_uri": mlflow_uri},
+                             flush_timeout=300) as run:
+        small = {"input_ids": batch["input_ids"][:2, :16], "attention_mask": batch["attention_mask"][:2, :16]}
+
+        def rows(n):
+            for i in range(n):
+                run.update(small)
+                run.log({"loss": 1.0 / (i + 1), "learning_rate": 3e-4, "grad_norm": 0.5})
+            run.flush()
+
+        rows(2_000)
+        gc.collect()
+        before = rss_mb()
+        rows(cfg.mem_rows_backend)
+        gc.collect()
+        out["rows_mlflow_rss_mb"] = rss_mb() - before
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 5. host syncs
+class SyncCounter(torch.Tensor):
+    """A tensor that counts every way the host can wait for its values (as tests/test_counting.py does)."""
+
+    syncs = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
+                    "_local_scalar_dense", "__format__", "__repr__"):
+            cls.syncs += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def bench_syncs(cfg) -> dict:
+    batch = realistic_batch()
+    counted = {k: v.as_subclass(SyncCounter) for k, v in batch.items()}
+    forms = {"dict": counted, "tuple": tuple(counted.values())}
+    out = {}
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        for name, form in forms.items():
+            SyncCounter.syncs = 0
+            for _ in range(cfg.sync_updates):
+                run.update(form)
+            out[f"{name}_syncs"] = SyncCounter.syncs
+        run.log({"loss": 1.0})
+    out["updates"] = cfg.sync_updates
+    if torch.cuda.is_available():
+        cuda = {k: v.cuda() for k, v in batch.items()}
+        with stream_metrics.init(backend="none", pad_token_id=0) as run:
+            run.update(cuda)
+            run.log({"loss": 1.0})
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(cfg.sync_updates):
+                    run.update(cuda)
+                    run.update((cuda["input_ids"], cuda["attention_mask"]))
+                out["gpu"] = f"no sync in {2 * cfg.sync_updates} updates on {torch.cuda.get_device_name()}"
+            except RuntimeError as exc:
+                out["gpu"] = f"FAILED: {exc}"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            run.log({"loss": 1.0})
+    else:
+        out["gpu"] = "no GPU here"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "datasets", "accelerate", "mlflow", "wandb"]
+    found = []
+    for n in names:
+        with contextlib.suppress(md.PackageNotFoundError):
+            found.append(f"{n} {md.version(n)}")
+    return f"Python {platform.python_version()}, stream_metrics {stream_metrics.__version__}, " + ", ".join(found)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} CPU cores (load average at the end {load}), torch threads "
+            f"{torch.get_num_threads()}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+
+
+def verdict(ok: bool) -> str:
+    return "holds" if ok else "MISSES"
+
+
+def table(r, cfg) -> tuple[str, list[bool]]:
+    u, t, m, s = r["update"], r["trainer"], r["memory"], r["syncs"]
+    lines = ["| # | figure | measured | target | |", "|---|---|---|---|---|"]
+    held = []
+
+    def row(num, figure, measured, target="", ok=None):
+        if ok is not None:
+            held.append(ok)
+        lines.append(f"| {num} | {figure} | {measured} | {target} | {'' if ok is None else verdict(ok)} |")
+
+    row("1", f"update(), dict batch ({BATCH} x {SEQ} ids + mask + labels)", f"{u['dict_us']:.1f} µs/call")
+    row("1", f"update(), tuple batch (ids, mask, labels)", f"{u['tuple_us']:.1f} µs/call")
+    row("1", f"tiny model's CPU training step, same batch ({u['params']:,} parameters)", f"{u['step_ms']:.1f} ms")
+    row("1", "update() as a share of that step, dict / tuple",
+        f"{u['dict_share']:.4%} / {u['tuple_share']:.4%}", "(no target)")
+    for b in r["log"]:
+        row("2", f"log() {b['name']}: median / p99 / max",
+            f"{b['median_us']:.0f} / {b['p99_us']:.0f} / {b['max_us']:.0f} µs", "p99 < 1000 µs", b["p99_us"] < 1000)
+    for b in r["log"]:
+        row("2", f"log() {b['name']}, rows back to back (no pacing): median / p99",
+            f"{b['burst_median_us']:.0f} / {b['burst_p99_us']:.0f} µs", "(no target)")
+    ps = t["per_step"]
+    row("3", "Trainer (a) no tracking", f"{ps['a']:.1f} ms/step")
+    row("3", "Trainer (b) StreamMetricsCallback, MLflow + W&B", f"{ps['b']:.1f} ms/step")
+    row("3", "Trainer (c) report_to=[wandb, mlflow] + include_num_input_tokens_seen", f"{ps['c']:.1f} ms/step")
+    row("3", "b / a", f"{t['b_a']:.3f}", "<= 1.02", t["b_a"] <= 1.02)
+    row("3", "b / c", f"{t['b_c']:.3f}", "<= 1.00", t["b_c"] <= 1.00)
+    row("4", f"RSS growth over {cfg.mem_updates:,} update() calls", f"{m['updates_rss_mb']:+.2f} MB", "< 5 MB",
+        m["updates_rss_mb"] < 5)
+    row("4", f"traced (tracemalloc) growth over {cfg.mem_updates // 10:,} update() calls",
+        f"{m['updates_traced_mb']:+.3f} MB", "< 5 MB", m["updates_traced_mb"] < 5)
+    row("4", f"RSS / traced growth over {cfg.mem_rows:,} rows (backend none)",
+        f"{m['rows_rss_mb']:+.2f} / {m['rows_traced_mb']:+.3f} MB", "< 5 MB",
+        max(m["rows_rss_mb"], m["rows_traced_mb"]) < 5)
+    row("4", f"RSS growth over {cfg.mem_rows_backend:,} rows delivered to MLflow (SQLite)",
+        f"{m['rows_mlflow_rss_mb']:+.2f} MB", "< 5 MB", m["rows_mlflow_rss_mb"] < 5)
+    row("5", f"host syncs in {s['updates']:,} update() calls between rows, dict / tuple",
+        f"{s['dict_syncs']} / {s['tuple_syncs']}", "0", s["dict_syncs"] == 0 and s["tuple_syncs"] == 0)
+    row("5", "CUDA, set_sync_debug_mode('error') between rows", s["gpu"], "no error",
+        None if s["gpu"] == "no GPU here" else not s["gpu"].startswith("FAILED"))
+    return "\n".join(lines), held
+
+
+def write_results(path, text_table, held, r, cfg, command, elapsed):
+    t = r["trainer"]
+    runs = "; ".join(f"{k}: " + ", ".join(f"{x:.1f}" for x in v) for k, v in t["runs"].items())
+    body = f"""# stream_metrics overhead: results
+
+Written by `benchmarks/run.py`; benchmarks/README.md says what each figure means.
+
+- Command: `{command}` ({elapsed:.0f} s)
+- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}
+- Machine: {machine()}
+- Versions: {versions()}
+- Targets: {sum(held)} of {len(held)} hold{'' if all(held) else ' (see MISSES)'}
+
+{text_table}
+
+Settings: update(): {cfg.repeats_update} interleaved repeats of {cfg.steps_update} training steps and
+{cfg.calls_update:,} calls per form. log(): {cfg.rows_log} rows per backend with {cfg.updates_per_row} update()
+calls and {cfg.gap_s * 1e3:.0f} ms of sleep (the training, during which the sender thread may work) before each,
+after 21 warm-up rows; 3 metrics per row. Trainer: the tiny Llama of examples/tiny.py on the demo's streamed
+JSONL corpus (6,000 lines), batch 8, gradient accumulation 2, logging every 5 steps, {cfg.trainer_steps} steps of
+which the first {cfg.warmup_steps} are warm-up; {cfg.repeats_trainer} repeats in rotated order (a b c, b c a, c a
+b); ms per timed step for each run: {runs}. Whole `trainer.train()` medians, start-up and teardown included
+(not a target): {", ".join(f"{k} {v:.1f} s" for k, v in t["train_s"].items())}.
+"""
+    if not all(held):
+        body += NOTES
+    with open(path, "w") as f:
+        f.write(body)
+
+
+NOTES = """
+## Why a target misses (what we know)
+
+- log() p99: the median row costs a few hundred µs, but a row that meets the delivery thread (or
+  W&B's own threads in the process) at work waits for the GIL: CPython hands it back only every
+  switch interval (5 ms), and log() gives it up at each torch op of the row's sync and when the
+  queue's lock is contended. Back-to-back rows show it plainly. Inside one process this cannot be
+  brought under 1 ms at p99 while a Python backend delivers; delivering from a separate process
+  would, and is the proposed fix.
+- Trainer b/a and b/c: the per-micro-batch cost is negligible (section 1: a few hundredths of a
+  percent); the difference is the backends' per-row work. Each row sends every progress axis (about
+  11 MLflow metrics against the Trainer's 4), and an MLflow `log_batch` on SQLite costs about the
+  same per call whatever it holds: measured on this machine while busy, 1 row x 4 keys 106 ms,
+  1 x 11 keys 203 ms, 10 rows x 11 keys 475 ms. On a 2-core machine that work, though in a
+  background thread, takes CPU and the GIL from the training step. Sending the rows that arrive
+  within about a second in one call (the sender waiting briefly before a call) would cut the
+  per-row cost several-fold; it is a change to the sender loop, not to the hot path.
+- The tiny model's step is a few tens of ms, so a row every 5 steps is a row every ~0.1 s: far
+  denser than a real model's, which makes the per-row cost a larger share than in practice.
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, calls and repeats (about 2 minutes)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared 2-core machine more threads thrash)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    parser.add_argument("--only", default="12345", help="sections to run, e.g. 23 (RESULTS.md needs all)")
+    args = parser.parse_args(argv)
+    q = args.quick
+    cfg = argparse.Namespace(
+        repeats_update=5 if q else 7, steps_update=1 if q else 2, calls_update=500 if q else 2000,
+        rows_log=100 if q else 200, updates_per_row=4, gap_s=0.05,
+        trainer_steps=60 if q else 250, warmup_steps=10, repeats_trainer=3 if q else 3,
+        mem_updates=100_000 if q else 1_000_000, mem_rows=10_000 if q else 100_000,
+        mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/run.py" + (" --quick" if q else "") + (
+        f" --threads {args.threads}" if args.threads != 1 else "")
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="stream_metrics_bench_")
+    home = os.getcwd()
+    os.chdir(workdir)
+    os.environ["WANDB_DIR"] = workdir
+    os.environ["STREAM_METRICS_SPILL_DIR"] = os.path.join(workdir, "undelivered")
+    os.environ["MLFLOW_TRACKING_URI"] = sqlite = f"sqlite:///{workdir}/mlflow.db"
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("mlflow", "alembic", "transformers", "wandb", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    server = MlflowServer(os.path.join(workdir, "server"))
+    results = {}
+    try:
+        if "2" in args.only:
+            server.start()  # it starts while section 1 runs
+        if "1" in args.only:
+            print("1. update() per micro-batch ...", flush=True)
+            results["update"] = bench_update(cfg)
+            print("   ", {k: round(v, 4) for k, v in results["update"].items()}, flush=True)
+        if "2" in args.only:
+            print("2. log() latency ...", flush=True)
+            server.wait_healthy()
+            results["log"] = []
+            for name, backend, options in (("MLflow, SQLite", "mlflow", {"mlflow": {"tracking_uri": sqlite}}),
+                                           ("MLflow, server on 127.0.0.1", "mlflow",
+                                            {"mlflow": {"tracking_uri": server.url}}),
+                                           ("W&B, offline", "wandb", {})):
+                results["log"].append(bench_log(cfg, name, backend, options))
+                print("   ", results["log"][-1], flush=True)
+            server.stop()
+        if "3" in args.only:
+            print("3. the Trainer end to end ...", flush=True)
+            results["trainer"] = bench_trainer(cfg, workdir)
+            print("   ", {k: v for k, v in results["trainer"].items() if k != "runs"}, flush=True)
+        if "4" in args.only:
+            print("4. memory ...", flush=True)
+            results["memory"] = bench_memory(cfg, sqlite)
+            print("   ", results["memory"], flush=True)
+        if "5" in args.only:
+            print("5. host syncs between rows ...", flush=True)
+            results["syncs"] = bench_syncs(cfg)
+            print("   ", results["syncs"], flush=True)
+    finally:
+        server.stop()
+        os.chdir(home)
+        shutil.rmtree(workdir, ignore_errors=True)
+    if len(results) < 5:
+        return 0
+    text, held = table(results, cfg)
+    print()
+    print(text)
+    print(f"\n{sum(held)} of {len(held)} targets hold.")
+    write_results(args.out, text, held, results, cfg, command, time.monotonic() - started)
+    print(f"written: {os.path.relpath(args.out)}")
+    return 0 if all(held) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""A long run costs no memory that grows with it: counting and rows hold what a row needs, no more.
+
+Timings live in benchmarks/run.py (a shared machine makes seconds meaningless in a test); here we
+count bytes. Zero host syncs between rows is tests/test_counting.py's story.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import tracemalloc
+
+import torch
+
+import stream_metrics
+from stream_metrics.backends.base import Backend
+
+MB = 2 ** 20
+
+
+def batch(rows=8, width=64):
+    ids = torch.randint(2, 258, (rows, width))
+    mask = torch.ones_like(ids)
+    mask[:, width // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def traced_growth(work, warmup) -> float:
+    """Bytes still allocated after ``work()``, measured after ``warmup()`` reached a steady state."""
+    warmup()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        work()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_two_hundred_thousand_updates_keep_memory_flat():
+    b = batch()
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        def updates(n):
+            return lambda: [run.update(b) for _ in range(n)] and None
+
+        grown = traced_growth(updates(200_000), warmup=updates(1_000))
+        assert grown < 1 * MB, f"200k update() calls kept {grown / MB:.2f} MB"
+        assert run.log({"loss": 1.0}).samples == 8 * 201_000
+
+
+def test_every_batch_form_keeps_memory_flat():
+    b = batch()
+    forms = [b, (b["input_ids"], b["attention_mask"]), b["input_ids"], [[1, 2, 3], [4, 5]]]
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        def updates(n):
+            return lambda: [run.update(f) for _ in range(n) for f in forms] and None
+
+        grown = traced_growth(updates(20_000), warmup=updates(500))
+        assert grown < 1 * MB, f"80k update() calls of every form kept {grown / MB:.2f} MB"
+
+
+def test_twenty_thousand_rows_keep_memory_flat():
+    b = batch(2, 16)
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        def rows(n):
+            def work():
+                for i in range(n):
+                    run.update(b)
+                    run.log({"loss": 1.0 / (i + 1), "learning_rate": 3e-4, "grad_norm": 0.5})
+            return work
+
+        grown = traced_growth(rows(20_000), warmup=rows(500))
+        assert grown < 1 * MB, f"20k rows kept {grown / MB:.2f} MB"
+
+
+class Recording(Backend):
+    """A backend that keeps only a count of what it was sent, so what memory grows is ours."""
+
+    name = "mlflow"
+
+    def __init__(self):
+        self.rows = 0
+
+    def start(self, info):
+        self.run_id = "recording"
+        return self.run_id
+
+    def log_rows(self, rows):
+        self.rows += len(rows)
+
+    def set_tags(self, tags):
+        pass
+
+    def log_summary(self, metrics, row):
+        pass
+
+    def finish(self, status):
+        pass
+
+
+def test_delivered_rows_are_let_go(monkeypatch):
+    backend = Recording()
+    monkeypatch.setattr(sys.modules["stream_metrics.run"], "create", lambda name, options: backend)
+    b = batch(2, 16)
+    with stream_metrics.init(backend="mlflow", pad_token_id=0) as run:
+        def rows(n):
+            def work():
+                for i in range(n):
+                    run.update(b)
+                    run.log({"loss": 1.0 / (i + 1)})
+                assert run.flush(60)
+            return work
+
+        grown = traced_growth(rows(10_000), warmup=rows(500))
+        assert backend.rows == 10_500
+        assert grown < 1 * MB, f"10k delivered rows kept {grown / MB:.2f} MB"

@@ -38,6 +38,8 @@ from .schedule import Every, Until
 
 log = logging.getLogger("stream_metrics")
 
+# Beside the checkpoints: the wall-clock of the latest row, so a resume after a crash never goes back.
+PROGRESS_FILE = "stream_metrics_progress.json"
 # The Trainer's built-in integrations that would log the same metrics a second time.
 _INTEGRATIONS = {"WandbCallback": "wandb", "MLflowCallback": "mlflow"}
 
@@ -172,6 +174,9 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         options = dict(self.options)
         options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
         options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
+        if args.output_dir and distributed.is_main():
+            os.makedirs(args.output_dir, exist_ok=True)
+            options.setdefault("progress_file", os.path.join(args.output_dir, PROGRESS_FILE))
         backend = self.backend
         if backend == "auto":
             backend = _auto_backends(self._taken_over, args.report_to)

@@ -6,6 +6,9 @@ backends (each in its own thread).
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import json
+import os
 import logging
 import math
 import time
@@ -53,7 +56,7 @@ class Run:
                  gradient_accumulation_steps: int = 1, config=None, *, dataset=None, pad_token_id=None,
                  name: str | None = None, project: str | None = None, mlflow_step: str = "samples",
                  resume: dict | None = None, mlflow: dict | None = None, wandb: dict | None = None,
-                 flush_timeout: float = 60.0, buffer_rows: int | None = None):
+                 flush_timeout: float = 60.0, buffer_rows: int | None = None, progress_file: str | None = None):
         names = backend_names(backend)
         self.x_axis = schema.axis_key(x_axis)
         self.mlflow_step = schema.axis_key(mlflow_step, allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
@@ -68,6 +71,7 @@ class Run:
         self.estimator = EpochEstimator(dataset_size)
         self.probe = DatasetProbe.of(dataset)
         self.flush_timeout = flush_timeout
+        self.progress_file = progress_file
         self.name, self.project = name, project
         self.config = redact_config(config)
         self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
@@ -112,18 +116,20 @@ class Run:
                     return
         elif samples is None:
             raise TypeError("update() needs a batch or samples=")
-        if samples is not None:
-            _check_count("samples", samples)
-        self._samples.add(samples if samples is not None else counts.samples)
-        rows = counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
-        self._rows += rows
-        if tokens is not None or (counts is not None and counts.tokens is not None):
-            if tokens is not None:
-                _check_count("tokens", tokens)
-            self._tokens.add(tokens if tokens is not None else counts.tokens)
+        for name, value in (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)):
+            if value is not None:
+                _check_count(name, value)
+        if counts is not None:
+            samples = counts.samples if samples is None else samples
+            tokens = counts.tokens if tokens is None else tokens
+            loss_tokens = counts.loss_tokens if loss_tokens is None else loss_tokens
+        self._samples.add(samples)
+        self._rows += counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
+        if tokens is not None:
+            self._tokens.add(tokens)
             self._has_tokens = True
-        if loss_tokens is not None or (counts is not None and counts.loss_tokens is not None):
-            self._loss_tokens.add(loss_tokens if loss_tokens is not None else counts.loss_tokens)
+        if loss_tokens is not None:
+            self._loss_tokens.add(loss_tokens)
             self._has_loss_tokens = True
         self._micro_batches += 1
         if self._micro_batches % self.gradient_accumulation_steps == 0:
@@ -221,7 +227,32 @@ class Run:
         row.update(clean_metrics(metrics or {}, self._keys))
         self._last = progress
         self._submit_row(row, progress)
+        if self.progress_file:
+            self._write_progress_file(progress)
         return progress
+
+    def _write_progress_file(self, progress: Progress) -> None:
+        # The wall-clock of the latest row, beside the checkpoints: a run resumed from an older
+        # checkpoint (after a crash) goes on from here, so wall_clock never goes back.
+        ids = {d.backend.name: d.backend.run_id for d in self._deliveries if d.backend.run_id}
+        try:
+            tmp = f"{self.progress_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"run_ids": ids, "wall_clock": progress.wall_clock}, f)
+            os.replace(tmp, self.progress_file)
+        except OSError as exc:
+            warn_once("progress-file", f"cannot write {self.progress_file} ({exc}); a resumed run's "
+                                       "wall_clock goes on from its checkpoint")
+
+    def _wall_clock_at_last_row(self, run_ids: dict) -> float:
+        try:
+            with open(self.progress_file) as f:
+                last = json.load(f)
+        except (OSError, ValueError, TypeError):
+            return 0.0
+        same_run = run_ids and all(last.get("run_ids", {}).get(k) == v for k, v in run_ids.items())
+        wall = last.get("wall_clock")
+        return float(wall) if same_run and isinstance(wall, (int, float)) and math.isfinite(wall) else 0.0
 
     def summary(self, metrics: dict) -> None:
         """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
@@ -317,6 +348,8 @@ class Run:
         if self._started and run_ids != {k: v for k, v in self._run_ids.items() if k in run_ids}:
             raise ValueError("load_state_dict() must come before the first log(): the tracking runs are open")
         self._run_ids.update(run_ids)
+        if self.progress_file:
+            base = dataclasses.replace(base, wall_clock=max(base.wall_clock, self._wall_clock_at_last_row(run_ids)))
         self._reset_session(base, rows, batches)
         self._schedules = schedules
 

@@ -114,7 +114,8 @@ def test_the_epoch_source_tag_follows_the_best_source(workdir, mlflow_uri):
     paths = tiny.write_corpus(str(workdir / "d"), files=8, lines_per_file=(50,))
     with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:
         for i, _ in enumerate(run.iterate(texts_loader(stream(paths)))):
-            run.log({"loss": 1.0}, ) if i % 5 == 4 else None
+            if i % 5 == 4:
+                run.log({"loss": 1.0})
         run.log({"loss": 0.5})
         ids = run.run_ids
     tags = MlflowClient(mlflow_uri).get_run(ids["mlflow"]).data.tags

@@ -1,0 +1,65 @@
+"""What the torchrun workers share: the process group, a byte-level collate, and their reports.
+
+Each worker is launched by tests/test_distributed.py as
+``python -m torch.distributed.run --nproc_per_node=2 tests/dist/<worker>.py ...``; every rank
+writes what it saw to ``<out>/rank<r>.json`` for the test to read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+MAX_LENGTH = 64  # tiny.token_count truncates at the same length
+
+
+def setup() -> tuple[int, int]:
+    """Join the gloo process group torchrun describes in the environment; (rank, world size)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def collate(texts: list[str]) -> dict:
+    """Byte-level token ids, right-padded with 0, with the attention mask and labels (-100 on padding)."""
+    ids = [list(text.encode("utf-8"))[:MAX_LENGTH] for text in texts]
+    width = max(len(seq) for seq in ids)
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq) + 2  # 0 and 1 are <pad> and <eos>
+        mask[row, :len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
+def most_over_ranks(n: int) -> int:
+    """The largest ``n`` over every rank (taken before the run starts: not one of the run's collectives)."""
+    value = torch.tensor(n)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
+
+
+def lockstep(batches, iterations: int):
+    """``iterations`` items of ``batches``, then None: a rank whose share has ended keeps stepping
+    with no batch (as torch's ``Join`` does for uneven inputs), so every rank calls ``log()`` alike."""
+    for _ in range(iterations):
+        yield next(batches, None)
+
+
+def teardown() -> None:
+    """Leave together and close the process group: a gloo group still open at interpreter exit can
+    abort the process ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report(out: str, rank: int, data: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(data, f)

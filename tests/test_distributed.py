@@ -1,0 +1,223 @@
+"""Distributed training: real torchrun jobs of 2 CPU ranks over gloo, with uneven data per rank.
+
+Counts are summed over every rank in the one collective a row costs; only rank 0 writes to the
+backends, so a job makes one MLflow run and one W&B run; the epoch counts passes over the whole
+dataset; a resumed job continues every axis. Each test launches the workers in tests/dist/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import ROOT, assert_conformant, wandb_run_dirs
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+WORKERS = os.path.join(ROOT, "tests", "dist")
+JOB_TIMEOUT = 240  # seconds; a hung collective must not hang the suite
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(worker: str, *args, nproc: int = 2) -> list[dict]:
+    """Run tests/dist/<worker>.py on ``nproc`` ranks; return what each rank reported, in rank order."""
+    out = tempfile.mkdtemp(prefix=f"out-{worker}-", dir=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(WORKERS, f"{worker}.py"), "--out", out, *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: this job's own process group
+        output, _ = proc.communicate()
+        pytest.fail(f"{worker} did not finish in {JOB_TIMEOUT}s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"{worker} failed:\n{output[-6000:]}"
+    reports = []
+    for r in range(nproc):
+        with open(os.path.join(out, f"rank{r}.json")) as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def progress_rows(report: dict) -> list[dict]:
+    """The progress a rank held at each row (without what the worker noted about its own rank)."""
+    return [{k: v for k, v in row.items() if not k.startswith("rank_")} for row in report["rows"]]
+
+
+def mlflow_run_ids(uri: str, experiment: str = "distributed") -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
+
+
+def uneven_corpus(workdir, files=2, lines_per_file=(37, 50)):
+    """Rank r reads file r: different numbers of batches, a partial last batch on each, texts of varied length."""
+    import tiny
+
+    paths = tiny.write_corpus(str(workdir / "data"), files=files, lines_per_file=lines_per_file)
+    texts = tiny.read_texts(paths)
+    return paths, len(texts), sum(tiny.token_count(t) for t in texts)
+
+
+def test_the_plain_loop_counts_every_rank_into_one_run(workdir, mlflow_uri):
+    paths, samples, tokens = uneven_corpus(workdir)
+    reports = torchrun("plain_loop", "--mlflow-uri", mlflow_uri, "--batch-size", 4, *paths)
+
+    # Every rank holds the same global values at every row (so decisions taken from them agree).
+    assert progress_rows(reports[0]) == progress_rows(reports[1])
+    final = reports[0]["rows"][-1]
+    steps = max(r["batches"] for r in reports) // 2  # accumulation 2; 10 and 13 batches
+    assert (final["samples"], final["tokens"], final["loss_tokens"]) == (samples, tokens, tokens)
+    assert (final["step"], final["epoch"], final["epoch_source"]) == (steps, 1.0, "pass")
+
+    # One run per backend, written by rank 0 only; what they stored conforms and has the totals.
+    run_ids = mlflow_run_ids(mlflow_uri)
+    assert run_ids == [reports[0]["run_ids"]["mlflow"]]
+    assert reports[1]["run_ids"] == {}
+    expected = ["--expect-samples", samples, "--expect-tokens", tokens, "--expect-steps", steps,
+                "--expect-epoch", 1.0]
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_ids[0], *expected)
+    [wandb_dir] = wandb_run_dirs(workdir)
+    assert reports[0]["run_ids"]["wandb"] in wandb_dir
+    assert_conformant("--wandb-run", wandb_dir, *expected)
+
+
+def test_a_row_costs_one_collective_and_counting_between_rows_none(workdir, mlflow_uri):
+    reports = torchrun("collectives", "--mlflow-uri", mlflow_uri)
+    for rank, report in enumerate(reports):
+        calls = report["calls"]
+        for row in range(3):
+            assert calls[f"between_rows_{row}"] == [], (rank, calls)
+            assert calls[f"row_{row}"] == ["all_gather"], (rank, calls)
+        assert calls["state_dict"] == ["all_gather"], (rank, calls)
+        assert calls["finish"] == [], (rank, calls)
+    assert reports[0]["progress"] == reports[1]["progress"]
+    assert reports[0]["progress"]["samples"] == sum(r["expected_samples"] for r in reports)
+
+
+@pytest.mark.parametrize("fmt, files, split", [
+    ("jsonl", 4, "by_node"),    # split_dataset_by_node, whole shards per rank
+    ("jsonl", 3, "by_node"),    # split_dataset_by_node, one example in two per rank
+    ("parquet", 4, "by_node"),  # and the footers' row counts before a pass ends
+    ("parquet", 3, "by_node"),
+    ("parquet", 4, "shard"),    # IterableDataset.shard, as accelerate does: each rank's footers count its share
+])
+def test_the_epoch_counts_passes_over_the_whole_dataset_split_between_ranks(workdir, fmt, files, split):
+    import tiny
+
+    paths = tiny.write_corpus(str(workdir / "data"), files=files, lines_per_file=(23, 31, 17, 29), fmt=fmt)
+    total = len(tiny.read_texts(paths))
+    reports = torchrun("epoch_split", "--passes", 2, "--split", split, *paths)
+    assert progress_rows(reports[0]) == progress_rows(reports[1])
+    assert [r["num_shards"] for r in reports] == ([2, 2] if files == 4 else [3, 3])
+
+    for mine, theirs in zip(reports[0]["rows"], reports[1]["rows"]):
+        passes = min(mine["rank_passes"], theirs["rank_passes"])  # passes over the whole dataset
+        epoch, samples = mine["epoch"], mine["samples"]
+        if passes:  # the measured pass holds every rank's share: the integer part is exact
+            assert (epoch, mine["epoch_source"]) == (samples / total, "pass"), mine
+            assert passes <= epoch <= passes + 1, mine  # the next whole number once every sample is in
+        else:  # no estimate claims a pass before every rank has finished its share
+            assert 0 <= epoch < 1, mine
+            if fmt == "parquet" and samples < total:  # the footers count the whole dataset, on every rank
+                assert (epoch, mine["epoch_source"]) == (samples / total, "metadata"), mine
+    final = reports[0]["rows"][-1]
+    assert (final["samples"], final["epoch"], final["epoch_source"]) == (2 * total, 2.0, "pass")
+
+
+def test_a_resumed_torchrun_job_continues_every_axis_in_the_same_runs(workdir, mlflow_uri):
+    paths, samples, tokens = uneven_corpus(workdir)
+    first = torchrun("plain_loop", "--mlflow-uri", mlflow_uri, "--stop", 4, "--save-state", "state.json", *paths)
+    second = torchrun("plain_loop", "--mlflow-uri", mlflow_uri, "--resume", "state.json", "--skip", 4, *paths)
+
+    assert progress_rows(second[0]) == progress_rows(second[1])
+    before, after = first[0]["rows"][-1], second[0]["rows"][0]
+    for axis in ("step", "samples", "tokens", "loss_tokens", "epoch", "wall_clock"):
+        assert after[axis] >= before[axis], axis
+    final = second[0]["rows"][-1]
+    steps = 4 // 2 + max(r["batches"] for r in second) // 2
+    assert (final["samples"], final["tokens"], final["step"], final["epoch"]) == (samples, tokens, steps, 1.0)
+
+    # The same runs continue: one MLflow run holding both jobs' rows, and W&B's id kept.
+    run_id = first[0]["run_ids"]["mlflow"]
+    assert mlflow_run_ids(mlflow_uri) == [run_id] and second[0]["run_ids"]["mlflow"] == run_id
+    expected = ["--expect-samples", samples, "--expect-tokens", tokens, "--expect-steps", steps,
+                "--expect-epoch", 1.0]
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_id, *expected)
+    assert second[0]["run_ids"]["wandb"] == first[0]["run_ids"]["wandb"]
+    folders = wandb_run_dirs(workdir)  # offline, each job writes a folder of the same run (FACTS.md)
+    assert len(folders) == 2 and all(folder.endswith(first[0]["run_ids"]["wandb"]) for folder in folders)
+    assert_conformant("--wandb-run", folders[-1], *expected)
+
+
+def trainer_job(mlflow_uri, paths, steps, *args) -> tuple[list[dict], list]:
+    """The Trainer worker, micro-batches of 4, 3 to a step; (reports, the checks for check_run.py)."""
+    from test_hf import consumed  # what one process's Trainer feeds its model, from the data alone
+
+    import tiny
+
+    batch_size, grad_accum = 4, 3
+    reports = torchrun("trainer", "--mlflow-uri", mlflow_uri, "--max-steps", steps, "--batch-size", batch_size,
+                       "--grad-accum", grad_accum, *args, *paths)
+    per_rank = [consumed(tiny.read_texts([path]), batch_size, grad_accum, steps) for path in paths]
+    samples, tokens = sum(r[0] for r in per_rank), sum(r[1] for r in per_rank)
+    total = len(tiny.read_texts(paths))
+    return reports, ["--expect-samples", samples, "--expect-tokens", tokens, "--expect-steps", steps,
+                     "--expect-epoch", samples / total]
+
+
+def trainer_corpus(workdir):
+    # accelerate gives rank r file r: 37 and 40 examples, texts of varied length, so ranks see different
+    # samples and tokens and only rank 0 has a partial last batch. Both hold 10 batches a pass: DDP
+    # needs every rank to run the same number of backward passes (the Trainer has no Join).
+    paths, _, _ = uneven_corpus(workdir, lines_per_file=(37, 40))
+    return paths
+
+
+def assert_final(reports, expected) -> None:
+    """Every rank ends with the ground truth's totals (check_run.py's arguments), its pass measured:
+    after 5 steps each rank has ended its pass (3 steps and a partial window) and restarted the stream."""
+    want = dict(zip(expected[::2], expected[1::2]))
+    final = [r["state"]["progress"] for r in reports]
+    assert final[0] == final[1]
+    assert (final[0]["samples"], final[0]["tokens"], final[0]["step"], final[0]["epoch"], final[0]["epoch_source"]) \
+        == (want["--expect-samples"], want["--expect-tokens"], want["--expect-steps"], want["--expect-epoch"], "pass")
+
+
+def test_the_trainer_under_torchrun_counts_every_rank_into_one_run(workdir, mlflow_uri):
+    reports, expected = trainer_job(mlflow_uri, trainer_corpus(workdir), 5)
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert_final(reports, expected)
+
+    run_ids = mlflow_run_ids(mlflow_uri)
+    assert run_ids == [reports[0]["state"]["run_ids"]["mlflow"]]
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_ids[0], *expected)
+    [wandb_dir] = wandb_run_dirs(workdir)
+    assert_conformant("--wandb-run", wandb_dir, *expected)
+
+
+def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow_uri):
+    paths = trainer_corpus(workdir)
+    first, _ = trainer_job(mlflow_uri, paths, 3, "--save-steps", 3)
+    second, expected = trainer_job(mlflow_uri, paths, 5, "--resume")
+    assert_final(second, expected)  # the skipped batches are not counted twice
+
+    run_id = first[0]["state"]["run_ids"]["mlflow"]
+    assert mlflow_run_ids(mlflow_uri) == [run_id] and second[0]["state"]["run_ids"]["mlflow"] == run_id
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_id, *expected)
+    assert second[0]["state"]["run_ids"]["wandb"] == first[0]["state"]["run_ids"]["wandb"]

@@ -37,6 +37,19 @@ def workdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def mlflow_server(workdir):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store), stopped at the end of the test."""
+    from support import MlflowServer
+
+    server = MlflowServer(workdir / "server")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def mlflow_uri(workdir):
     return f"sqlite:///{workdir}/mlflow.db"
 
@@ -44,6 +57,13 @@ def mlflow_uri(workdir):
 def wandb_run_dirs(root) -> list[str]:
     """The offline W&B run folders under ``root``, oldest first."""
     return sorted(glob.glob(os.path.join(str(root), "wandb", "offline-run-*")))
+
+
+def wandb_run_id(run_dir) -> str:
+    """The run id in an offline run folder's name (W&B adds "-1" when two start in the same second)."""
+    import re
+
+    return re.match(r"offline-run-\d+_\d+-([a-z0-9]+)", os.path.basename(str(run_dir))).group(1)
 
 
 def check_run(*args) -> tuple[int, str]:

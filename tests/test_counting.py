@@ -8,6 +8,7 @@ import torch
 
 import stream_metrics
 from stream_metrics.counting import read_batch
+from support import SyncCounter
 
 
 def ids_and_mask(lengths, width=12, pad=0):
@@ -125,20 +126,6 @@ def test_read_batch_keeps_device_counts_as_tensors():
     ids, mask = ids_and_mask([3, 7])
     counts = read_batch({"input_ids": ids, "attention_mask": mask, "labels": ids})
     assert counts.samples == 2 and isinstance(counts.tokens, torch.Tensor)
-
-
-class SyncCounter(torch.Tensor):
-    """A tensor that counts every way the host can wait for its values."""
-
-    syncs = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
-                    "_local_scalar_dense", "__format__", "__repr__"):
-            cls.syncs += 1
-        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 def test_update_never_syncs_with_the_device_and_a_row_syncs_once(monkeypatch):

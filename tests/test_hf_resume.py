@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, assert_conformant, wandb_rows, wandb_run_dirs
+from conftest import ROOT, assert_conformant, wandb_rows, wandb_run_dirs, wandb_run_id
 from streaming_trainer import build_trainer
 
 from stream_metrics import schema
@@ -66,7 +66,7 @@ def test_resume_from_a_checkpoint_continues_every_axis_and_the_same_runs(workdir
     assert_conformant("--mlflow-uri", uri, "--run-id", ids["mlflow"], "--expect-steps", 18,
                       "--expect-samples", resumed.samples, "--expect-tokens", resumed.tokens)
     folders = wandb_run_dirs(workdir)
-    assert len(folders) == 2 and all(f.endswith(ids["wandb"]) for f in folders)  # offline: a folder per session
+    assert len(folders) == 2 and {wandb_run_id(f) for f in folders} == {ids["wandb"]}  # offline: a folder per session
     before, after = wandb_rows(folders[0]), wandb_rows(folders[1])
     never_decrease(before + after)
     assert after[0][schema.SAMPLES] > at_checkpoint["samples"]
@@ -96,6 +96,7 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(workdir):
     client, run = the_mlflow_run(uri, "crash")
     crashed_id = run.info.run_id
     samples_before_crash = max(m.value for m in client.get_metric_history(crashed_id, schema.SAMPLES))
+    clock_before_crash = max(m.value for m in client.get_metric_history(crashed_id, schema.WALL_CLOCK))
 
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -110,8 +111,10 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(workdir):
     assert max(m.value for m in history) > samples_before_crash
     assert_conformant("--mlflow-uri", uri, "--run-id", crashed_id, "--expect-steps", last + 12)
     folders = wandb_run_dirs(out.parent)
-    ids = {os.path.basename(f).rsplit("-", 1)[1] for f in folders}
+    ids = {wandb_run_id(f) for f in folders}
     assert len(folders) == 2 and len(ids) == 1, folders
     resumed_rows = wandb_rows(folders[1])
     never_decrease(resumed_rows)
+    # The time between the checkpoint and the crash was spent: the clock goes on from the last row.
+    assert resumed_rows[0][schema.WALL_CLOCK] >= clock_before_crash
     assert resumed_rows[-1][schema.STEP] == last + 12

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 import stream_metrics
 import tiny
 from conftest import ROOT, assert_conformant, mlflow_rows, wandb_rows, wandb_run_dirs
-from stream_metrics import schema
 
 
 def texts_loader(dataset, batch_size=10):

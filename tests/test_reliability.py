@@ -11,12 +11,9 @@ import logging
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -24,78 +21,12 @@ import torch
 import stream_metrics
 from stream_metrics.backends import delivery
 from conftest import assert_conformant, wandb_run_dirs
+from support import free_port
 
 BIN = os.path.dirname(sys.executable)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store, which a test can stop and start again."""
-
-    def __init__(self, folder, port: int | None = None):
-        self.folder = str(folder)
-        os.makedirs(self.folder, exist_ok=True)
-        self.port = port or free_port()
-        self.store = f"sqlite:///{self.folder}/srv.db"
-        self.proc = None
-
-    def url(self, credentials: str = "") -> str:
-        return f"http://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120) -> None:
-        log = open(os.path.join(self.folder, "server.log"), "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store, "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: stop() ends the server's workers too
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url() + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {timeout} s: {self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-
-    def log_tail(self) -> str:
-        with open(os.path.join(self.folder, "server.log"), errors="replace") as f:
-            return f.read()[-2000:]
-
-
 pytestmark = pytest.mark.slow  # real servers and subprocesses: about 20 s per server start on a busy machine
-
-
-@pytest.fixture
-def mlflow_server(workdir):
-    server = MlflowServer(workdir / "server")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
-import warnings
 
 import pytest
 from hypothesis import given

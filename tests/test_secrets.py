@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import wandb_run_dirs
-from test_reliability import MlflowServer, free_port
+from support import free_port
 
 HUB_TOKEN = "hf_PlantedHubToken0123456789abcdef"
 WANDB_KEY = "PlantedWandbKey0123456789abcdef012345678"
@@ -49,18 +49,9 @@ with stream_metrics.init(backend="mlflow", config=config, mlflow={"tracking_uri"
 """
 
 
-@pytest.fixture
-def server(workdir):
-    server = MlflowServer(workdir / "server")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
-def test_planted_secrets_appear_nowhere(server, workdir):
+def test_planted_secrets_appear_nowhere(mlflow_server, workdir):
+    server = mlflow_server
     env = {**os.environ, "WANDB_API_KEY": WANDB_KEY, "WANDB_MODE": "offline",
            "MLFLOW_TRACKING_URI": server.url(f"alice:{PASSWORD}"),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}

@@ -118,7 +118,13 @@ def _replay(args) -> int:
 
     if not os.path.isfile(args.file):
         raise comparing.CompareError(f"there is no file {args.file!r} to replay")
-    sent = replay(args.file, tracking_uri=args.tracking_uri)
+    try:
+        sent = replay(args.file, tracking_uri=args.tracking_uri)
+    except Exception as exc:  # the backend is still away, or the run is gone: say so in one sentence
+        from .redact import redact_uri
+
+        raise comparing.CompareError(f"could not replay {args.file} ({redact_uri(f'{type(exc).__name__}: {exc}')[:300]}); "
+                                     "the file is kept: try again once the backend is reachable") from None
     print(f"sent {sent} row(s) from {args.file}")
     return 0
 

@@ -168,8 +168,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
-        if self.run is not None and not self.run._finished:
-            self.run.finish()
+        if self.run is not None:
+            self.run.finish()  # a run left open by an earlier train(); finish() is idempotent
         resume = self._resume_state(state)
         options = dict(self.options)
         options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
@@ -221,7 +221,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if self.run is not None and self._batches_this_epoch and not control.should_training_stop:
             self.run.end_pass()
         if self.run is not None and control.should_save:
-            self._snapshot(state)
+            self._step(state)
+            self._snapshot()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.run is None:
@@ -229,11 +230,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self._step(state)
         self._apply_schedules(control)
         if control.should_save:
-            self._snapshot(state)
+            self._snapshot()
 
-    def _snapshot(self, state) -> None:
+    def _snapshot(self) -> None:
         # state() is read by the Trainer on the main process only, so every rank meets here instead.
-        self._step(state)
         self.saved_state = self.run.state_dict()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

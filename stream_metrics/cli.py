@@ -1,8 +1,9 @@
-"""The command line: ``stream-metrics compare``, ``stream-metrics show RUN``, ``stream-metrics replay FILE``.
+"""The command line: ``stream-metrics compare``, ``show RUN``, ``check RUN...``, ``replay FILE``.
 
     stream-metrics compare bs8 bs32 --mlflow-uri sqlite:///mlflow.db --at 50k
     stream-metrics compare wandb/ --axis tokens --smooth 20000 --log-y
     stream-metrics show bs8
+    stream-metrics check bs8 wandb/latest-run --expect-samples 400
     stream-metrics replay stream_metrics_undelivered/mlflow-abc-123.jsonl
 
 Every failure a user can fix ends with one sentence on stderr and a non-zero exit status.
@@ -10,11 +11,12 @@ Every failure a user can fix ends with one sentence on stderr and a non-zero exi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
+from . import _checks, schema
 from . import compare as comparing
-from . import schema
 from .version import __version__
 
 _RUNS_HELP = ("MLflow run ids or run names, W&B run folders (or their .wandb files), or a folder of W&B runs "
@@ -27,10 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stream_metrics {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def mlflow_option(p):
-        p.add_argument("--mlflow-uri", metavar="URI",
-                       help="where MLflow runs are read: a sqlite:/// URI, a SQLite file, or a server URL "
-                            "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    def mlflow_option(p, help="where MLflow runs are read: a sqlite:/// URI, a SQLite file, or a server URL "
+                              "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"):
+        p.add_argument("--mlflow-uri", metavar="URI", help=help)
 
     p = commands.add_parser("compare", help="plot and tabulate runs side by side on a progress axis",
                             description="Plot runs side by side on samples, tokens, epochs, steps or wall-clock, "
@@ -54,14 +55,47 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for compare.png, compare.html, table.csv and table.md (default ./compare)")
     p.add_argument("--no-png", action="store_true", help="skip the PNG (it needs matplotlib)")
 
-    p = commands.add_parser("show", help="one run's axes, epoch source, throughput and final metrics")
+    p = commands.add_parser("show", help="one run's axes, epoch source, throughput and final metrics",
+                            description="One run's axes, epoch source, throughput and final metrics, as stored.")
     p.add_argument("run", metavar="RUN", help="an MLflow run id or name, or a W&B run folder")
     mlflow_option(p)
 
-    p = commands.add_parser("replay", help="send rows saved while a backend was failing into their run")
+    p = commands.add_parser("check", help="check stored runs against the stream_metrics contract",
+                            description="Read runs back from MLflow or W&B and check that every row carries every "
+                                        "progress axis, that no axis goes down, and the run's tags; with --expect-*, "
+                                        "the last row's totals too. Exit status 0: conformant, 1: not, 2: usage.")
+    p.add_argument("runs", nargs="*", metavar="RUN", help=_RUNS_HELP)
+    mlflow_option(p)
+    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                   help="check every run of this MLflow experiment (repeatable)")
+    for axis in ("samples", "tokens", "steps"):
+        p.add_argument(f"--expect-{axis}", type=_whole_number, metavar="N",
+                       help=f"the {axis} the last row must hold (your own count of the data)")
+    p.add_argument("--expect-epoch", type=_epoch, metavar="X", help="the epoch the last row must hold (within 1e-6)")
+    p.add_argument("--dump", action="store_true", help="also print every stored row, one JSON object a line")
+
+    p = commands.add_parser("replay", help="send rows saved while a backend was failing into their run",
+                            description="Send the rows a backend could not take (saved in a file named by the "
+                                        "'could not be delivered' warning) into their run.")
     p.add_argument("file", metavar="FILE", help="a file named in the 'could not be delivered' warning")
-    p.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking URI, where it has changed")
+    mlflow_option(p, "where the MLflow run is (default: $MLFLOW_TRACKING_URI, else the URI "
+                     "saved in the file)")
+    p.add_argument("--tracking-uri", dest="mlflow_uri", help=argparse.SUPPRESS)  # the old name, still accepted
     return parser
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return _checks.whole_number("a count", float(text) if "." in text or "e" in text.lower() else int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0") from None
+
+
+def _epoch(text: str) -> float:
+    try:
+        return _checks.non_negative("an epoch", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0") from None
 
 
 def main(argv=None) -> int:
@@ -71,10 +105,10 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return {"compare": _compare, "show": _show, "replay": _replay}[args.command](args)
+        return {"compare": _compare, "show": _show, "check": _check, "replay": _replay}[args.command](args)
     except comparing.CompareError as exc:
         print(f"stream-metrics: {exc}", file=sys.stderr)
-        return 1
+        return 2 if args.command == "check" else 1  # check: 1 means "read, and not conformant"
 
 
 def _compare(args) -> int:
@@ -113,13 +147,33 @@ def _show(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from . import check
+
+    expect = check.Expected(args.expect_samples, args.expect_tokens, args.expect_steps, args.expect_epoch)
+    runs = comparing.read_runs(args.runs, args.mlflow_uri, args.experiment)
+    found = []
+    for run in runs:
+        if args.dump:
+            for step, row in zip(run.steps or [None] * len(run.rows), run.rows):
+                print(json.dumps({"run": run.run_id, **row, **({"_step": step} if step is not None else {})}))
+        print(check.describe_run(run))
+        found += [f"{run.backend} run {run.run_id}: {problem}" for problem in check.problems(run, expect)]
+    if found:
+        print(f"NOT conformant, {len(found)} problem(s):")
+        print("\n".join(f"  {problem}" for problem in found))
+        return 1
+    print(f"conformant: {len(runs)} run(s)")
+    return 0
+
+
 def _replay(args) -> int:
     from .backends.delivery import replay
 
     if not os.path.isfile(args.file):
         raise comparing.CompareError(f"there is no file {args.file!r} to replay")
     try:
-        sent = replay(args.file, tracking_uri=args.tracking_uri)
+        sent = replay(args.file, tracking_uri=args.mlflow_uri)
     except Exception as exc:  # the backend is still away, or the run is gone: say so in one sentence
         from .redact import redact_uri
 

@@ -8,24 +8,15 @@ written (``Totals.values``).
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import NamedTuple, Union
 
 import torch
 
+from ._checks import warn_once  # also imported from here by older code
+
 IGNORE_INDEX = -100
 Count = Union[int, torch.Tensor]
-
-_warned: set[str] = set()
-
-
-def warn_once(kind: str, message: str) -> None:
-    """One warning per kind per process: a training loop calls us thousands of times."""
-    if kind not in _warned:
-        _warned.add(kind)
-        warnings.warn(f"stream_metrics: {message}", stacklevel=3)
-
 
 class Counts(NamedTuple):
     samples: Count

@@ -17,6 +17,8 @@ import re
 import unicodedata
 import warnings
 
+from ._checks import warn_once
+
 MAX_KEY_LENGTH = 250
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-./: ]")
 
@@ -89,13 +91,8 @@ class _Skip(Exception):
     pass
 
 
-_warned_values: set[tuple[str, str]] = set()
-
-
 def _warn_value_once(key: str, kind: str, message: str) -> None:
-    if (key, kind) not in _warned_values:
-        _warned_values.add((key, kind))
-        warnings.warn(f"stream_metrics: metric {key!r}: {message} (warned once per key)", stacklevel=4)
+    warn_once(f"value:{kind}:{key}", f"metric {key!r}: {message} (warned once per key)", stacklevel=5)
 
 
 def to_number(key: str, value):

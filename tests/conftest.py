@@ -10,6 +10,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The independent checker beside the project, used as a cross-check where it is there; the suite never
+# needs it. STREAM_METRICS_CHECK_RUN names another path, or "none" to leave it out (CI does).
 CHECK_RUN = os.environ.get("STREAM_METRICS_CHECK_RUN",
                            os.path.join(os.path.dirname(ROOT), "shared", "conformance", "check_run.py"))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -29,10 +31,9 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    from stream_metrics import counting, sanitize
+    from stream_metrics import _checks
 
-    counting._warned.clear()
-    sanitize._warned_values.clear()
+    _checks.reset_warnings()  # one-time warnings are process-wide: each test sees its own
     yield tmp_path
 
 
@@ -66,28 +67,66 @@ def wandb_run_id(run_dir) -> str:
     return re.match(r"offline-run-\d+_\d+-([a-z0-9]+)", os.path.basename(str(run_dir))).group(1)
 
 
+def _our_arguments(args) -> list[str]:
+    """check_run.py's arguments as `stream-metrics check` takes them: runs are named, not flagged.
+
+    ``--run-id ID`` and ``--wandb-run DIR`` become RUN arguments; ``--no-tokens`` is dropped, because
+    the check finds by itself that no row carries tokens.
+    """
+    runs, options, args = [], [], [str(a) for a in args]
+    while args:
+        arg = args.pop(0)
+        if arg in ("--run-id", "--wandb-run"):
+            runs.append(args.pop(0))
+        elif arg != "--no-tokens":
+            options.append(arg)
+    return runs + options
+
+
 def check_run(*args) -> tuple[int, str]:
-    """Run shared/conformance/check_run.py; returns (exit code, output)."""
-    proc = subprocess.run([sys.executable, CHECK_RUN, *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-    return proc.returncode, proc.stdout + proc.stderr
+    """`stream-metrics check`, given check_run.py-style arguments; returns (exit code, output)."""
+    import contextlib
+    import io
+
+    from stream_metrics.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main(["check", *_our_arguments(args)])
+    return code, out.getvalue()
+
+
+def _cross_check(*args) -> None:
+    """The independent checker beside the project (see CHECK_RUN), where there is one."""
+    if CHECK_RUN == "none" or not os.path.isfile(CHECK_RUN):
+        return
+    proc = subprocess.run([sys.executable, CHECK_RUN, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{CHECK_RUN} disagrees:\n{proc.stdout}{proc.stderr}"
 
 
 def assert_conformant(*args) -> None:
+    """The stored run(s) conform to the contract, by our own check (and the independent one where present)."""
     code, out = check_run(*args)
-    assert code == 0 and "conformant" in out and "NOT" not in out, out
+    assert code == 0 and out.rstrip().splitlines()[-1].startswith("conformant"), out
+    _cross_check(*args)
+
+
+def _dumped_rows(*args) -> list[dict]:
+    code, out = check_run(*args, "--dump")
+    assert code == 0, f"stream-metrics check {' '.join(map(str, args))} --dump exited {code}:\n{out}"
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows, f"no rows stored ({' '.join(map(str, args))}):\n{out}"
+    return rows
 
 
 def wandb_rows(run_dir) -> list[dict]:
-    """The history rows W&B stored, read back by check_run.py --dump."""
-    code, out = check_run("--wandb-run", run_dir, "--dump")
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    """The history rows W&B stored, in logging order, read back by `stream-metrics check --dump`."""
+    return _dumped_rows("--wandb-run", run_dir)
 
 
 def mlflow_rows(uri, run_id) -> list[dict]:
-    """MLflow's stored rows grouped by step, as check_run.py --dump reads them."""
-    code, out = check_run("--mlflow-uri", uri, "--run-id", run_id, "--dump")
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    """MLflow's stored rows in step order (the metrics of one log call: one step and timestamp), with ``_step``."""
+    return _dumped_rows("--mlflow-uri", uri, "--run-id", run_id)
 
 
 @pytest.fixture

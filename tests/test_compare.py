@@ -17,6 +17,7 @@ import pytest
 from conftest import wandb_rows, wandb_run_dirs
 
 import stream_metrics
+from stream_metrics import _checks
 from stream_metrics import compare as sm_compare
 from stream_metrics.cli import main
 
@@ -56,6 +57,7 @@ def runs(tmp_path_factory):
             env.delenv(var, raising=False)
         ids = {bs: train(bs, "mlflow", uri) for bs in (8, 32)}
         ids[16] = train(16, ["mlflow", "wandb"], uri)
+        _checks.reset_warnings()  # a test before this module may already have had the one-time warning
         with pytest.warns(UserWarning, match="token"):
             ids["no-tokens"] = train(24, "mlflow", uri, name="no-tokens", tokens=False)
     return {"uri": uri, "ids": ids, "wandb": wandb_run_dirs(root)[0], "root": root}
@@ -225,7 +227,7 @@ def test_replay_sends_saved_rows_into_their_run(capsys, workdir, mlflow_uri):
     rows = [{"metrics": {"eval/loss": 0.9 - i / 10}, "timestamp_ms": 1_000 + i, "step": 128 * (i + 1)}
             for i in range(3)]
     spill.write_text("\n".join(json.dumps(r) for r in [{"header": {"backend": "mlflow", "run_id": run_id}}, *rows]))
-    assert main(["replay", str(spill), "--tracking-uri", mlflow_uri]) == 0
+    assert main(["replay", str(spill), "--mlflow-uri", mlflow_uri]) == 0
     assert f"sent 3 row(s) from {spill}" in capsys.readouterr().out
     stored = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run_id, "eval/loss")
     assert sorted(m.step for m in stored) == [128, 256, 384]
@@ -241,3 +243,36 @@ def test_interpolation_and_smoothing_by_amount_of_data():
     assert sm_compare.smoothed([0, 8], [0.0, 1.0], 8)[-1] == pytest.approx(1 / 1.5)
     assert sm_compare.smoothed([0, 4, 8], [0.0, 1.0, 1.0], 8)[-1] == pytest.approx(
         (1 + 2 ** -0.5) / (1 + 2 ** -0.5 + 0.5))
+
+
+def test_replay_still_takes_the_old_option_name(capsys, workdir, mlflow_uri):
+    from mlflow import MlflowClient
+
+    run_id = train(32, "mlflow", mlflow_uri)["mlflow"]
+    spill = workdir / "spill.jsonl"
+    row = {"metrics": {"eval/loss": 0.5}, "timestamp_ms": 1_000, "step": 384}
+    spill.write_text("\n".join(json.dumps(r) for r in [{"header": {"backend": "mlflow", "run_id": run_id}}, row]))
+    assert main(["replay", str(spill), "--tracking-uri", mlflow_uri]) == 0  # hidden, still accepted
+    assert [m.step for m in MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run_id, "eval/loss")] == [384]
+    assert main(["replay", "--help"]) == 0
+    assert "--tracking-uri" not in capsys.readouterr().out
+
+
+def test_every_command_says_in_one_line_what_it_does(capsys):
+    assert main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    commands = listing[listing.index("{") + 1:listing.index("}")].split(",")
+    assert {"compare", "show", "check", "replay"} <= set(commands)
+    for command in commands:
+        [line] = [line for line in listing.splitlines() if line.strip().startswith(command + " ")]
+        assert len(line.split(None, 1)[1]) > 20, line  # its own description, on its line
+        assert main([command, "--help"]) == 0
+        assert capsys.readouterr().out.count("\n\n") >= 2  # usage, description, options
+
+
+def test_every_axis_in_the_schema_is_an_axis_to_compare_on(capsys):
+    from stream_metrics import schema
+
+    assert main(["compare", "--help"]) == 0
+    # a new axis in schema.py (flops) needs no change to the command
+    assert "--axis {" + ",".join(schema.AXES) + "}" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")

@@ -27,7 +27,7 @@ class MLflowBackend(Backend):
         except ImportError:
             raise ImportError("the mlflow backend needs MLflow: pip install 'stream_metrics[mlflow]'") from None
         self._mlflow = mlflow
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _default_uri(mlflow)
+        self.tracking_uri = tracking_uri or default_tracking_uri()
         if redact_uri(self.tracking_uri) != self.tracking_uri:
             # MLflow prints "View run ... at: <tracking URI>" when a run ends, password included.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -93,8 +93,16 @@ class MLflowBackend(Backend):
         return f"MLflow run {self.run_id} at {uri}"
 
 
-def _default_uri(mlflow) -> str:
-    """MLflow's own default; MLflow 2 defaults to a ./mlruns file store, where 3 uses sqlite:///mlflow.db."""
+def default_tracking_uri() -> str:
+    """Where runs go and are read when no URI is given (the one rule: `compare` and `check` use it too).
+
+    ``MLFLOW_TRACKING_URI``, else MLflow's own default; MLflow 2 defaults to a ./mlruns file
+    store, where 3 uses sqlite:///mlflow.db.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    import mlflow
+
     uri = mlflow.get_tracking_uri()
     try:
         from mlflow.tracking._tracking_service.utils import is_tracking_uri_set

@@ -24,7 +24,12 @@ What it does, and why this way:
 """
 from __future__ import annotations
 
-from accelerate.tracking import GeneralTracker
+from ._checks import missing_extra
+
+try:
+    from accelerate.tracking import GeneralTracker
+except ImportError as exc:  # one sentence naming the extra to install
+    raise missing_extra(exc, "accelerate", "hf", "stream_metrics.accelerate") from None
 
 from . import distributed
 from .counting import warn_once

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 
 from .counting import warn_once
@@ -125,7 +126,9 @@ class DatasetProbe:
         probe.is_loader = hasattr(dataset, "batch_size") and hasattr(dataset, "dataset")
         inner = getattr(dataset, "dataset", dataset) if probe.is_loader else dataset
         probe.metadata, probe.metadata_files = metadata_size(inner)
-        if not hasattr(inner, "state_dict") and type(inner).__module__.startswith("datasets"):
+        # Only a datasets IterableDataset can have a shard position (a map-style Dataset never has one).
+        iterable_type = getattr(sys.modules.get("datasets"), "IterableDataset", ())
+        if not hasattr(inner, "state_dict") and isinstance(inner, iterable_type):
             warn_once("datasets-state", "this version of datasets has no IterableDataset.state_dict(), so the "
                                         "'shards' epoch source is unavailable; upgrade datasets to 2.20 or newer")
         probe.dataset = inner

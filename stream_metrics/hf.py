@@ -27,8 +27,13 @@ import os
 import sys
 import weakref
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from ._checks import missing_extra
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler, ExportableState
+except ImportError as exc:  # one sentence naming the extra to install
+    raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
 from . import distributed, schema
 from .amount import as_amount

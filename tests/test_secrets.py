@@ -91,3 +91,32 @@ def test_planted_secrets_appear_nowhere(mlflow_server, workdir):
             found += [(os.path.relpath(path, workdir), s) for s in SECRETS if s.encode() in data]
     assert not found
     assert os.listdir(workdir / "undelivered")  # the spill file was searched too
+
+
+def test_secrets_are_known_by_the_end_of_their_name_or_their_shape_and_settings_stay_readable():
+    from stream_metrics.redact import REDACTED, redact_config
+
+    hf_key, openai_key, aws_id = "hf_" + "a1B2" * 9, "sk-" + "x9_Y" * 8, "AKIAIOSFODNN7EXAMPLE"
+    wandb_key = "0123456789abcdef" * 2 + "01234567"
+    config = {
+        # names ending (after the last _ . - /) with a secret's word, in any case
+        "hub_token": "t", "HUB_TOKEN": "t", "report": {"API_KEY": "k"}, "wandb/apikey": "k", "db-password": "p",
+        "smtp.passwd": "p", "client_secret": "s", "aws_secret_access_key": "k", "ssh.private_key": "k", "token": "t",
+        # values shaped like credentials, whatever their name
+        "notes": hf_key, "extra": [openai_key], "wandb": wandb_key, "cloud": f"key {aws_id} in use",
+        # a URI's user and password
+        "endpoint": "http://alice:pw@host:5000/x",
+        # settings that are not secrets
+        "include_num_input_tokens_seen": "no", "pad_token": "<pad>", "eos_token": "</s>", "max_tokens": "512",
+        "tokenizer": "gpt2", "hub_model_id": "org/model", "tokens_seen": 3, "learning_rate": 1e-3,
+        "run_name": "bs8-lr3e-4", "commit": "abc123",
+    }
+    stored = redact_config(config)
+    for name in ("hub_token", "HUB_TOKEN", "wandb/apikey", "db-password", "smtp.passwd", "client_secret",
+                 "aws_secret_access_key", "ssh.private_key", "token", "notes", "wandb", "cloud"):
+        assert stored[name] == REDACTED, name
+    assert stored["report"] == {"API_KEY": REDACTED} and stored["extra"] == [REDACTED]
+    assert stored["endpoint"] == "http://<redacted>@host:5000/x"
+    for name in ("include_num_input_tokens_seen", "pad_token", "eos_token", "max_tokens", "tokenizer", "hub_model_id",
+                 "tokens_seen", "learning_rate", "run_name", "commit"):
+        assert stored[name] == config[name], name

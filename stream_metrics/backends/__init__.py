@@ -20,6 +20,25 @@ def backend_names(backend) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def import_wandb():
+    """The ``wandb`` package, or one ImportError saying what to install.
+
+    Where W&B is not installed, ``import wandb`` still succeeds when the working directory holds a
+    ``wandb/`` folder of runs (a namespace package with no ``init``); say so, rather than fail later
+    on a missing attribute.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("the wandb backend needs Weights & Biases: pip install 'stream_metrics[wandb]'") from None
+    if not hasattr(wandb, "init"):
+        folders = ", ".join(getattr(wandb, "__path__", [])) or "a wandb folder"
+        raise ImportError(f"'import wandb' found the folder {folders}, not Weights & Biases: the package is not "
+                          "installed (pip install 'stream_metrics[wandb]'), and a folder named wandb on the path "
+                          "stands in for it")
+    return wandb
+
+
 def create(name: str, options: dict | None = None) -> Backend:
     options = options or {}
     if name == "mlflow":
@@ -33,4 +52,4 @@ def create(name: str, options: dict | None = None) -> Backend:
     raise ValueError(f"backend={name!r} is not known")
 
 
-__all__ = ["Backend", "Row", "RunInfo", "backend_names", "create"]
+__all__ = ["Backend", "Row", "RunInfo", "backend_names", "create", "import_wandb"]

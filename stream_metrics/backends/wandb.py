@@ -35,10 +35,9 @@ class WandbBackend(Backend):
 
     def __init__(self, project: str | None = None, mode: str | None = None, entity: str | None = None,
                  dir: str | None = None):
-        try:
-            import wandb
-        except ImportError:
-            raise ImportError("the wandb backend needs Weights & Biases: pip install 'stream_metrics[wandb]'") from None
+        from . import import_wandb
+
+        wandb = import_wandb()
         self._wandb = wandb
         self.project, self.entity, self.dir = project, entity, dir
         self.mode = mode or os.environ.get("WANDB_MODE") or "online"

@@ -19,7 +19,8 @@ from ..redact import flat_params, redact_uri
 from ..sanitize import KeyMap
 from .base import Backend, Row, RunInfo
 
-_MAX_PARAMS = 100  # MLflow's limit per log_batch call
+_MAX_PARAMS = 100  # MLflow's limits per log_batch call
+_MAX_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -106,7 +107,7 @@ class MLflowBackend(Backend):
         for row in self.unstored(rows):
             step = self._step(row)
             metrics = [Metric(key, float(value), row.timestamp_ms, step) for key, value in row.metrics.items()]
-            if batch and len(batch) + len(metrics) > self.max_rows_per_call:
+            if batch and len(batch) + len(metrics) > _MAX_METRICS:
                 self._log_metrics(batch, last)
                 batch = []
             batch.extend(metrics)
@@ -115,8 +116,8 @@ class MLflowBackend(Backend):
             self._log_metrics(batch, last)
 
     def _log_metrics(self, metrics: list, seq: int) -> None:
-        for i in range(0, len(metrics), self.max_rows_per_call):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + self.max_rows_per_call])
+        for i in range(0, len(metrics), _MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS])
         self.stored_seq = seq
 
     def set_tags(self, tags: dict) -> None:

@@ -77,7 +77,6 @@ class Run:
         self._reset_session(Progress(), rows=0, batches=0)
         if resume is not None:
             self.load_state_dict(resume)
-        self._writes_rows = bool(names)  # the same on every rank (only the main one has backends)
         if self._deliveries:
             lifecycle.opened(self)  # finished however the process ends (lifecycle.py)
 
@@ -253,6 +252,7 @@ class Run:
     def summary(self, metrics: dict) -> None:
         """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
         progress = self._sync()
+        self._last = progress  # a stored row with every axis (on every rank): finish() need not write it again
         if self._deliveries:
             self._start()
             figures = clean_metrics(metrics, self._keys)
@@ -404,14 +404,16 @@ class Run:
         """
         if self._finished:
             return
-        # What was counted after the last log() goes in one more row: the last row holds the
-        # totals. It takes a collective, which an ending process with several ranks cannot start.
-        if self._writes_rows and not (lifecycle.ending() and distributed.world_size() > 1):
+        # What was counted after the last row goes in one more row: the last row holds the totals.
+        # One process reads its counts (no collective); several ranks use the latest totals they
+        # brought together (the Trainer's end does), since finish() starts no collective.
+        if self._deliveries:
             try:
-                progress, last = self._sync(), self._last
+                progress, last = (self._sync() if distributed.world_size() == 1 else self._progress), self._last
                 if (progress.samples, progress.tokens, progress.loss_tokens, progress.step) != (
                         last.samples, last.tokens, last.loss_tokens, last.step):
-                    self.log()
+                    self._submit_row(progress.axes(), progress)
+                    self._last = progress
             except Exception:
                 log.exception("stream_metrics: could not write the final row; the runs are closed without it")
         self._finished = True

@@ -40,7 +40,6 @@ SIGNALS = ("SIGTERM", "SIGINT")
 _open: dict[int, "Run"] = {}  # id -> run: strong references, so a dropped run is still finished
 _lock = threading.RLock()
 _previous: dict[int, object] = {}  # signal number -> the handler ours replaced
-_ending = False
 
 
 def opened(run: "Run") -> None:
@@ -61,11 +60,6 @@ def closed(run: "Run") -> None:
 def open_runs() -> list["Run"]:
     with _lock:
         return list(_open.values())
-
-
-def ending() -> bool:
-    """True once the process is ending (exit hook or signal): no collective may be started then."""
-    return _ending
 
 
 def exit_status() -> str:
@@ -93,8 +87,6 @@ def signal_timeout() -> float:
 
 def finish_all(status: str, timeout: float | None = None) -> None:
     """Finish every open run with ``status``, all within ``timeout`` seconds (default: each run's own)."""
-    global _ending
-    _ending = True
     deadline = None if timeout is None else time.monotonic() + timeout
     for run in open_runs():
         try:

@@ -7,7 +7,6 @@ what MLflow's SQLite store and W&B's offline run folder hold.
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import re
 import shlex

@@ -19,7 +19,7 @@ import time
 
 from ..redact import redact_uri
 from .base import Backend, RunInfo
-from .spill import REPLAY_COMMAND, SpillFile, replay  # noqa: F401  (replay: the old import path)
+from .spill import REPLAY_COMMAND, SpillFile
 
 log = logging.getLogger("stream_metrics")
 

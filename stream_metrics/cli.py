@@ -168,7 +168,7 @@ def _check(args) -> int:
 
 
 def _replay(args) -> int:
-    from .backends.delivery import replay
+    from .backends.spill import replay
 
     if not os.path.isfile(args.file):
         raise comparing.CompareError(f"there is no file {args.file!r} to replay")

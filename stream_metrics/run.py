@@ -5,21 +5,19 @@ backends (each in its own thread).
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import os
 import logging
 import math
 import time
-import weakref
 
 import torch
 
-from . import distributed, schema
+from . import distributed, lifecycle, schema
 from .backends import RunInfo, backend_names, create
 from .backends.base import Row
-from .backends.delivery import Delivery
+from .backends.delivery import Delivery, close_all
 from .counting import BatchError, Total, read_batch, warn_once
 from .epoch import DatasetProbe, EpochEstimator
 from .progress import Progress
@@ -31,14 +29,6 @@ log = logging.getLogger("stream_metrics")
 
 STATE_FORMAT = "stream_metrics.run"
 STATE_VERSION = 1
-_open_runs: "weakref.WeakSet[Run]" = weakref.WeakSet()
-
-
-@atexit.register
-def _finish_open_runs():
-    # Rows are flushed and runs closed at interpreter exit too (Ctrl-C included).
-    for run in list(_open_runs):
-        run.finish()
 
 
 class Run:
@@ -87,7 +77,8 @@ class Run:
         self._reset_session(Progress(), rows=0, batches=0)
         if resume is not None:
             self.load_state_dict(resume)
-        _open_runs.add(self)
+        if self._deliveries:
+            lifecycle.opened(self)  # finished however the process ends (lifecycle.py)
 
     # ------------------------------------------------------------------ counting (hot path)
     def _reset_session(self, base: Progress, rows: int, batches: int) -> None:
@@ -211,6 +202,10 @@ class Run:
         Values: numbers, bools, NumPy scalars, 0-d/1-element tensors; nested dicts become
         '/'-joined keys; None, text and arrays are skipped with a one-time warning.
         """
+        if self._finished:
+            warn_once("log-after-finish", "log() after finish() (or after the `with` block): the run is closed, "
+                                          "so this row is not stored; log before finishing, or start a new run")
+            return self._last
         progress = self._sync()
         row = progress.axes()
         if not self._deliveries:
@@ -257,6 +252,7 @@ class Run:
     def summary(self, metrics: dict) -> None:
         """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
         progress = self._sync()
+        self._last = progress  # a stored row with every axis (on every rank): finish() need not write it again
         if self._deliveries:
             self._start()
             figures = clean_metrics(metrics, self._keys)
@@ -265,12 +261,7 @@ class Run:
                 d.submit("summary", (figures, row))
 
     def _row(self, metrics: dict, progress: Progress) -> Row:
-        step = progress[self.mlflow_step]
-        if step is None:
-            warn_once("mlflow-step", f"mlflow_step={self.mlflow_step!r} has no value (no token information); "
-                                     "rows use progress/samples as their MLflow step")
-            step = progress.samples
-        return Row(metrics, int(time.time() * 1000), int(step))
+        return Row(metrics, int(time.time() * 1000))  # MLflow takes its step from the row's mlflow_step axis
 
     def _submit_row(self, metrics: dict, progress: Progress) -> None:
         self._start()
@@ -405,18 +396,34 @@ class Run:
         timeout = self.flush_timeout if timeout is None else timeout
         return all([d.flush(timeout) for d in self._deliveries])
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Deliver every row and close the runs; what cannot be delivered is saved and reported."""
+    def finish(self, status: str = "FINISHED", *, timeout: float | None = None) -> None:
+        """Write the final totals, deliver every row and close the runs (all backends at once, within
+        ``timeout``, default ``flush_timeout`` seconds); what cannot be delivered is saved and reported.
+
+        ``status``: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``. Call it on every rank, like ``log()``.
+        """
         if self._finished:
             return
+        # What was counted after the last row goes in one more row: the last row holds the totals.
+        # One process reads its counts (no collective); several ranks use the latest totals they
+        # brought together (the Trainer's end does), since finish() starts no collective.
+        if self._deliveries:
+            try:
+                progress, last = (self._sync() if distributed.world_size() == 1 else self._progress), self._last
+                if (progress.samples, progress.tokens, progress.loss_tokens, progress.step) != (
+                        last.samples, last.tokens, last.loss_tokens, last.step):
+                    self._submit_row(progress.axes(), progress)
+                    self._last = progress
+            except Exception:
+                log.exception("stream_metrics: could not write the final row; the runs are closed without it")
         self._finished = True
-        _open_runs.discard(self)
         if self._deliveries:
             self._start()
-        for d in self._deliveries:
-            message = d.close(status, self.flush_timeout)
+        timeout = self.flush_timeout if timeout is None else timeout
+        for message in close_all(self._deliveries, status, timeout):
             if message:
                 log.warning(message)
+        lifecycle.closed(self)
 
     def __enter__(self) -> "Run":
         return self

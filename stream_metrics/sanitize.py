@@ -62,7 +62,8 @@ class KeyMap:
     Reserved names (the progress axes) are never handed to a user metric.
     """
 
-    def __init__(self, reserved=()):
+    def __init__(self, reserved=(), what: str = "metric key"):
+        self.what = what  # how the warning names the keys: "metric key", "parameter"
         self._names: dict[str, str] = {}
         self._taken: set[str] = set(reserved)
         self._warned: set[str] = set()
@@ -81,7 +82,7 @@ class KeyMap:
         self._taken.add(name)
         if name != key and key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"stream_metrics: metric key {key!r} is stored as {name!r} (keys allow letters, digits, "
+            warnings.warn(f"stream_metrics: {self.what} {key!r} is stored as {name!r} (keys allow letters, digits, "
                           f"'_-./: ' and space, at most {MAX_KEY_LENGTH} characters, no empty or '..' parts, and do "
                           "not start with '_' or '.'; two keys never share a name)", stacklevel=4)
         return name

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import stream_metrics
-from stream_metrics.backends import delivery
+from stream_metrics.backends import delivery, spill
 from conftest import assert_conformant, wandb_run_dirs
 from support import free_port
 
@@ -134,7 +134,7 @@ def test_rows_past_the_buffer_go_to_a_spill_file_that_replay_delivers(mlflow_ser
     assert f"{in_file} row(s) could not be delivered to mlflow" in final and path in final
     assert len(history(url, run_id)) == 52 - in_file
 
-    assert delivery.replay(path) == in_file
+    assert spill.replay(path) == in_file
     points = history(url, run_id)
     assert sorted(p.step for p in points) == [BATCH * i for i in range(1, 53)]
     assert os.path.exists(path + ".replayed") and not os.path.exists(path)

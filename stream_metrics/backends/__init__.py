@@ -39,17 +39,21 @@ def import_wandb():
     return wandb
 
 
-def create(name: str, options: dict | None = None) -> Backend:
-    options = options or {}
+def backend_class(name: str) -> type[Backend]:
+    """The class of the backend called ``name`` (its library is imported here, on first use)."""
     if name == "mlflow":
         from .mlflow import MLflowBackend
 
-        return MLflowBackend(**options)
+        return MLflowBackend
     if name == "wandb":
         from .wandb import WandbBackend
 
-        return WandbBackend(**options)
+        return WandbBackend
     raise ValueError(f"backend={name!r} is not known")
 
 
-__all__ = ["Backend", "Row", "RunInfo", "backend_names", "create", "import_wandb"]
+def create(name: str, options: dict | None = None) -> Backend:
+    return backend_class(name)(**(options or {}))
+
+
+__all__ = ["Backend", "Row", "RunInfo", "backend_class", "backend_names", "create", "import_wandb"]

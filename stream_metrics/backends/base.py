@@ -1,23 +1,29 @@
 """What every backend does, in a handful of methods; delivery and retries live in delivery.py."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+# Every row gets the next number, process-wide: a retried call, a close-time spill and a replay
+# use it to tell which rows a backend already stored, so no point is stored twice.
+_next_seq = itertools.count(1).__next__
 
 
 @dataclass
 class Row:
-    """One written row: stored metric names to numbers, with when it was written (ms since the epoch)."""
+    """One written row: stored metric names to numbers, when it was written (ms since the epoch), its number."""
 
     metrics: dict
     timestamp_ms: int
-    step: int  # the MLflow step: the integer value of the row's mlflow_step axis
+    seq: int = field(default_factory=_next_seq)
 
     def to_json(self) -> dict:
-        return {"metrics": self.metrics, "timestamp_ms": self.timestamp_ms, "step": self.step}
+        return {"metrics": self.metrics, "timestamp_ms": self.timestamp_ms, "seq": self.seq}
 
     @classmethod
     def from_json(cls, d: dict) -> "Row":
-        return cls(dict(d["metrics"]), int(d["timestamp_ms"]), int(d["step"]))
+        seq = d.get("seq")
+        return cls(dict(d["metrics"]), int(d["timestamp_ms"]), *([int(seq)] if seq is not None else []))
 
 
 @dataclass
@@ -37,19 +43,27 @@ class Backend:
     """A tracking backend, called from its delivery thread only, never from the training loop.
 
     The constructor runs in the caller's thread, so a missing library or missing credentials fail
-    before training starts; every method may raise, and delivery.py retries what failed.
+    before training starts; every method may raise, and delivery.py retries what failed. So every
+    method must be safe to call again after it raised: ``start`` opens one run however often it is
+    retried, and ``log_rows`` sets ``stored_seq`` as rows are stored, so a retry starts after them.
     """
 
     name = "backend"
     max_rows_per_call = 1000  # rows handed to one log_rows call
     run_id: str | None = None  # set by start()
+    stored_seq = 0  # the seq of the last row stored; rows up to it are never sent again
 
     def start(self, info: RunInfo) -> str:
-        """Open or continue the run; return its id."""
+        """Open or continue the run; return its id. Called again after a failure: opens one run only."""
         raise NotImplementedError
 
     def log_rows(self, rows: list[Row]) -> None:
+        """Store rows in order, setting ``stored_seq`` to each one's seq once it is stored."""
         raise NotImplementedError
+
+    def unstored(self, rows: list[Row]) -> list[Row]:
+        """The rows not stored yet: what a (retried) ``log_rows`` sends."""
+        return [row for row in rows if row.seq > self.stored_seq]
 
     def set_tags(self, tags: dict) -> None:
         raise NotImplementedError
@@ -64,3 +78,20 @@ class Backend:
     def where(self) -> str:
         """One line telling the user where to look at the run."""
         return ""
+
+    # ---------------------------------------------------------------- replay of a spill file (spill.py)
+    def target(self) -> dict:
+        """Where this backend's rows go, without credentials: kept in a spill file's header."""
+        return {}
+
+    @classmethod
+    def for_replay(cls, target: dict, options: dict) -> "Backend":
+        """A backend aimed at ``target`` (from ``target()``); ``options`` given to replay win."""
+        return cls(**options)
+
+    def reopen(self, info: RunInfo) -> None:
+        """Continue the run ``info.run_id`` (or open a new one without it) to replay rows into it."""
+        self.start(info)
+
+    def release(self, finished: bool) -> None:
+        """Let go of a run after a replay; ``finished``: the replay has already recorded its end."""

@@ -2,30 +2,24 @@
 
 A backend that fails (server down, disk full) never stops training: its rows wait in a bounded
 buffer and are retried with backoff, and a warning says how many are held back. Rows past the
-buffer's bound, and everything still undelivered when the run finishes, are written to a local
-file (JSON lines) that ``stream-metrics replay FILE`` sends into the run later. Nothing is
-dropped without a message saying how many rows and where they are.
-
-    >>> from stream_metrics.backends.delivery import replay
-    >>> replay("stream_metrics_undelivered/mlflow-1a2b-x7.jsonl")   # doctest: +SKIP
-    120
+buffer's bound, and everything still undelivered when the run finishes, are written to a spill
+file (spill.py) that ``stream-metrics replay FILE`` sends into the run later. Nothing is dropped
+without a message saying how many rows and where they are. A retried call never stores a row
+twice: each row has a sequence number, and the backend's ``stored_seq`` says which it has.
 
 Every warning goes to the ``stream_metrics`` logger; docs/reliability.md quotes them.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 
 from ..redact import redact_uri
-from .base import Backend, Row, RunInfo
+from .base import Backend, RunInfo
+from .spill import REPLAY_COMMAND, SpillFile
 
 log = logging.getLogger("stream_metrics")
 
@@ -37,10 +31,9 @@ STALL_SECONDS = 30.0
 _RETRY_FIRST, _RETRY_MAX = 0.5, 30.0
 #: Rows arriving within this many seconds go to the backend in one call: one MLflow log_batch of
 #: ten rows costs far less than ten calls, and the sender then takes the CPU (and the GIL) from
-#: the training loop far less often. flush() and finish() do not wait for it.
+#: the training loop far less often. flush() and finish() do not wait for it, nor does an ending
+#: process (lifecycle.py finishes open runs at exit and on SIGTERM/SIGINT).
 LINGER_SECONDS = 1.0
-SPILL_DIR = "stream_metrics_undelivered"
-REPLAY_COMMAND = "stream-metrics replay"  # cli.py; also `python -m stream_metrics replay`
 
 
 class Delivery:
@@ -49,7 +42,7 @@ class Delivery:
     def __init__(self, backend: Backend, *, buffer_rows: int = BUFFER_ROWS, spill_dir: str | None = None):
         self.backend = backend
         self.buffer_rows = max(1, int(buffer_rows))
-        self.spill_dir = spill_dir or os.environ.get("STREAM_METRICS_SPILL_DIR") or SPILL_DIR
+        self.spill = SpillFile(backend, spill_dir)
         self._queue: collections.deque = collections.deque()  # (kind, payload), oldest first
         self._lock = threading.Condition()
         self._thread = None
@@ -64,8 +57,6 @@ class Delivery:
         self._next_warning = 0.0
         self._start_info: RunInfo | None = None
         self.delivered_rows = 0
-        self.spilled_rows = 0
-        self.spill_path = None
 
     # ---------------------------------------------------------------- training thread side
     def submit(self, kind: str, payload) -> None:
@@ -86,20 +77,34 @@ class Delivery:
                                             daemon=True)
             self._thread.start()
 
+    @property
+    def spilled_rows(self) -> int:
+        return self.spill.rows
+
+    @property
+    def spill_path(self) -> str | None:
+        return self.spill.path
+
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far is delivered, at most ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+        self._hurry(True)
+        try:
+            return self._wait_delivered(time.monotonic() + timeout)
+        finally:
+            self._hurry(False)
+
+    def _hurry(self, on: bool) -> None:
         with self._lock:
-            self._retry_now = True  # no backoff, no lingering while someone waits
+            self._retry_now = on  # no backoff, no lingering while someone waits
             self._lock.notify_all()
-            try:
-                while self._queue:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._lock.wait(min(left, 0.1))
-            finally:
-                self._retry_now = False
+
+    def _wait_delivered(self, deadline: float) -> bool:
+        with self._lock:
+            while self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.1))
         return True
 
     def close(self, status: str, timeout: float) -> str | None:
@@ -108,22 +113,30 @@ class Delivery:
         Whatever is still undelivered then (rows, tags, the run's end) goes to the spill file;
         returns the message saying how many rows, where, and how to replay them, or None.
         """
+        return close_all([self], status, timeout)[0]
+
+    def _begin_close(self, status: str) -> None:
         self.submit("finish", status)
-        self.flush(timeout)
+        self._hurry(True)  # stays on: nothing lingers or backs off once the run is ending
+
+    def _end_close(self) -> str | None:
         with self._lock:
             self._closing = True
-            left = list(self._queue)  # a call still in flight is included: its outcome is unknown
+            # A call still in flight is included (its outcome is unknown; the sender notes in the
+            # file what it stored after all); rows the backend has already stored are not.
+            left = [(kind, payload) for kind, payload in self._queue
+                    if not (kind == "rows" and payload.seq <= self.backend.stored_seq)]
             self._queue.clear()
             self._held_rows = 0
             self._lock.notify_all()
             if left:
-                self._write_spill(left, run_id_known=self.backend.run_id)
+                self.spill.write(left, self._start_info)
         if not (self.spilled_rows or left):
             return None
         what = f"{self.spilled_rows} row(s)" if self.spilled_rows else "the end of the run"
         return (f"stream_metrics: {what} could not be delivered to {self.backend.name} "
                 f"({self._last_error or 'no answer in time'}); saved in {self.spill_path}: send them with "
-                f"`{REPLAY_COMMAND} {self.spill_path}`")
+                f"`{self.spill.command()}`")
 
     def _warn_if_stalled(self) -> None:
         # With the lock held. Failures the sender sees are warned about in _on_failure; this catches
@@ -164,10 +177,14 @@ class Delivery:
                 with self._lock:
                     self._in_flight, self._sending_since = 0, None
                     self._lock.notify_all()
+                    if self._closing:
+                        self._note_late_outcome(kind, batch, ok=False)
+                        return
                 self._on_failure(exc)
                 continue
             with self._lock:
                 if self._closing:  # close() gave up waiting and saved the queue, this call included
+                    self._note_late_outcome(kind, batch, ok=True)
                     return
                 for _ in batch:
                     self._queue.popleft()  # the in-flight head is never spilled, so these are ours
@@ -182,6 +199,15 @@ class Delivery:
                 self._failing_since, self._failures, self._next_warning = None, 0, 0.0
             if kind == "finish":
                 return
+
+    def _note_late_outcome(self, kind: str, batch: list, ok: bool) -> None:
+        # With the lock held, after close() saved this call's operations to the spill file: say
+        # what reached the backend after all, so replay stores each point once.
+        if kind in ("rows", "summary"):
+            rows = batch if kind == "rows" else [batch[0][1]]
+            self.spill.mark_stored([row.seq for row in rows if row.seq <= self.backend.stored_seq])
+        elif kind == "start" and ok and self.backend.run_id:
+            self.spill.mark_run(self.backend.run_id)
 
     def _linger(self) -> None:
         # With the lock held: let a few more rows arrive, so they go out in one call.
@@ -238,7 +264,7 @@ class Delivery:
         self._queue = collections.deque(head + kept)
         self._held_rows -= len(spilled)
         first = self.spill_path is None
-        self._write_spill(spilled, run_id_known=None)
+        self.spill.write(spilled, self._start_info)
         now = time.monotonic()
         if first or now >= self._next_warning:
             self._next_warning = now + STALL_SECONDS
@@ -246,101 +272,16 @@ class Delivery:
                         "replay them with `%s %s`", self.buffer_rows, self.backend.name, self.spilled_rows,
                         self.spill_path, REPLAY_COMMAND, self.spill_path)
 
-    def _write_spill(self, ops: list, run_id_known) -> None:
-        if self.spill_path is None:
-            os.makedirs(self.spill_dir, exist_ok=True)
-            run_id = self.backend.run_id
-            fd, path = tempfile.mkstemp(prefix=f"{self.backend.name}-{run_id or 'unstarted'}-", suffix=".jsonl",
-                                        dir=self.spill_dir)
-            self.spill_path = os.path.abspath(path)
-            info = self._start_info and dataclasses.asdict(self._start_info)
-            header = {"backend": self.backend.name, "run_id": run_id, "start": info, **self._target()}
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"header": header}) + "\n")
-        with open(self.spill_path, "a") as f:
-            for kind, payload in ops:
-                f.write(json.dumps(_op_json(kind, payload)) + "\n")
-            if run_id_known:  # the run may have opened after the header was written
-                f.write(json.dumps({"op": "run", "run_id": run_id_known}) + "\n")
-        self.spilled_rows += sum(1 for kind, _ in ops if kind == "rows")
 
-    def _target(self) -> dict:
-        # Where the rows belong, with credentials left out: replay takes them from the environment.
-        uri = getattr(self.backend, "tracking_uri", None)
-        project = getattr(self.backend, "project", None) or getattr(getattr(self.backend, "run", None), "project", None)
-        return {k: v for k, v in (("tracking_uri", uri and redact_uri(uri)), ("project", project)) if v}
+def close_all(deliveries: list[Delivery], status: str, timeout: float) -> list[str | None]:
+    """Finish every backend's run at once, with one deadline ``timeout`` seconds away.
 
-
-def _op_json(kind: str, payload) -> dict:
-    if kind == "rows":
-        return payload.to_json()
-    if kind == "tags":
-        return {"op": "tags", "tags": payload}
-    if kind == "summary":
-        figures, row = payload
-        return {"op": "summary", "metrics": figures, "row": row.to_json()}
-    if kind == "finish":
-        return {"op": "finish", "status": payload}
-    return {"op": kind}  # "start": its RunInfo is in the header
-
-
-def replay(path: str, tracking_uri: str | None = None) -> int:
-    """Send a spill file's rows (and any undelivered tags and end of run) into their run.
-
-    Returns how many rows were sent, and renames the file to ``<path>.replayed``. The target
-    comes from the file; credentials from the environment (``MLFLOW_TRACKING_URI``,
-    ``WANDB_API_KEY``), since the file never holds them. A run that never opened is created.
-    Sending rows MLflow already has is harmless: it keeps one copy of identical points.
+    Each backend has its own thread, so they deliver in parallel; whatever is not delivered by the
+    deadline goes to its spill file. Returns each backend's message (see ``Delivery.close``).
     """
-    from . import create
-
-    with open(path) as f:
-        header = json.loads(f.readline())["header"]
-        ops = [json.loads(line) for line in f if line.strip()]
-    name = header["backend"]
-    run_id = header.get("run_id")
-    for op in ops:
-        if op.get("op") == "run":
-            run_id = op["run_id"]
-    start = dict(header.get("start") or {})
-    info = RunInfo(**{**start, "run_id": run_id, "axes": tuple(start.get("axes") or ())})
-    if name == "mlflow":
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header.get("tracking_uri")
-        backend = create(name, {"tracking_uri": uri})
-    elif name == "wandb":
-        backend = create(name, {"project": header.get("project")})
-    else:
-        raise ValueError(f"{path}: unknown backend {name!r}")
-    if name == "mlflow" and run_id:
-        backend.client.get_run(run_id)  # a clear error where the run is not on this server
-        backend.run_id = run_id         # continue it as it is: its status changes only with a "finish" below
-    else:
-        backend.start(info)
-
-    sent, pending, finished = 0, [], False
-
-    def send_pending():
-        nonlocal sent
-        for i in range(0, len(pending), backend.max_rows_per_call):
-            backend.log_rows(pending[i:i + backend.max_rows_per_call])
-        sent += len(pending)
-        pending.clear()
-
-    for op in ops:
-        kind = op.get("op")
-        if kind is None:
-            pending.append(Row.from_json(op))
-            continue
-        send_pending()
-        if kind == "tags":
-            backend.set_tags(op["tags"])
-        elif kind == "summary":
-            backend.log_summary(op["metrics"], Row.from_json(op["row"]))
-        elif kind == "finish":
-            backend.finish(op["status"])
-            finished = True
-    send_pending()
-    if name == "wandb" and not finished:
-        backend.finish("FINISHED")  # close the resumed W&B run again
-    os.replace(path, path + ".replayed")
-    return sent
+    deadline = time.monotonic() + timeout
+    for d in deliveries:
+        d._begin_close(status)
+    for d in deliveries:
+        d._wait_delivered(deadline)
+    return [d._end_close() for d in deliveries]

@@ -3,6 +3,10 @@
 The tracking URI is the one MLflow itself would use (``MLFLOW_TRACKING_URI``, else its default
 ``sqlite:///mlflow.db``); the experiment is ``MLFLOW_EXPERIMENT_NAME`` or the one given;
 ``MLFLOW_RUN_ID`` continues an existing run, as in the Hugging Face integration.
+
+Every call may be retried after a failure (delivery.py): ``start`` creates one run whatever
+fails after ``create_run`` and is tried again, parameters count as logged once MLflow has them,
+and rows count as stored call by call (MLflow also keeps one copy of identical points).
 """
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import os
 import time
 
 from .. import schema
+from ..counting import warn_once
 from ..redact import flat_params, redact_uri
+from ..sanitize import KeyMap
 from .base import Backend, Row, RunInfo
 
-_MAX_PARAMS = 100  # MLflow's limit per log_batch call
+_MAX_PARAMS = 100  # MLflow's limits per log_batch call
+_MAX_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -34,45 +41,84 @@ class MLflowBackend(Backend):
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.run_id = None
+        self.step_key = schema.SAMPLES  # the row's axis whose value is its MLflow step (RunInfo's mlflow_step tag)
+        self._reopened = False  # the run was there before start(): its stored params are read once
         self._logged_params: dict[str, str] = {}
+        # Parameter names go through the same sanitising as metric keys, and two config keys never
+        # share a name (label2id with non-Latin labels would otherwise fail the whole log_batch).
+        self._param_names = KeyMap(what="parameter")
 
     def start(self, info: RunInfo) -> str:
-        run_id = info.run_id or os.environ.get("MLFLOW_RUN_ID")
-        if run_id:
-            run = self.client.get_run(run_id)  # raises where the run does not exist: a clear failure at start
-            self._logged_params = dict(run.data.params)
-            if run.info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
-        else:
-            name = self.experiment or info.project or "Default"
-            experiment = self.client.get_experiment_by_name(name)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-            run_id = self.client.create_run(experiment_id, run_name=info.name).info.run_id
-        self.run_id = run_id
+        self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
+                                        allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
+        if self.run_id is None:
+            run_id = info.run_id or os.environ.get("MLFLOW_RUN_ID")
+            if run_id:
+                self._continue(run_id)
+            else:
+                name = self.experiment or info.project or "Default"
+                experiment = self.client.get_experiment_by_name(name)
+                experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+                # Kept at once: a retry after a later failure continues this run, never a second one.
+                self.run_id = self.client.create_run(experiment_id, run_name=info.name).info.run_id
+        elif self._reopened:
+            self._continue(self.run_id)
         self.set_tags(info.tags)
         self._log_params(flat_params(info.config))
-        return run_id
+        return self.run_id
+
+    def _continue(self, run_id: str) -> None:
+        run = self.client.get_run(run_id)  # raises where the run does not exist: a clear failure at start
+        self.run_id, self._reopened = run_id, True
+        self._logged_params = dict(run.data.params)
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        self._reopened = False
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        fresh = []
+        fresh = {}
         for key, value in params.items():
-            value = value[:_MAX_PARAM_LENGTH]
+            name = self._param_names(key)
             # A param cannot change once logged: a resumed run keeps the value it started with.
-            if key not in self._logged_params:
-                fresh.append(Param(_param_key(key), value))
-                self._logged_params[key] = value
-        for i in range(0, len(fresh), _MAX_PARAMS):
-            self.client.log_batch(self.run_id, params=fresh[i:i + _MAX_PARAMS])
+            if name not in self._logged_params:
+                fresh[name] = value[:_MAX_PARAM_LENGTH]
+        names = list(fresh)
+        for i in range(0, len(names), _MAX_PARAMS):
+            chunk = names[i:i + _MAX_PARAMS]
+            self.client.log_batch(self.run_id, params=[Param(n, fresh[n]) for n in chunk])
+            self._logged_params.update((n, fresh[n]) for n in chunk)  # only once stored
+
+    def _step(self, row: Row) -> int:
+        step = row.metrics.get(self.step_key)
+        if step is None:
+            warn_once("mlflow-step", f"mlflow_step={self.step_key!r} has no value (no token information); "
+                                     "rows use progress/samples as their MLflow step")
+            step = row.metrics.get(schema.SAMPLES, 0)
+        return int(step)
 
     def log_rows(self, rows: list[Row]) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(key, float(value), row.timestamp_ms, row.step)
-                   for row in rows for key, value in row.metrics.items()]
-        for i in range(0, len(metrics), self.max_rows_per_call):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + self.max_rows_per_call])
+        # Whole rows per call (a row of more than the limit alone, in parts), so stored_seq moves
+        # row by row and a retry after a failed call sends only what is not stored.
+        batch, last = [], None
+        for row in self.unstored(rows):
+            step = self._step(row)
+            metrics = [Metric(key, float(value), row.timestamp_ms, step) for key, value in row.metrics.items()]
+            if batch and len(batch) + len(metrics) > _MAX_METRICS:
+                self._log_metrics(batch, last)
+                batch = []
+            batch.extend(metrics)
+            last = row.seq
+        if batch:
+            self._log_metrics(batch, last)
+
+    def _log_metrics(self, metrics: list, seq: int) -> None:
+        for i in range(0, len(metrics), _MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS])
+        self.stored_seq = seq
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
@@ -81,7 +127,7 @@ class MLflowBackend(Backend):
 
     def log_summary(self, metrics: dict, row: Row) -> None:
         # MLflow has no summary: the figures are logged once, in a row with every axis.
-        self.log_rows([Row({**row.metrics, **metrics}, row.timestamp_ms, row.step)])
+        self.log_rows([Row({**row.metrics, **metrics}, row.timestamp_ms, row.seq)])
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status, end_time=int(time.time() * 1000))
@@ -91,6 +137,24 @@ class MLflowBackend(Backend):
         if uri.startswith("sqlite:"):
             return f"MLflow run {self.run_id} in {uri}: look with `mlflow ui --backend-store-uri {uri}`"
         return f"MLflow run {self.run_id} at {uri}"
+
+    def target(self) -> dict:
+        return {"tracking_uri": redact_uri(self.tracking_uri)}
+
+    @classmethod
+    def for_replay(cls, target: dict, options: dict) -> "MLflowBackend":
+        # The file's URI has no password: the environment's, with its credentials, comes first.
+        uri = options.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or target.get("tracking_uri")
+        return cls(tracking_uri=uri)
+
+    def reopen(self, info: RunInfo) -> None:
+        if not info.run_id:
+            self.start(info)
+            return
+        self.client.get_run(info.run_id)  # a clear error where the run is not on this server
+        self.run_id = info.run_id  # continue it as it is: its status changes only with a "finish" op
+        self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
+                                        allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
 
 
 def default_tracking_uri() -> str:
@@ -111,9 +175,3 @@ def default_tracking_uri() -> str:
     if uri.startswith("file:") and not is_tracking_uri_set() and not os.path.isdir("mlruns"):
         return "sqlite:///mlflow.db"
     return uri
-
-
-def _param_key(key: str) -> str:
-    from ..sanitize import sanitize_key
-
-    return sanitize_key(key)

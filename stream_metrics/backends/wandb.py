@@ -60,7 +60,9 @@ class WandbBackend(Backend):
     def start(self, info: RunInfo) -> str:
         wandb = self._wandb
         active = wandb.run
-        if active is not None and (info.run_id is None or active.id == info.run_id):
+        if self.run is not None:
+            pass  # a retry after a failure below: the run is open already, never a second one
+        elif active is not None and (info.run_id is None or active.id == info.run_id):
             self.run, self._owns_run = active, False  # the user's own wandb.init(): log into it
         else:
             self._check_credentials()
@@ -71,6 +73,7 @@ class WandbBackend(Backend):
                 mode=self.mode, dir=self.dir or os.environ.get("WANDB_DIR"), config=info.config,
                 settings=wandb.Settings(console="off", silent=True),
             )
+        self.run_id = self.run.id
         if not self._owns_run and info.config:
             self.run.config.update(info.config, allow_val_change=True)
         for key in info.axes:
@@ -80,12 +83,14 @@ class WandbBackend(Backend):
                 self.run.define_metric(key, step_metric=info.x_axis)
         self.run.define_metric("*", step_metric=info.x_axis)
         self.set_tags(info.tags)
-        self.run_id = self.run.id
         return self.run_id
 
     def log_rows(self, rows: list[Row]) -> None:
-        for row in rows:
+        # One call per row: a failure partway leaves stored_seq at the last row W&B took, and the
+        # retry starts after it (W&B would store the first rows twice otherwise).
+        for row in self.unstored(rows):
             self.run.log(row.metrics)
+            self.stored_seq = row.seq
 
     def set_tags(self, tags: dict) -> None:
         self._meta.update(tags)
@@ -93,7 +98,7 @@ class WandbBackend(Backend):
 
     def log_summary(self, metrics: dict, row: Row) -> None:
         # The final position goes into the history too, so the last row shows where the run ended.
-        self.run.log(row.metrics)
+        self.log_rows([row])
         self.run.summary.update(metrics)
 
     def finish(self, status: str) -> None:
@@ -107,3 +112,14 @@ class WandbBackend(Backend):
             return f"W&B offline run {self.run.id} in {run_folder}: upload with `wandb sync {run_folder}`"
         url = getattr(self.run, "url", None)
         return f"W&B run {self.run.id}" + (f" at {url}" if url else "")
+
+    def target(self) -> dict:
+        return {"project": self.project or getattr(self.run, "project", None)}
+
+    @classmethod
+    def for_replay(cls, target: dict, options: dict) -> "WandbBackend":
+        return cls(project=options.get("project") or target.get("project"))
+
+    def release(self, finished: bool) -> None:
+        if not finished:
+            self.finish("FINISHED")  # close the resumed W&B run again

@@ -1,0 +1,188 @@
+"""However the process ends, open runs are finished: every row stored or spilled, no run left RUNNING.
+
+- **Interpreter exit** (a run never finished, even one made in a function and dropped): open runs
+  are held here strongly and finished by an exit hook that runs before ``atexit`` hooks
+  (``threading._register_atexit``), so our rows reach W&B before W&B's own ``atexit`` hook shuts its
+  service down. The run ends FAILED after an uncaught exception (the interpreter keeps it in
+  ``sys.last_value``), KILLED after an uncaught ``KeyboardInterrupt``, FINISHED otherwise.
+- **SIGTERM** (Slurm preemption, Kubernetes, torchrun tearing a job down), and SIGINT where the
+  program has no ``KeyboardInterrupt`` handler in force: rows are delivered within
+  ``STREAM_METRICS_SIGNAL_TIMEOUT`` seconds (default 10), the rest is spilled with the replay
+  command printed, the runs end KILLED, and the signal is handed on to the handler that was there
+  before (a user's own handler still runs), or to the default action, so the exit status still
+  says the process died of the signal.
+- **SIGINT under Python's default handler** (Ctrl-C, every notebook): rows are flushed, then the
+  ``KeyboardInterrupt`` is raised as before; the run stays open, so training can go on in it.
+- Handlers are installed only in the main thread, only while a run is open, never where the
+  signal is ignored (``nohup``) or handled outside Python; they are put back when the last run ends.
+- A forked child (DataLoader workers) forgets the runs it inherited: only their owner finishes them.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .run import Run
+
+log = logging.getLogger("stream_metrics")
+
+SIGNAL_TIMEOUT_ENV = "STREAM_METRICS_SIGNAL_TIMEOUT"
+SIGNAL_TIMEOUT = 10.0  # seconds to deliver rows on a signal; a scheduler's grace period is often 30 s
+SIGNALS = ("SIGTERM", "SIGINT")
+
+_open: dict[int, "Run"] = {}  # id -> run: strong references, so a dropped run is still finished
+_lock = threading.RLock()
+_previous: dict[int, object] = {}  # signal number -> the handler ours replaced
+
+
+def opened(run: "Run") -> None:
+    """Hold ``run`` until it finishes; install the signal handlers (main thread only)."""
+    with _lock:
+        _open[id(run)] = run
+        _install()
+
+
+def closed(run: "Run") -> None:
+    """``run`` has finished: let go of it; with no run open, put the signal handlers back."""
+    with _lock:
+        _open.pop(id(run), None)
+        if not _open:
+            _uninstall()
+
+
+def open_runs() -> list["Run"]:
+    with _lock:
+        return list(_open.values())
+
+
+def exit_status() -> str:
+    """How the program ended, as a run status: an uncaught exception leaves it in ``sys.last_value``."""
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def signal_timeout() -> float:
+    text = os.environ.get(SIGNAL_TIMEOUT_ENV)
+    if text is None:
+        return SIGNAL_TIMEOUT
+    try:
+        seconds = float(text)
+        if seconds >= 0:
+            return seconds
+    except ValueError:
+        pass
+    log.warning("stream_metrics: %s=%r is not a number of seconds >= 0; using %g", SIGNAL_TIMEOUT_ENV, text,
+                SIGNAL_TIMEOUT)
+    return SIGNAL_TIMEOUT
+
+
+def finish_all(status: str, timeout: float | None = None) -> None:
+    """Finish every open run with ``status``, all within ``timeout`` seconds (default: each run's own)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for run in open_runs():
+        try:
+            run.finish(status, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except Exception:  # one run's failure must not keep the others open
+            log.exception("stream_metrics: could not finish a run at exit")
+
+
+# ---------------------------------------------------------------------- interpreter exit
+def _at_exit() -> None:
+    if not open_runs():
+        return
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others:
+        # Training may go on in a thread the interpreter is about to wait for: finish after it, first
+        # among the atexit hooks (the last registered runs first), so still before W&B's teardown.
+        atexit.register(_finish_at_exit)
+        return
+    _finish_at_exit()
+
+
+def _finish_at_exit() -> None:
+    finish_all(exit_status())
+
+
+# threading's exit hooks run when the main thread ends, before atexit hooks (W&B tears its service
+# down in one of those) and while our daemon sender threads still run.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_at_exit)
+else:  # pragma: no cover - CPython has had it since 3.9
+    atexit.register(_finish_at_exit)
+
+
+# ---------------------------------------------------------------------- signals
+def _install() -> None:
+    if _previous or threading.current_thread() is not threading.main_thread():
+        return
+    for name in SIGNALS:
+        number = getattr(signal, name, None)
+        if number is None:
+            continue
+        try:
+            current = signal.getsignal(number)
+            # Ignored (nohup) stays ignored; a handler set outside Python could not be handed on.
+            if current is signal.SIG_IGN or current is None:
+                continue
+            signal.signal(number, _on_signal)
+        except (ValueError, OSError):  # not the main interpreter
+            continue
+        _previous[number] = current
+
+
+def _uninstall() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number, previous in list(_previous.items()):
+        try:
+            if signal.getsignal(number) is _on_signal:  # a handler set after ours stays
+                signal.signal(number, previous)
+        except (ValueError, OSError):
+            pass
+        del _previous[number]
+
+
+def _on_signal(number: int, frame) -> None:
+    previous = _previous.get(number, signal.SIG_DFL)
+    name = signal.Signals(number).name
+    timeout = signal_timeout()
+    if number == signal.SIGINT and previous is signal.default_int_handler:
+        # It becomes a KeyboardInterrupt the program may catch (a notebook always does): flush, and
+        # leave the run open, so training can go on in it. An uncaught one closes it at exit.
+        deadline = time.monotonic() + timeout
+        for run in open_runs():
+            run.flush(max(0.0, deadline - time.monotonic()))
+        previous(number, frame)
+        return
+    if open_runs():
+        log.warning("stream_metrics: %s received: delivering rows for up to %g s (%s), then the runs end KILLED",
+                    name, timeout, SIGNAL_TIMEOUT_ENV)
+        finish_all("KILLED", timeout)
+    # Hand the signal on, so the process ends (or not) as it would have without us.
+    if callable(previous):
+        previous(number, frame)
+        return
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+
+
+def _forget_in_child() -> None:
+    # A forked child (a DataLoader worker) must not finish or write to its parent's runs.
+    global _lock
+    _open.clear()
+    _lock = threading.RLock()  # the parent may have held it while forking
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

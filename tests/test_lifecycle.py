@@ -1,0 +1,337 @@
+"""However the process ends, every row logged is stored (or spilled, with the replay command) and the run is closed.
+
+Each story runs a real training script in a child process, ends it the way it ends in real life
+(interpreter exit, SIGTERM from a scheduler, an exception, Ctrl-C, a forked worker), and reads back
+what MLflow's SQLite store and W&B's offline run folder hold.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+import stream_metrics
+from conftest import ROOT, mlflow_rows, wandb_rows, wandb_run_dirs
+
+pytestmark = pytest.mark.slow  # child processes that start MLflow and W&B
+
+BATCH = 4  # samples per update() in every script: row i holds i * BATCH samples
+
+PRELUDE = """
+import os, signal, sys, time
+import torch
+import stream_metrics
+
+BATCH = 4
+URI = {uri!r}
+BACKENDS = {backends!r}
+
+def init():
+    return stream_metrics.init(backend=BACKENDS, mlflow={{"tracking_uri": URI, "experiment": "lifecycle"}},
+                               wandb={{"project": "lifecycle"}})
+
+def step(run, i):
+    run.update({{"input_ids": torch.ones(BATCH, 6, dtype=torch.long)}})
+    run.log({{"loss": 1.0 / i}})
+"""
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start(workdir, body: str, uri: str, backends=("mlflow", "wandb"), **env) -> subprocess.Popen:
+    script = workdir / "train.py"
+    script.write_text(PRELUDE.format(uri=uri, backends=list(backends)) + textwrap.dedent(body))
+    return subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=child_env(**env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def read_until(proc: subprocess.Popen, predicate, timeout: float = 240) -> list[str]:
+    """Lines of the child's stdout up to the first one ``predicate`` accepts."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the child ended early: {proc.wait()} {proc.stderr.read()[-3000:]}")
+        lines.append(line.strip())
+        if predicate(line.strip()):
+            return lines
+    raise AssertionError("the child did not get there in time")
+
+
+def the_mlflow_run(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lifecycle").experiment_id])
+    assert len(runs) == 1, f"{len(runs)} MLflow runs"
+    return runs[0]
+
+
+def stored_samples(uri=None, run_id=None, wandb_dir=None) -> list[int]:
+    rows = mlflow_rows(uri, run_id) if wandb_dir is None else [
+        row for folder in wandb_run_dirs(wandb_dir) for row in wandb_rows(folder)]
+    return sorted(int(row["progress/samples"]) for row in rows)
+
+
+def every_row(n: int) -> list[int]:
+    return [BATCH * i for i in range(1, n + 1)]
+
+
+# ----------------------------------------------------------------------------- interpreter exit
+def test_a_run_never_finished_and_dropped_is_finished_at_exit_with_every_row(workdir, mlflow_uri):
+    proc = start(workdir, """
+        import gc
+
+        def train():  # the run is made here, never finished, and dropped when train() returns
+            run = init()
+            for i in range(1, 101):
+                step(run, i)
+
+        train()
+        gc.collect()
+    """, mlflow_uri)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    run = the_mlflow_run(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    assert stored_samples(mlflow_uri, run.info.run_id) == every_row(100)
+    assert stored_samples(wandb_dir=workdir) == every_row(100)  # before W&B's own exit hook shut it down
+
+
+def test_an_uncaught_exception_leaves_the_run_failed_with_its_rows(workdir, mlflow_uri):
+    proc = start(workdir, """
+        run = init()
+        for i in range(1, 11):
+            step(run, i)
+        raise RuntimeError("the loss went NaN")
+    """, mlflow_uri)
+    code, out, err = finish(proc)
+    assert code == 1 and "the loss went NaN" in err
+    run = the_mlflow_run(mlflow_uri)
+    assert run.info.status == "FAILED"
+    assert stored_samples(mlflow_uri, run.info.run_id) == every_row(10)
+    assert stored_samples(wandb_dir=workdir) == every_row(10)
+
+
+def test_a_trainer_whose_collator_raises_leaves_the_run_failed(workdir, mlflow_uri):
+    proc = start(workdir, """
+        sys.path.insert(0, os.path.join({root!r}, "examples"))
+        from streaming_trainer import build_trainer
+        from stream_metrics.hf import StreamMetricsCallback
+
+        callback = StreamMetricsCallback(backend="mlflow", mlflow={{"tracking_uri": URI, "experiment": "lifecycle"}})
+        trainer, _ = build_trainer("out", max_steps=20, batch_size=4, grad_accum=1, logging_steps=2,
+                                   callbacks=[callback])
+        collate, calls = trainer.data_collator, []
+
+        def broken(features):
+            calls.append(1)
+            if len(calls) == 7:
+                raise ValueError("a corrupt example in the stream")
+            return collate(features)
+
+        trainer.data_collator = broken
+        seen = []  # the samples the model trained on, counted apart from the library
+
+        def count(module, args, kwargs):
+            if module.training:
+                seen.append(kwargs["input_ids"].shape[0])
+
+        trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            trainer.train()
+        finally:
+            print("trained", len(seen), sum(seen), flush=True)
+    """.format(root=ROOT), mlflow_uri, backends=("mlflow",))
+    code, out, err = finish(proc)
+    assert code == 1 and "a corrupt example in the stream" in err
+    run = the_mlflow_run(mlflow_uri)
+    assert run.info.status == "FAILED"
+    # accelerate reads one batch ahead, so the broken seventh batch stops training after five or six.
+    batches, samples = map(int, re.search(r"trained (\d+) (\d+)", out).groups())
+    assert batches in (5, 6)
+    # Rows at steps 2 and 4 (logging_steps=2), then one at step 6 or the final totals after step 5.
+    assert samples == 4 * batches
+    assert stored_samples(mlflow_uri, run.info.run_id) == [8, 16, samples]
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+SIGTERM_LOOP = """
+run = init()
+for i in range(1, 6):
+    step(run, i)
+run.flush()  # both runs are open: what follows is rows in flight
+print("ready", flush=True)
+i = 5
+while True:
+    i += 1
+    step(run, i)
+    print(i, flush=True)
+    time.sleep(0.005)
+"""
+
+OWN_HANDLER = """
+def own_handler(signum, frame):  # e.g. a job's own checkpoint-on-preemption handler
+    with open("handler_ran", "w") as f:
+        f.write(str(signum))
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+signal.signal(signal.SIGTERM, own_handler)
+"""
+
+
+@pytest.mark.parametrize("own_handler", [False, True], ids=["default", "own-handler"])
+def test_sigterm_stores_every_row_logged_closes_the_run_killed_and_still_ends_the_process(
+        workdir, mlflow_uri, own_handler):
+    proc = start(workdir, (OWN_HANDLER if own_handler else "") + SIGTERM_LOOP, mlflow_uri,
+                 STREAM_METRICS_SIGNAL_TIMEOUT=60)
+    read_until(proc, lambda line: line == "ready")
+    logged = int(read_until(proc, lambda line: int(line) >= 45)[-1])  # rows still lingering in the sender
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == -signal.SIGTERM, err
+    logged = max([logged] + [int(line) for line in out.split()])
+
+    run = the_mlflow_run(mlflow_uri)
+    assert run.info.status == "KILLED"
+    mlflow_samples = stored_samples(mlflow_uri, run.info.run_id)
+    # Every row logged before the signal, once each (a batch counted but not logged yet makes the last row).
+    assert mlflow_samples == every_row(len(mlflow_samples)) and len(mlflow_samples) >= logged
+    assert stored_samples(wandb_dir=workdir) == mlflow_samples
+    assert "SIGTERM received" in err and not glob.glob(str(workdir / "undelivered" / "*"))
+    if own_handler:
+        assert (workdir / "handler_ran").read_text() == str(int(signal.SIGTERM))
+
+
+def test_sigterm_during_a_server_outage_spills_the_held_rows_and_replay_stores_each_once(
+        workdir, mlflow_server):
+    url = mlflow_server.url()
+    proc = start(workdir, SIGTERM_LOOP, url, backends=("mlflow",), STREAM_METRICS_SIGNAL_TIMEOUT=3,
+                 MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=5)
+    read_until(proc, lambda line: line == "ready")
+    mlflow_server.stop()
+    logged = int(read_until(proc, lambda line: int(line) >= 60)[-1])
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == -signal.SIGTERM, err
+    logged = max([logged] + [int(line) for line in out.split()])
+
+    message = re.search(r"stream_metrics: (\d+) row\(s\) could not be delivered to mlflow .*`(stream-metrics replay "
+                        r"[^`]+)`", err)
+    assert message, err
+    spilled, command = int(message.group(1)), message.group(2)
+    mlflow_server.start()
+    run = the_mlflow_run(url)
+    before = stored_samples(url, run.info.run_id)
+    assert before == every_row(len(before)) and len(before) + spilled >= logged
+
+    done = subprocess.run(shlex.split(command), cwd=workdir, env=child_env(PATH=os.path.dirname(sys.executable)
+                                                                          + os.pathsep + os.environ["PATH"]),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert f"sent {spilled} row(s)" in done.stdout
+    after = stored_samples(url, run.info.run_id)
+    assert after == every_row(len(before) + spilled)  # every row, none twice
+    assert MlflowClient(url).get_run(run.info.run_id).info.status == "KILLED"
+
+
+# ----------------------------------------------------------------------------- SIGINT, forks
+def test_ctrl_c_caught_by_the_program_flushes_and_training_goes_on_in_the_same_run(workdir, mlflow_uri):
+    proc = start(workdir, """
+        run = init()
+        i = 0
+        try:
+            while True:
+                i += 1
+                step(run, i)
+                print(i, flush=True)
+                time.sleep(0.005)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        for _ in range(5):  # a notebook user goes on in the same run
+            i += 1
+            step(run, i)
+        run.finish()
+        print("rows", i, flush=True)
+    """, mlflow_uri, backends=("mlflow",))
+    read_until(proc, lambda line: line.isdigit() and int(line) >= 20)
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert "interrupted" in out
+    rows = int(re.search(r"rows (\d+)", out).group(1))
+    run = the_mlflow_run(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    assert stored_samples(mlflow_uri, run.info.run_id) == every_row(rows)
+
+
+def test_a_forked_worker_killed_by_sigterm_leaves_its_parents_run_alone(workdir, mlflow_uri):
+    proc = start(workdir, """
+        run = init()
+        for i in range(1, 6):
+            step(run, i)
+        run.flush()
+        pid = os.fork()  # as a DataLoader worker is made
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.5)
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print("worker", os.WIFSIGNALED(status) and os.WTERMSIG(status), round(time.monotonic() - started), flush=True)
+        for i in range(6, 11):
+            step(run, i)
+        run.finish()
+    """, mlflow_uri, backends=("mlflow",), STREAM_METRICS_SIGNAL_TIMEOUT=30)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    worker, signal_number, seconds = out.split()
+    assert int(signal_number) == signal.SIGTERM and int(seconds) < 5  # died at once, finishing nothing
+    run = the_mlflow_run(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    assert stored_samples(mlflow_uri, run.info.run_id) == every_row(10)
+    assert "SIGTERM received" not in err and not glob.glob(str(workdir / "undelivered" / "*"))
+
+
+# ----------------------------------------------------------------------------- in this process
+def test_finish_writes_what_was_counted_after_the_last_row(mlflow_uri):
+    updates, every = 10, 3  # rows after updates 3, 6, 9; the tenth batch only in the final row
+    with stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}) as run:
+        for i in range(1, updates + 1):
+            run.update(samples=BATCH, tokens=7)
+            if i % every == 0:
+                run.log({"loss": 1.0 / i})
+        run_id = run.run_ids["mlflow"]
+    rows = mlflow_rows(mlflow_uri, run_id)
+    assert [int(r["progress/samples"]) for r in rows] == [12, 24, 36, 40]
+    assert [int(r["progress/tokens"]) for r in rows] == [21, 42, 63, 70]
+    assert "train/loss" not in rows[-1] and "loss" not in rows[-1]
+
+
+def test_log_after_finish_warns_that_the_row_is_not_stored(mlflow_uri):
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+    run.update(samples=BATCH)
+    run.log({"loss": 1.0})
+    run.finish()
+    with pytest.warns(UserWarning, match=r"log\(\) after finish\(\).*not stored"):
+        run.log({"loss": 0.5})
+    assert len(mlflow_rows(mlflow_uri, run.run_ids["mlflow"])) == 1

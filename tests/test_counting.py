@@ -334,3 +334,61 @@ def test_a_row_with_five_tensor_metrics_syncs_once(monkeypatch):
         dtype = torch.bfloat16 if i == 4 else torch.float32
         assert stored[f"m{i}"] == pytest.approx(float(torch.tensor(v, dtype=dtype)), rel=1e-7)
     assert stored["step_count"] == 11 and stored["progress/samples"] == 3 and stored["progress/tokens"] == 22
+
+
+# ---------------------------------------------------------------- the epoch never comes from stale metadata
+def parquet_stream(folder, rows_per_file=(100, 100, 100)):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    paths, start = [], 0
+    for i, n in enumerate(rows_per_file):
+        paths.append(str(folder / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"n": list(range(start, start + n))}), paths[-1])
+        start += n
+    return datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True)
+
+
+def four_of_each(batch):
+    return {"n": [n for n in batch["n"] for _ in range(4)]}
+
+
+def read_rows(run, dataset, rows, batch_size=10):
+    from torch.utils.data import DataLoader
+
+    run.watch(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda b: {"n": [x["n"] for x in b]})
+    seen = []
+    for i, batch in enumerate(loader):
+        run.update(samples=len(batch["n"]))
+        p = run.progress
+        seen.append((p.samples, p.epoch, p.epoch_source))
+        if p.samples >= rows:
+            return seen
+    raise AssertionError("the stream ended early")
+
+
+@pytest.mark.parametrize("step", ["batched map", "batch", "filter"])
+def test_a_resizing_step_makes_the_files_metadata_and_shard_position_unusable(workdir, step):
+    pytest.importorskip("datasets")
+    ds = parquet_stream(workdir / "data")  # 300 rows in three files: the footers say 300
+    ds = {"batched map": lambda: ds.map(four_of_each, batched=True, batch_size=7),
+          "batch": lambda: ds.batch(batch_size=3),
+          "filter": lambda: ds.filter(lambda row: row["n"] % 3 == 0)}[step]()
+    truth = {"batched map": 1200, "batch": 100, "filter": 100}[step]  # rows in one pass, from the data
+    target = {"batched map": 600, "batch": 50, "filter": 50}[step]
+    with stream_metrics.init(backend="none") as run:
+        seen = read_rows(run, ds, target)
+    for samples, epoch, source in seen:
+        assert source == "none" and epoch == 0.0 or epoch == pytest.approx(samples / truth), (samples, epoch, source)
+    assert seen[-1][0] == target and seen[-1][2] == "none"
+
+
+def test_a_one_for_one_map_keeps_the_files_metadata(workdir):
+    pytest.importorskip("datasets")
+    ds = parquet_stream(workdir / "data").map(lambda row: {"n": row["n"] * 2})
+    with stream_metrics.init(backend="none") as run:
+        seen = read_rows(run, ds, 150)
+    assert seen[-1] == (150, 0.5, "metadata")

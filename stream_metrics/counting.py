@@ -5,6 +5,31 @@ tells it (free) or a 0-d tensor on the batch's device where the values must be l
 the labels, packed position ids). ``Totals`` adds those up in place on the device. Nothing here
 calls ``.item()``, ``.tolist()`` or ``.cpu()``: the host reads the totals once, when a row is
 written (``Totals.values``).
+
+Which rule counts a batch (SCHEMA section 1):
+
+- An attention mask shaped like the ids: tokens are its non-zero entries; samples are the rows,
+  or, where ``position_ids`` are given too, the places where they are 0 inside the mask (every
+  packed example counts, left padding does not).
+- Padding-free (packed) batches, with ``position_ids`` or ``cu_seq_lens_q`` and no mask, as TRL's
+  ``DataCollatorForLanguageModeling(padding_free=True)``, HF's ``DataCollatorWithFlattening`` and
+  packing frameworks make them. The row is cut into segments: a segment starts where
+  ``cu_seq_lens_q`` says (on the flattened batch), or where a position is not the one before plus
+  one. Padding is the row's leading and trailing run of *padding-like* positions: one-token
+  segments whose token is the pad id (where the pad id is known) and whose label is -100 (where
+  labels are given). That is what ``pad_to_multiple_of`` appends (positions restarting at 0, one
+  token per ``cu_seq_lens_q`` entry, labels -100), and what left padding without a mask looks like
+  (``[1, 1, 0, 1, 2]`` from ``generate``, or ``[0, 0, 0, 1, 2]``). Tokens are every position that
+  is not padding, an end-of-sequence token included even where the pad id equals it; samples are
+  the non-padding positions where ``position_ids`` are 0 (every ``cu_seq_lens_q`` segment where
+  only those are given). A one-token example at the very edge of a row whose token is the pad id
+  is taken for padding: no other reading of such a batch can tell them apart.
+- Multimodal rope positions ``(3, batch, length)`` (Qwen-VL): samples are the runs of 0 in the
+  first plane (image tokens share a temporal position); ``(4, batch, length)``, whose first plane
+  holds the text positions, counts like 2-D ``position_ids``.
+- No mask and no positions: tokens are ``input_ids != pad_token_id`` where the pad id is known,
+  else all of them (one warning). A list of 1-D token tensors, or of token lists, is a batch of
+  unpadded sequences: one sample each, every token counts.
 """
 from __future__ import annotations
 
@@ -43,18 +68,81 @@ def _tokens_from_ids(ids: torch.Tensor, mask, pad_token_id) -> Count:
     return ids.numel() if ids.dim() < 3 else ids.shape[0] * ids.shape[1]
 
 
-def _samples(rows: int, mapping: Mapping, mask) -> Count:
-    # Packed (padding-free) batches hold several examples per row: count where each one starts.
-    cu = mapping.get("cu_seq_lens_q")
-    if isinstance(cu, torch.Tensor) and cu.dim() == 1:
-        return max(cu.shape[0] - 1, 0)
-    positions = mapping.get("position_ids")
-    if isinstance(positions, torch.Tensor) and positions.dim() >= 1 and positions.numel() > 0:
-        starts = positions == 0
-        if mask is not None and mask.shape == positions.shape:
-            starts = starts & (mask != 0)
-        return _count_nonzero(starts)
-    return rows
+def _plane(positions, ids_grid) -> tuple[torch.Tensor | None, bool]:
+    """(position ids as (rows, length), whether they are rope planes whose zeros come in runs)."""
+    if not isinstance(positions, torch.Tensor) or positions.numel() == 0 or torch.is_floating_point(positions):
+        return None, False
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    runs = False
+    if positions.dim() == 3:
+        # Qwen-VL rope: 4 planes put the text positions first (packed batches count them); with 3 the
+        # first plane is the temporal one, where an image's tokens all share one position.
+        runs = positions.shape[0] != 4
+        positions = positions[0]
+    if positions.dim() != 2 or (ids_grid is not None and tuple(positions.shape) != ids_grid):
+        return None, False
+    return positions, runs
+
+
+def _run_starts(zeros: torch.Tensor) -> torch.Tensor:
+    # The first 0 of every run of 0s along the row.
+    previous = torch.cat([torch.zeros_like(zeros[:, :1]), zeros[:, :-1]], dim=1)
+    return zeros & ~previous
+
+
+def _samples(rows: int, positions, runs: bool, mask) -> Count:
+    # Packed batches hold several examples per row: count where each one starts (inside the mask).
+    if positions is None:
+        return rows
+    starts = _run_starts(positions == 0) if runs else positions == 0
+    if mask is not None and mask.shape == positions.shape:
+        starts = starts & (mask != 0)
+    return _count_nonzero(starts)
+
+
+def _edge_runs(like: torch.Tensor) -> torch.Tensor:
+    """True on the leading and the trailing run of True along the last dimension (cumsum: every backend)."""
+    unlike = (~like).to(torch.int32)
+    leading = unlike.cumsum(-1) == 0
+    trailing = unlike.flip(-1).cumsum(-1).flip(-1) == 0
+    return leading | trailing
+
+
+def _padding_free(ids, positions, cu, labels, pad_token_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """(samples, tokens) of a batch without a mask, from its segments; see the module docstring."""
+    grid = tuple(ids.shape[:2]) if ids.dim() >= 2 else (1, ids.shape[0])
+    token_ids = ids.reshape(grid) if ids.dim() <= 2 and not torch.is_floating_point(ids) else None
+    if isinstance(labels, torch.Tensor) and labels.numel() == grid[0] * grid[1]:
+        labels = labels.reshape(grid)
+    else:
+        labels = None
+    if cu is not None:
+        # cu_seq_lens_q index the flattened batch: one long row.
+        length = grid[0] * grid[1]
+        cu = cu.to(device=ids.device, dtype=torch.int64, non_blocking=True)
+        starts = torch.zeros(length + 1, dtype=torch.bool, device=ids.device)
+        starts.index_fill_(0, cu[:-1].clamp(0, length), True)  # a device index: no host sync
+        starts = starts[:length].unsqueeze(0)
+        outside = (torch.arange(length, device=ids.device) >= cu[-1]).unsqueeze(0)  # after the last segment
+        token_ids = None if token_ids is None else token_ids.reshape(1, length)
+        labels = None if labels is None else labels.reshape(1, length)
+        sample_starts = starts
+    else:
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        outside = None
+        sample_starts = positions == 0
+    ends = torch.cat([starts[:, 1:], torch.ones_like(starts[:, :1])], dim=1)
+    like = starts & ends  # one-token segments
+    if token_ids is not None and pad_token_id is not None:
+        like = like & (token_ids == pad_token_id)
+    if labels is not None:
+        like = like & (labels == IGNORE_INDEX)
+    if outside is not None:
+        like = like | outside
+    padding = _edge_runs(like)
+    return _count_nonzero(sample_starts & ~padding), _count_nonzero(~padding)
 
 
 def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
@@ -69,7 +157,15 @@ def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
         loss_tokens = _count_nonzero(labels != IGNORE_INDEX)
     if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
         rows = ids.shape[0]
-        return Counts(_samples(rows, batch, mask), _tokens_from_ids(ids, mask, pad_token_id), loss_tokens, rows)
+        grid = tuple(ids.shape[:2]) if ids.dim() >= 2 else (1, ids.shape[0])
+        positions, runs = _plane(batch.get("position_ids"), grid)
+        cu = batch.get("cu_seq_lens_q")
+        cu = cu if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() >= 2 else None
+        if mask is None and (cu is not None or (positions is not None and not runs)):
+            samples, tokens = _padding_free(ids, positions, cu, labels, pad_token_id)
+            return Counts(samples, tokens, loss_tokens, rows)
+        return Counts(_samples(rows, positions, runs, mask), _tokens_from_ids(ids, mask, pad_token_id),
+                      loss_tokens, rows)
     if isinstance(ids, (list, tuple)) and ids:  # an uncollated batch: {"input_ids": [[...], [...]]}
         return _from_sequence(ids, pad_token_id)._replace(loss_tokens=loss_tokens)
     for value in batch.values():  # no ids: the leading dimension of the first array-like value
@@ -93,8 +189,11 @@ def _length(value):
 def _from_sequence(batch, pad_token_id) -> Counts:
     first = batch[0]
     if isinstance(first, torch.Tensor):
-        counts = _from_tensor(first, pad_token_id)
-        return counts
+        if all(isinstance(seq, torch.Tensor) and seq.dim() == 1 and not torch.is_floating_point(seq)
+               for seq in batch):
+            # Unpadded token sequences of their own lengths: a sample each, every token counts (shapes only).
+            return Counts(len(batch), sum(seq.shape[0] for seq in batch), None, len(batch))
+        return _from_tensor(first, pad_token_id)  # (ids, mask, ...) or (inputs, targets): the first is the batch
     if isinstance(first, Mapping):  # a list of examples, not collated
         tokens = 0
         for example in batch:

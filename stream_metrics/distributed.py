@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 
 import torch
 import torch.distributed as dist
@@ -43,28 +44,71 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def gather(fields: dict) -> list[dict]:
+# How a value travels in the row's one int64 vector (int64: every backend has it; MPS has no float64).
+_INT, _FLOAT32, _FLOAT64 = 0, 1, 2
+
+
+def _slot(value, device):
+    """(``value`` as one int64, its kind): integers as they are, floats by their bits, so reads are exact.
+
+    Device values are converted on their device (no wait); Python values stay on the host.
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach().reshape(())
+        if value.is_floating_point():
+            if value.dtype == torch.float64:  # never on MPS; reinterpreted before it moves
+                return value.view(torch.int64).to(device), _FLOAT64
+            return value.to(torch.float32).view(torch.int32).to(device=device, dtype=torch.int64), _FLOAT32
+        return value.to(device=device, dtype=torch.int64), _INT
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0], _FLOAT64
+    return int(value), _INT
+
+
+def _read(bits: int, kind: int):
+    if kind == _FLOAT64:
+        return struct.unpack("<d", struct.pack("<q", bits))[0]
+    if kind == _FLOAT32:
+        return struct.unpack("<f", struct.pack("<i", bits))[0]
+    return bits
+
+
+def gather(fields: dict, pending=()) -> list[dict]:
     """Every rank's ``fields`` (numbers or 0-d tensors), as host numbers, in rank order.
 
     This is the row's synchronisation point: one all_gather where several processes run, and the
-    one wait for the device (``tolist``) everywhere.
+    one wait for the device (``tolist``) everywhere. ``pending`` (``sanitize.Pending``: this rank's
+    tensor metrics) are read in the same wait; each gets its ``value``.
     """
     names = list(fields)
+    values = list(fields.values()) + [p.tensor for p in pending]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not (_active() and world_size() > 1):
-        # One process: only the device counts need reading, all of them in one stack.
-        on_device = [name for name in names if isinstance(fields[name], torch.Tensor)]
-        values = dict(fields)
+        # One process: only the device values need reading, all of them in one stack.
+        slots = [_slot(v, tensors[0].device if tensors else None) for v in values]
+        on_device = [i for i, (s, _) in enumerate(slots) if isinstance(s, torch.Tensor)]
+        bits = [s for s, _ in slots]
         if on_device:
-            device = fields[on_device[0]].device
-            stacked = torch.stack([fields[n].to(device=device, dtype=torch.float64) for n in on_device])
-            values.update(zip(on_device, stacked.tolist()))  # host sync: the row's one wait
-        return [values]
-    device = _collective_device()
-    vector = torch.stack([
-        value.to(device=device, dtype=torch.float64) if isinstance(value, torch.Tensor)
-        else torch.tensor(float(value), dtype=torch.float64, device=device)
-        for value in fields.values()
-    ])
-    out = [torch.empty_like(vector) for _ in range(world_size())]
-    dist.all_gather(out, vector)  # the row's one collective
-    return [dict(zip(names, row)) for row in torch.stack(out).tolist()]  # host sync: the row's one wait
+            read = torch.stack([slots[i][0] for i in on_device]).tolist()  # host sync: the row's one wait
+            for i, b in zip(on_device, read):
+                bits[i] = b
+        decoded = [_read(b, kind) for b, (_, kind) in zip(bits, slots)]
+    else:
+        device = _collective_device()
+        slots = [_slot(v, device) for v in fields.values()]
+        vector = torch.stack([s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.int64, device=device)
+                              for s, _ in slots] + [torch.tensor(k, dtype=torch.int64, device=device)
+                                                    for _, k in slots])  # the kinds: ranks may differ
+        out = [torch.empty_like(vector) for _ in range(world_size())]
+        dist.all_gather(out, vector)  # the row's one collective
+        local = [_slot(p.tensor, device) for p in pending]
+        flat = torch.cat([torch.stack(out).flatten()] + [s.reshape(1) for s, _ in local]).tolist()  # host sync
+        n = len(names)
+        rows = [flat[r * 2 * n:(r + 1) * 2 * n] for r in range(world_size())]
+        ranks = [dict(zip(names, (_read(b, k) for b, k in zip(row[:n], row[n:])))) for row in rows]
+        for p, b, (_, kind) in zip(pending, flat[world_size() * 2 * n:], local):
+            p.value = _read(b, kind)
+        return ranks
+    for p, value in zip(pending, decoded[len(names):]):
+        p.value = value
+    return [dict(zip(names, decoded[:len(names)]))]

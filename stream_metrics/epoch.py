@@ -22,9 +22,15 @@ from .counting import warn_once
 
 # How close below the next whole epoch an estimate may go before that pass has really ended.
 _BELOW_NEXT_PASS = 1e-9
-# datasets iterables that change how many examples a pass holds, so a row count from metadata no longer holds.
+# datasets iterables that change how many examples a pass holds, so a row count from metadata (and a
+# position counted in the files' rows) no longer holds: take/skip/repeat, filter, and every source
+# mixing several datasets (interleave, concatenate). A batched map (``map(batched=True)``, ``batch()``,
+# packing) may return any number of rows per batch: it counts as resizing too (MappedExamplesIterable
+# with ``batched``); a map without ``batched`` gives one row per row and keeps the count.
 _RESIZING = ("TakeExamplesIterable", "SkipExamplesIterable", "FilteredExamplesIterable",
-             "RepeatExamplesIterable")
+             "RepeatExamplesIterable", "CyclingMultiSourcesExamplesIterable",
+             "RandomlyCyclingMultiSourcesExamplesIterable", "VerticallyConcatenatedMultiSourcesExamplesIterable",
+             "HorizontallyConcatenatedMultiSourcesExamplesIterable")
 
 
 def check_dataset_size(dataset_size):
@@ -46,6 +52,13 @@ def _ex_iterables(dataset):
         ex = getattr(ex, "ex_iterable", None)
 
 
+def resized(dataset) -> bool:
+    """True where a step of a ``datasets`` stream may have changed how many rows it holds (``_RESIZING``)."""
+    return any(type(ex).__name__ in _RESIZING or (type(ex).__name__ == "MappedExamplesIterable"
+                                                  and getattr(ex, "batched", False))
+               for ex in _ex_iterables(dataset))
+
+
 def metadata_size(dataset) -> tuple[int | None, int]:
     """(examples the dataset says it has, a number naming the files they are in; -1: the whole split).
 
@@ -55,7 +68,7 @@ def metadata_size(dataset) -> tuple[int | None, int]:
     each count their share: ``EpochEstimator`` adds up one count per distinct file list.
     """
     chain = list(_ex_iterables(dataset))
-    if any(type(ex).__name__ in _RESIZING for ex in chain):
+    if resized(dataset):  # the metadata counts rows that the stream no longer yields one for one
         return None, -1
     info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
     splits = getattr(info, "splits", None)
@@ -136,7 +149,9 @@ class DatasetProbe:
 
     def local(self, rows: int, batches: int) -> dict:
         """This rank's numbers for the row's collective (-1 where unknown)."""
-        pos = shard_position(self.dataset) if self.dataset is not None and self.length is None else None
+        # A position in the files' rows is not a position in the examples once a step resized them.
+        pos = (shard_position(self.dataset) if self.dataset is not None and self.length is None
+               and not resized(self.dataset) else None)
         return {
             "sized_units": (batches if self.is_loader else rows) if self.length else -1,
             "sized_length": self.length or -1,

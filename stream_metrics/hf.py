@@ -27,6 +27,8 @@ import os
 import sys
 import weakref
 
+import torch
+
 from ._checks import missing_extra
 
 try:
@@ -207,8 +209,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         return saved if state.global_step > 0 else None
 
     def _count(self, module, args, kwargs):
-        # The forward pre-hook: every training micro-batch, on its device. No host sync here.
-        if module.training and self.run is not None:
+        # The forward pre-hook: every training micro-batch, on its device. No host sync here. Only
+        # forwards that train count: not a no-grad reference pass in train mode (DPO without a
+        # reference model), not `generate` (no_grad) in GRPO/PPO, not evaluation (module.training False).
+        if module.training and torch.is_grad_enabled() and self.run is not None:
             self._batches_this_epoch += 1
             self.run.update(kwargs if kwargs else (args[0] if args else None))
 

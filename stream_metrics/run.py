@@ -10,6 +10,7 @@ import json
 import os
 import logging
 import math
+import numbers
 import time
 
 import torch
@@ -18,11 +19,11 @@ from . import distributed, lifecycle, schema
 from .backends import RunInfo, backend_names, create
 from .backends.base import Row
 from .backends.delivery import Delivery, close_all
-from .counting import BatchError, Total, read_batch, warn_once
+from .counting import BatchError, Count, Total, read_batch, warn_once
 from .epoch import DatasetProbe, EpochEstimator
 from .progress import Progress
 from .redact import redact_config
-from .sanitize import KeyMap, clean_metrics
+from .sanitize import KeyMap, clean_metrics, resolve
 from .version import __version__
 
 log = logging.getLogger("stream_metrics")
@@ -84,7 +85,7 @@ class Run:
     def _reset_session(self, base: Progress, rows: int, batches: int) -> None:
         self._base, self._base_rows, self._base_batches = base, rows, batches
         self._samples, self._tokens, self._loss_tokens = Total(), Total(), Total()
-        self._rows = self._micro_batches = self._steps = 0
+        self._rows = self._micro_batches = self._steps = self._in_window = 0
         self._has_tokens = self._has_loss_tokens = False
         self._passes, self._first_pass, self._pass_start = 0, None, Total()
         self._t0 = time.monotonic()
@@ -95,8 +96,12 @@ class Run:
         """Account for one micro-batch; explicit counts override what is read from ``batch``.
 
         Costs no host-device synchronisation: device counts are summed on the device and read
-        when a row is written. Every ``gradient_accumulation_steps`` calls make one step.
+        when a row is written. Every ``gradient_accumulation_steps`` calls make one step, and a
+        pass's end (``iterate``, ``end_pass``) closes a window it cut short, as optimizers step there.
         """
+        # Explicit counts are checked first: a bad one is a clear error at once, not hours later.
+        samples, tokens, loss_tokens = (None if value is None else _check_count(name, value) for name, value in
+                                        (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)))
         counts = None
         if batch is not None:
             try:
@@ -104,12 +109,10 @@ class Run:
             except BatchError as exc:
                 if samples is None:
                     warn_once("batch:" + exc.what, f"{exc}; this batch is not counted")
+                    self._micro_batch_done()  # it was still trained on: the optimizer's steps go on
                     return
         elif samples is None:
             raise TypeError("update() needs a batch or samples=")
-        for name, value in (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)):
-            if value is not None:
-                _check_count(name, value)
         if counts is not None:
             samples = counts.samples if samples is None else samples
             tokens = counts.tokens if tokens is None else tokens
@@ -122,9 +125,14 @@ class Run:
         if loss_tokens is not None:
             self._loss_tokens.add(loss_tokens)
             self._has_loss_tokens = True
+        self._micro_batch_done()
+
+    def _micro_batch_done(self) -> None:
         self._micro_batches += 1
-        if self._micro_batches % self.gradient_accumulation_steps == 0:
+        self._in_window += 1
+        if self._in_window == self.gradient_accumulation_steps:
             self._steps += 1
+            self._in_window = 0
 
     def iterate(self, loader, *, count: bool = True):
         """Yield the batches of one pass over ``loader``, counting each; the pass's end is seen.
@@ -146,7 +154,14 @@ class Run:
         self.estimator.watching = True
 
     def end_pass(self) -> None:
-        """Say that a full pass over the training data has ended (for loops that don't use ``iterate``)."""
+        """Say that a full pass over the training data has ended (for loops that don't use ``iterate``).
+
+        A gradient-accumulation window the pass's end cut short makes its step here, as the Trainer
+        and accelerate step at the end of the data.
+        """
+        if self._in_window:
+            self._steps += 1
+            self._in_window = 0
         self._passes += 1
         if self._first_pass is None:
             self._first_pass = self._samples.snapshot()
@@ -154,8 +169,11 @@ class Run:
         self.estimator.watching = True
 
     # ------------------------------------------------------------------ rows
-    def _sync(self) -> Progress:
-        """Bring every rank's counts together: the one collective and host sync of a row."""
+    def _sync(self, pending=()) -> Progress:
+        """Bring every rank's counts together: the one collective and host sync of a row.
+
+        ``pending``: this rank's tensor metrics (``sanitize.Pending``), read in the same sync.
+        """
         now = time.monotonic()
         world = distributed.world_size()
         base = self._base
@@ -178,7 +196,7 @@ class Run:
                                batches=self._micro_batches + (self._base_batches if main else 0)),
         }
         ranks = [{k: (int(v) if float(v).is_integer() else v) for k, v in r.items()}
-                 for r in distributed.gather(fields)]
+                 for r in distributed.gather(fields, pending)]
         samples = base.samples + sum(r["samples"] for r in ranks)
         has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
         has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
@@ -206,7 +224,10 @@ class Run:
             warn_once("log-after-finish", "log() after finish() (or after the `with` block): the run is closed, "
                                           "so this row is not stored; log before finishing, or start a new run")
             return self._last
-        progress = self._sync()
+        # Tensor metrics are read in the row's one host sync, with the counts (main process only).
+        pending = []
+        metrics = clean_metrics(metrics or {}, self._keys, pending) if self._deliveries else {}
+        progress = self._sync(pending)
         row = progress.axes()
         if not self._deliveries:
             self._last = progress
@@ -219,7 +240,7 @@ class Run:
             row[schema.SAMPLES_PER_S] = (progress.samples - self._last.samples) / elapsed
             if progress.tokens is not None:
                 row[schema.TOKENS_PER_S] = (progress.tokens - (self._last.tokens or 0)) / elapsed
-        row.update(clean_metrics(metrics or {}, self._keys))
+        row.update(resolve(metrics, pending))
         self._last = progress
         self._submit_row(row, progress)
         if self.progress_file:
@@ -437,12 +458,29 @@ def _minus(total: Total, start: Total):
     return total.value() - start.value()
 
 
-def _check_count(name: str, value) -> None:
+def _check_count(name: str, value) -> Count:
+    """An explicit count as ``update`` adds it; a clear error for a Python value that is not a count.
+
+    Tensors are taken on their device without reading them (that would wait for the device): a
+    one-element tensor counts, a float or bool one is rounded to int64 there (one warning).
+    """
     if isinstance(value, torch.Tensor):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and (
+        if value.numel() != 1:
+            raise ValueError(f"update({name}=<tensor of shape {tuple(value.shape)}>): a count must be a number "
+                             "or a one-element tensor; pass its sum (e.g. mask.sum())")
+        value = value.reshape(())
+        if value.dtype != torch.int64:
+            if torch.is_floating_point(value) or value.is_complex():
+                warn_once(f"float-count:{name}", f"update({name}=...) got a {value.dtype} tensor: counts are taken "
+                                                 "as whole numbers, rounded on the device; pass an integer tensor "
+                                                 "(e.g. mask.sum()) to silence this")
+                value = torch.nan_to_num(value.real if value.is_complex() else value, nan=0.0).round()
+            value = value.to(torch.int64)
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and (
             not math.isfinite(value) or not value.is_integer())) or value < 0:
         raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
+    return int(value)
 
 
 def init(backend="mlflow", x_axis: str = "samples", dataset_size=None, gradient_accumulation_steps: int = 1,

@@ -171,13 +171,52 @@ def flatten(metrics, prefix: str = ""):
             yield full, value
 
 
-def clean_metrics(metrics, key_map: KeyMap) -> dict:
-    """User metrics as ``{stored name: number}``: flattened, converted, sanitised; bad values skipped."""
+class Pending:
+    """A one-element device tensor metric, read with the row's counts in its one host sync."""
+
+    __slots__ = ("key", "name", "tensor", "value")
+
+    def __init__(self, key: str, name: str, tensor):
+        self.key, self.name, self.tensor, self.value = key, name, tensor, None
+
+
+def _deferrable(value) -> bool:
+    # A one-element real tensor with data: read later, together with the counts (distributed.gather).
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
+            and not value.is_complex() and value.dtype != torch.bool)
+
+
+def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict:
+    """User metrics as ``{stored name: number}``: flattened, converted, sanitised; bad values skipped.
+
+    With a ``pending`` list, one-element tensors are not read here: each is appended to it as a
+    ``Pending`` (its place in the row kept), and ``resolve`` fills them in once the row's single
+    host sync has read them all together with the counts. Without it, each is read with ``.item()``.
+    """
     row = {}
     for key, value in flatten(metrics):
+        if pending is not None and _deferrable(value):
+            name = key_map(key)
+            pending.append(Pending(key, name, value))
+            row[name] = None  # keeps the row's order; filled in by resolve()
+            continue
         try:
             number = to_number(key, value)
         except _Skip:
             continue
         row[key_map(key)] = number
+    return row
+
+
+def resolve(row: dict, pending: list) -> dict:
+    """``row`` with every ``Pending`` metric's value (read by the row's sync) put in its place."""
+    for item in pending:
+        try:
+            row[item.name] = to_number(item.key, item.value)
+        except _Skip:
+            row.pop(item.name, None)
     return row

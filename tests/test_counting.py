@@ -1,6 +1,8 @@
 """Counting samples and tokens from every common batch shape, with no host sync between rows."""
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 
 import pytest
@@ -147,3 +149,246 @@ def test_update_never_syncs_with_the_device_and_a_row_syncs_once(monkeypatch):
         monkeypatch.undo()
         assert waits == ["tolist"], f"a row should read every count in one host sync, saw {waits}"
     assert (progress.samples, progress.tokens, progress.loss_tokens) == (150, 1100, 1800)
+
+
+# ---------------------------------------------------------------- packed (padding-free) batches from TRL's collator
+def trl_packed(examples, pad, multiple=16):
+    """TRL's own padding-free collator on token lists, as SFTTrainer(padding_free=True) uses it."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True, pad_to_multiple_of=multiple)
+    return collator([{"input_ids": list(e)} for e in examples])
+
+
+EOS = 1
+# Four examples that end with eos, 14 tokens in all: the collator pads them to 16.
+FOUR = [[5, 6, 7, EOS], [8, 9, EOS], [3, 4, 5, 6, EOS], [7, EOS]]
+
+
+@pytest.mark.parametrize("pad", [EOS, 0], ids=["pad==eos", "pad!=eos"])
+@pytest.mark.parametrize("drop", [None, "cu_seq_lens_q", "position_ids"])
+def test_a_trl_padding_free_batch_counts_examples_and_tokens_not_its_pad_tail(pad, drop):
+    pytest.importorskip("trl")
+    batch = trl_packed(FOUR, pad)
+    assert batch["input_ids"].shape == (1, 16)  # the collator added two pad tokens
+    if drop:
+        batch.pop(drop)
+    samples, tokens = len(FOUR), sum(len(e) for e in FOUR)  # truth from the examples: 4, 14
+    with stream_metrics.init(backend="none", pad_token_id=pad) as run:
+        run.update(batch)
+        run.update(batch)
+        assert totals(run)[:2] == (2 * samples, 2 * tokens)
+
+
+def test_a_padding_free_batch_without_a_known_pad_id_uses_the_labels():
+    pytest.importorskip("trl")
+    batch = trl_packed(FOUR, EOS)
+    with stream_metrics.init(backend="none") as run:  # no pad_token_id: the pad tail's labels are -100
+        run.update(batch)
+        assert totals(run)[:2] == (4, 14)
+
+
+# ---------------------------------------------------------------- multimodal rope, left padding
+def test_mrope_positions_count_rows_not_planes():
+    # Qwen-VL: (3, batch, length). Row 0 starts with an image of 4 tokens, which share temporal position 0;
+    # row 1 is text only. Two examples, whatever the planes hold.
+    temporal = torch.tensor([[0, 0, 0, 0, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 0, 0]])
+    positions = torch.stack([temporal, temporal + 1, temporal + 2])
+    positions[:, :, :4] = torch.tensor([0, 0, 0, 0])[None, None]  # the image's rows/cols, simplified
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0, 0]])
+    ids = torch.full((2, 8), 7)
+    with stream_metrics.init(backend="none") as run:
+        run.update({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+        assert totals(run)[:2] == (2, 14)
+
+
+def test_text_positions_first_in_four_planes_count_packed_examples():
+    # (4, batch, length): the first plane holds text positions (transformers' packed Qwen-VL layout).
+    text = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
+    positions = torch.cat([text[None], torch.zeros(3, 1, 8, dtype=torch.long)])
+    with stream_metrics.init(backend="none") as run:
+        run.update({"input_ids": torch.arange(2, 10)[None], "position_ids": positions})
+        assert totals(run)[:2] == (3, 8)
+
+
+@pytest.mark.parametrize("style", ["generate", "clamped"])
+def test_left_padded_positions_without_a_mask_count_each_row_once(style):
+    lengths = [3, 7, 5]
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, 8 - n:] = 1
+    ids = torch.where(mask == 1, 9, 0)
+    positions = mask.cumsum(-1) - 1
+    # transformers' generate puts 1 on the padding; other code clamps at 0.
+    positions = positions.masked_fill(mask == 0, 1) if style == "generate" else positions.clamp(min=0)
+    with stream_metrics.init(backend="none", pad_token_id=0) as run:
+        run.update({"input_ids": ids, "position_ids": positions})
+        assert totals(run)[:2] == (len(lengths), sum(lengths))
+
+
+# ---------------------------------------------------------------- other batch forms and explicit counts
+def test_a_list_of_token_tensors_counts_like_the_dict_form():
+    sequences = [torch.tensor([4, 5, 6]), torch.tensor([7, 8])]
+    with stream_metrics.init(backend="none") as run:
+        run.update(sequences)
+        assert totals(run)[:2] == (2, 5)
+        run.update({"input_ids": sequences})
+        assert totals(run)[:2] == (4, 10)
+
+
+def test_float_tensor_counts_are_rounded_on_the_device_with_one_warning():
+    with stream_metrics.init(backend="none") as run:
+        with pytest.warns(UserWarning, match="rounded on the device") as caught:
+            run.update(samples=2, tokens=torch.tensor(5.0))
+            run.update(samples=torch.tensor([1.0]), tokens=torch.tensor(4.9999, dtype=torch.float64))
+        assert len([w for w in caught if "tokens=" in str(w.message)]) == 1
+        assert totals(run)[:2] == (3, 10)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "3", float("nan"), True, torch.ones(2)])
+def test_a_bad_explicit_count_is_a_clear_error_at_once(bad):
+    with stream_metrics.init(backend="none") as run:
+        with pytest.raises(ValueError, match="a count must be"):
+            run.update(samples=bad)
+        assert run.progress.samples == 0
+
+
+def test_int64_counts_are_read_exactly_beyond_float64_precision():
+    big = 2 ** 53 + 1  # not a float64
+    with stream_metrics.init(backend="none") as run:
+        run.update(samples=torch.tensor(big), tokens=torch.tensor(big + 2))
+        assert totals(run)[:2] == (big, big + 2)
+
+
+class NoFloat64(torch.Tensor):
+    """A device without float64, as Apple's MPS: any float64 result from it fails."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            raise TypeError("this device has no float64")
+        return out
+
+
+def test_a_row_never_makes_float64_tensors_of_device_counts():
+    ids, mask = ids_and_mask([3, 7])
+    batch = {"input_ids": ids.as_subclass(NoFloat64), "attention_mask": mask.as_subclass(NoFloat64)}
+    with stream_metrics.init(backend="none") as run:
+        run.update(batch)
+        progress = run.log({"loss": torch.tensor(0.5).as_subclass(NoFloat64)})
+    assert (progress.samples, progress.tokens) == (2, 10)
+
+
+# ---------------------------------------------------------------- steps follow the optimizer
+def test_a_window_cut_by_a_pass_end_still_makes_a_step():
+    loader = [{"input_ids": torch.ones(2, 3, dtype=torch.long)} for _ in range(7)]
+    with stream_metrics.init(backend="none", gradient_accumulation_steps=4) as run:
+        for _ in range(2):
+            for _ in run.iterate(loader):
+                pass
+        # Each pass of 7 micro-batches: a window of 4, then one of 3 that the pass end closes.
+        assert run.progress.step == 2 * math.ceil(7 / 4)
+        for _ in range(7):
+            run.update(samples=2)
+        run.end_pass()
+        assert (run.progress.step, run.progress.samples) == (6, 42)
+
+
+def test_a_batch_that_cannot_be_counted_still_moves_the_steps():
+    with stream_metrics.init(backend="none", gradient_accumulation_steps=2) as run:
+        run.update(samples=1)
+        with pytest.warns(UserWarning, match="cannot count"):
+            run.update(object())
+        assert (run.progress.step, run.progress.samples) == (1, 1)
+
+
+# ---------------------------------------------------------------- a row with tensor metrics: one sync
+def test_a_row_with_five_tensor_metrics_syncs_once(monkeypatch):
+    ids, mask = ids_and_mask([3, 7, 12])
+    batch = {"input_ids": ids.as_subclass(SyncCounter), "attention_mask": mask.as_subclass(SyncCounter),
+             "labels": ids.as_subclass(SyncCounter)}
+    values = [2.25, 0.001, 7.5, 1e-8, 3.0]
+    metrics = {f"m{i}": torch.tensor(v).as_subclass(SyncCounter) for i, v in enumerate(values)}
+    metrics["m4"] = metrics["m4"].to(torch.bfloat16)
+    metrics["step_count"] = torch.tensor(11).as_subclass(SyncCounter)
+    with stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": "sqlite:///mlflow.db"}) as run:
+        run.update(batch)
+        SyncCounter.syncs = 0
+        # Every wait the training thread makes (backends have threads of their own); SyncCounter counts
+        # every way a tensor can be read on the host.
+        waits, training = [], threading.get_ident()
+        for name in ("item", "tolist", "cpu"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                                (threading.get_ident() == training and waits.append(_n),
+                                 _f(self.as_subclass(torch.Tensor), *a, **k))[1])
+        run.log(metrics)
+        monkeypatch.undo()
+        assert waits == ["tolist"], f"a row with five tensor metrics should wait once, saw {waits}"
+        run_id = run.run_ids["mlflow"]
+    from mlflow import MlflowClient
+
+    stored = MlflowClient("sqlite:///mlflow.db").get_run(run_id).data.metrics
+    for i, v in enumerate(values):  # each read exactly as float32 holds it (bf16 for m4)
+        dtype = torch.bfloat16 if i == 4 else torch.float32
+        assert stored[f"m{i}"] == pytest.approx(float(torch.tensor(v, dtype=dtype)), rel=1e-7)
+    assert stored["step_count"] == 11 and stored["progress/samples"] == 3 and stored["progress/tokens"] == 22
+
+
+# ---------------------------------------------------------------- the epoch never comes from stale metadata
+def parquet_stream(folder, rows_per_file=(100, 100, 100)):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    paths, start = [], 0
+    for i, n in enumerate(rows_per_file):
+        paths.append(str(folder / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"n": list(range(start, start + n))}), paths[-1])
+        start += n
+    return datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True)
+
+
+def four_of_each(batch):
+    return {"n": [n for n in batch["n"] for _ in range(4)]}
+
+
+def read_rows(run, dataset, rows, batch_size=10):
+    from torch.utils.data import DataLoader
+
+    run.watch(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda b: {"n": [x["n"] for x in b]})
+    seen = []
+    for i, batch in enumerate(loader):
+        run.update(samples=len(batch["n"]))
+        p = run.progress
+        seen.append((p.samples, p.epoch, p.epoch_source))
+        if p.samples >= rows:
+            return seen
+    raise AssertionError("the stream ended early")
+
+
+@pytest.mark.parametrize("step", ["batched map", "batch", "filter"])
+def test_a_resizing_step_makes_the_files_metadata_and_shard_position_unusable(workdir, step):
+    pytest.importorskip("datasets")
+    ds = parquet_stream(workdir / "data")  # 300 rows in three files: the footers say 300
+    ds = {"batched map": lambda: ds.map(four_of_each, batched=True, batch_size=7),
+          "batch": lambda: ds.batch(batch_size=3),
+          "filter": lambda: ds.filter(lambda row: row["n"] % 3 == 0)}[step]()
+    truth = {"batched map": 1200, "batch": 100, "filter": 100}[step]  # rows in one pass, from the data
+    target = {"batched map": 600, "batch": 50, "filter": 50}[step]
+    with stream_metrics.init(backend="none") as run:
+        seen = read_rows(run, ds, target)
+    for samples, epoch, source in seen:
+        assert source == "none" and epoch == 0.0 or epoch == pytest.approx(samples / truth), (samples, epoch, source)
+    assert seen[-1][0] == target and seen[-1][2] == "none"
+
+
+def test_a_one_for_one_map_keeps_the_files_metadata(workdir):
+    pytest.importorskip("datasets")
+    ds = parquet_stream(workdir / "data").map(lambda row: {"n": row["n"] * 2})
+    with stream_metrics.init(backend="none") as run:
+        seen = read_rows(run, ds, 150)
+    assert seen[-1] == (150, 0.5, "metadata")

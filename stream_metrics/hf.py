@@ -33,6 +33,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from . import distributed, schema
 from .amount import as_amount
 from .display import ProgressDisplay
+from .layout import detect as detect_layout
 from .run import Run
 from .schedule import Every, Until
 
@@ -174,6 +175,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         options = dict(self.options)
         options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
         options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
+        # Tensor/context/sequence parallelism stated in the arguments or the model: count each batch once.
+        options.setdefault("layout", detect_layout(args, model))
         if args.output_dir and distributed.is_main():
             os.makedirs(args.output_dir, exist_ok=True)
             options.setdefault("progress_file", os.path.join(args.output_dir, PROGRESS_FILE))

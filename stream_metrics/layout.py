@@ -144,9 +144,11 @@ def given(data_parallel_group=None, context_parallel_group=None, sliced: bool = 
         raise ValueError(f"context_parallel_group (ranks {list(cp)}) and data_parallel_group (ranks {list(dp)}) "
                          "overlap: the data-parallel group names the ranks that read different batches, and "
                          "a context-parallel group the ranks that share one (e.g. mesh['dp'] and mesh['cp'])")
-    kinds = " and ".join(type(g).__name__ for g in (data_parallel_group, context_parallel_group) if g is not None)
+    named = ", ".join(f"{name}={type(group).__name__}" for name, group in (
+        ("data_parallel_group", data_parallel_group), ("context_parallel_group", context_parallel_group))
+        if group is not None)
     return Layout(data_parallel=dp, context_parallel=cp if len(cp) > 1 else (), sliced=bool(sliced),
-                  source=f"given: {kinds}", world=world)
+                  source=f"given: {named}", world=world)
 
 
 # ---------------------------------------------------------------------- detected layouts

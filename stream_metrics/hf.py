@@ -244,7 +244,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             return
         if self.run._finished:  # e.g. trainer.evaluate() after train(): continue the same runs
             self.run = Run(backend=self.run_backends(), x_axis=self.x_axis, dataset_size=self.dataset_size,
-                           resume=self.saved_state, **self.options)
+                           resume=self.saved_state, **{"layout": self.run.layout, **self.options})
         self._step(state)
         metrics, summary = {}, {}
         for key, value in logs.items():

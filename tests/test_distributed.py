@@ -251,6 +251,10 @@ def assert_one_collective_per_row(reports) -> None:
     ("cp-whole", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
                  "context parallel 2, whole batch)"),            # each rank counts the batch before the split
     ("pp", "2 (given: data_parallel_group=DeviceMesh)"),          # only the first stage reads batches
+    # No option: detected from the Trainer's arguments holding accelerate's ParallelismConfig, with
+    # batches shared as accelerate's own device mesh says (the Trainer refuses it on CPU: see the worker).
+    ("accelerate-tp", "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
+    ("accelerate-cp", "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)"),
 ])
 def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
     paths, truth = layout_corpus(workdir)
@@ -297,3 +301,34 @@ def test_a_call_made_on_rank_0_alone_stops_every_rank_with_a_clear_error(workdir
     [run_id] = mlflow_run_ids(mlflow_uri, "rank0")
     history = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run_id, "progress/samples")
     assert [m.value for m in history] == [40, 80]
+
+
+@pytest.mark.parametrize("sizes, samples_on, tokens_on, tag", [
+    # accelerate's mesh order puts tp (then sp, cp) fastest: ranks 0 and 1 share a batch.
+    ({"dp_shard_size": 2, "tp_size": 2}, [1, 0, 1, 0], [1, 0, 1, 0], "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
+    ({"dp_shard_size": 2, "sp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+     "2 (detected: ParallelismConfig(dp_shard=2, sp=2); context parallel 2, sliced)"),
+    ({"dp_shard_size": 2, "cp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+     "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)"),
+    ({"dp_replicate_size": 2, "dp_shard_size": 2}, [1, 1, 1, 1], [1, 1, 1, 1], "4 (every rank)"),  # HSDP
+])
+def test_the_trainer_arguments_parallelism_config_is_read_for_every_rank(monkeypatch, sizes, samples_on, tokens_on,
+                                                                         tag):
+    """The layout read from real TrainingArguments holding a real ParallelismConfig, as each of 4 ranks
+    (told by the launcher's RANK and WORLD_SIZE) would read it, and the weights their rows then get."""
+    from accelerate import ParallelismConfig
+    from transformers import TrainingArguments
+
+    from stream_metrics import layout as layouts
+    from stream_metrics.hf import detect_layout
+
+    args = TrainingArguments("out", parallelism_config=ParallelismConfig(**sizes), use_cpu=True, report_to="none")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    found = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        found.append((detect_layout(args, None) or layouts.Layout.every_rank()))
+        found[-1] = found[-1].fields() | {"tag": found[-1].describe()}
+    weights = layouts.weights(found)
+    assert ([w for w, _ in weights], [w for _, w in weights]) == (samples_on, tokens_on)
+    assert {f["tag"] for f in found} == {tag}

@@ -16,6 +16,11 @@ row every --log-every batches, with the collectives each rank issues counted.
 - ``cp-whole``: the same mesh, each rank counting the whole batch before the split (sliced=False).
 - ``pp``: a (dp=2, pp=2) mesh; only the first stage reads batches, the second stage's forward sees
   activations (``inputs_embeds``), which it counts as a naive loop would.
+- ``accelerate-tp`` / ``accelerate-cp``: no option; the layout is detected from the Trainer's
+  arguments holding accelerate's ``ParallelismConfig(dp_shard_size=2, tp_size=2)`` (or ``cp_size=2``,
+  counted sliced, as the Trainer's forward sees it), and the ranks share batches as accelerate's own
+  device mesh (``ParallelismConfig.build_device_mesh``) says. (accelerate refuses a ParallelismConfig
+  for a Trainer on CPU, so the Trainer itself cannot run here; its arguments and mesh are real.)
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ import tiny
 parser = argparse.ArgumentParser()
 parser.add_argument("files", nargs="+")
 parser.add_argument("--out", required=True)
-parser.add_argument("--layout", required=True, choices=["dp", "tp-mesh", "tp-group", "cp-sliced", "cp-whole", "pp"])
+parser.add_argument("--layout", required=True, choices=["dp", "tp-mesh", "tp-group", "cp-sliced", "cp-whole", "pp",
+                                                         "accelerate-tp", "accelerate-cp"])
 parser.add_argument("--mlflow-uri")
 parser.add_argument("--batch-size", type=int, default=4)
 parser.add_argument("--log-every", type=int, default=3)
@@ -43,6 +49,18 @@ rank, world = common.setup()
 options, shares_batch, stage = {}, None, 0
 if args.layout == "dp":
     data_index = rank
+elif args.layout.startswith("accelerate"):
+    from accelerate import ParallelismConfig
+    from transformers import TrainingArguments
+
+    from stream_metrics.hf import detect_layout
+
+    second = args.layout.split("-")[1]
+    config = ParallelismConfig(dp_shard_size=2, **{f"{second}_size": world // 2})
+    mesh = config.build_device_mesh("cpu")  # accelerate's own mesh: which ranks share a batch
+    data_index, peer = mesh["dp"].get_local_rank(), mesh[second].get_local_rank()
+    training_args = TrainingArguments("trainer_out", parallelism_config=config, use_cpu=True, report_to="none")
+    options["layout"] = detect_layout(training_args, None)  # what StreamMetricsCallback.on_train_begin does
 else:
     second = {"tp-mesh": "tp", "tp-group": "tp", "cp-sliced": "cp", "cp-whole": "cp", "pp": "pp"}[args.layout]
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", second))
@@ -63,7 +81,7 @@ run = stream_metrics.init(**backend, gradient_accumulation_steps=2, **options)
 
 def what_this_rank_sees(batch: dict) -> dict:
     """The batch as the counting point on this rank sees it."""
-    if args.layout == "cp-sliced":
+    if args.layout in ("cp-sliced", "accelerate-cp"):
         positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
         whole = {**batch, "position_ids": positions}
         return {k: v.tensor_split(2, dim=1)[peer] for k, v in whole.items()}  # this rank's half of each row

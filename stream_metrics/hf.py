@@ -40,6 +40,7 @@ except ImportError as exc:  # one sentence naming the extra to install
 from . import distributed, schema
 from .amount import as_amount
 from .display import ProgressDisplay
+from .layout import detect as detect_layout
 from .run import Run
 from .schedule import Every, Until
 
@@ -181,6 +182,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         options = dict(self.options)
         options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
         options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
+        # Tensor/context/sequence parallelism stated in the arguments or the model: count each batch once.
+        options.setdefault("layout", detect_layout(args, model))
         if args.output_dir and distributed.is_main():
             os.makedirs(args.output_dir, exist_ok=True)
             options.setdefault("progress_file", os.path.join(args.output_dir, PROGRESS_FILE))
@@ -250,7 +253,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             return
         if self.run._finished:  # e.g. trainer.evaluate() after train(): continue the same runs
             self.run = Run(backend=self.run_backends(), x_axis=self.x_axis, dataset_size=self.dataset_size,
-                           resume=self.saved_state, **self.options)
+                           resume=self.saved_state, **{"layout": self.run.layout, **self.options})
         self._step(state)
         metrics, summary = {}, {}
         for key, value in logs.items():

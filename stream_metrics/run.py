@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import distributed, lifecycle, schema
+from . import distributed, layout as layouts, lifecycle, schema
 from .backends import RunInfo, backend_names, create
 from .backends.base import Row
 from .backends.delivery import Delivery, close_all
@@ -47,8 +47,13 @@ class Run:
                  gradient_accumulation_steps: int = 1, config=None, *, dataset=None, pad_token_id=None,
                  name: str | None = None, project: str | None = None, mlflow_step: str = "samples",
                  resume: dict | None = None, mlflow: dict | None = None, wandb: dict | None = None,
-                 flush_timeout: float = 60.0, buffer_rows: int | None = None, progress_file: str | None = None):
+                 flush_timeout: float = 60.0, buffer_rows: int | None = None, progress_file: str | None = None,
+                 data_parallel_group=None, context_parallel_group=None, context_parallel_sliced: bool = True,
+                 layout: "layouts.Layout | None" = None):
         names = backend_names(backend)
+        # Which ranks read different data (layout.py): given, else detected, else every rank.
+        self.layout = (layouts.given(data_parallel_group, context_parallel_group, context_parallel_sliced)
+                       or layout or layouts.detect() or layouts.Layout.every_rank())
         self.x_axis = schema.axis_key(x_axis)
         self.mlflow_step = schema.axis_key(mlflow_step, allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
         if (isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int)
@@ -169,17 +174,25 @@ class Run:
         self.estimator.watching = True
 
     # ------------------------------------------------------------------ rows
-    def _sync(self, pending=()) -> Progress:
+    _calls = 0  # collectives this Run has joined: each rank's count rides in the gather
+
+    def _sync(self, call: str = "log", pending=()) -> Progress:
         """Bring every rank's counts together: the one collective and host sync of a row.
 
         ``pending``: this rank's tensor metrics (``sanitize.Pending``), read in the same sync.
+
+        ``call`` (``"log"``, ``"progress"``, ``"state_dict"``, ``"summary"``) and this rank's count of
+        calls go with the gather, so a call that only some ranks make (``if rank == 0:
+        run.state_dict()``) stops every rank with a clear error instead of pairing with another
+        rank's next row and mixing up their counts.
         """
         now = time.monotonic()
-        world = distributed.world_size()
+        self._calls += 1
         base = self._base
         in_pass = self._samples.value() if self._passes == 0 else _minus(self._samples, self._pass_start)
         if self._passes == 0 and self.estimator.passes == 0:
-            in_pass = in_pass + base.samples / world  # the restored samples were all in the first pass
+            # The restored samples were all in the first pass, read by the data-parallel ranks.
+            in_pass = in_pass + base.samples / self.layout.data_parallel_size
         main = distributed.is_main()
         fields = {
             "samples": self._samples.value(),
@@ -194,25 +207,32 @@ class Run:
             "samples_in_pass": in_pass,
             **self.probe.local(rows=self._rows + (self._base_rows if main else 0),
                                batches=self._micro_batches + (self._base_batches if main else 0)),
+            **self.layout.fields(), "call": _CALLS[call], "call_seq": self._calls,
         }
         ranks = [{k: (int(v) if float(v).is_integer() else v) for k, v in r.items()}
                  for r in distributed.gather(fields, pending)]
-        samples = base.samples + sum(r["samples"] for r in ranks)
+        _check_same_call(ranks)
+        # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
+        weights = layouts.weights(ranks)
+        reading = [r for r, (w, _) in zip(ranks, weights) if w]  # one per distinct batch: the epoch's ranks
+        samples = base.samples + sum(w * r["samples"] for r, (w, _) in zip(ranks, weights))
+        tokens = sum(w * r["tokens"] for r, (_, w) in zip(ranks, weights))
+        loss_tokens = sum(w * r["loss_tokens"] for r, (_, w) in zip(ranks, weights))
         has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
         has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
         step = self._step_override if self._step_override is not None else base.step + max(r["steps"] for r in ranks)
-        epoch, source = self.estimator.estimate(samples, ranks)
+        epoch, source = self.estimator.estimate(samples, reading)
         self._progress = Progress(
             step=int(step), samples=int(samples),
-            tokens=int((base.tokens or 0) + sum(r["tokens"] for r in ranks)) if has_tokens else None,
-            loss_tokens=int((base.loss_tokens or 0) + sum(r["loss_tokens"] for r in ranks)) if has_loss else None,
+            tokens=int((base.tokens or 0) + tokens) if has_tokens else None,
+            loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
             epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source)
         return self._progress
 
     @property
     def progress(self) -> Progress:
         """The axes as of now (brings the ranks together, like a row: call it on every rank)."""
-        return self._sync()
+        return self._sync("progress")
 
     def log(self, metrics: dict | None = None) -> Progress:
         """Write one row: ``metrics`` plus every progress axis. Call it on every rank.
@@ -227,7 +247,7 @@ class Run:
         # Tensor metrics are read in the row's one host sync, with the counts (main process only).
         pending = []
         metrics = clean_metrics(metrics or {}, self._keys, pending) if self._deliveries else {}
-        progress = self._sync(pending)
+        progress = self._sync("log", pending)
         row = progress.axes()
         if not self._deliveries:
             self._last = progress
@@ -272,7 +292,7 @@ class Run:
 
     def summary(self, metrics: dict) -> None:
         """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
-        progress = self._sync()
+        progress = self._sync("summary")
         self._last = progress  # a stored row with every axis (on every rank): finish() need not write it again
         if self._deliveries:
             self._start()
@@ -294,7 +314,8 @@ class Run:
 
     def _tags(self, backend_name: str) -> dict:
         tags = {schema.TAG_VERSION: __version__, schema.TAG_X_AXIS: self.x_axis,
-                schema.TAG_EPOCH_SOURCE: self._progress.epoch_source}
+                schema.TAG_EPOCH_SOURCE: self._progress.epoch_source,
+                schema.TAG_DATA_PARALLEL: self.layout.describe()}
         if backend_name == "mlflow":
             tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
         return tags
@@ -330,8 +351,13 @@ class Run:
         return dict(self._run_ids)
 
     def state_dict(self) -> dict:
-        """Plain, JSON-safe state for checkpoints; brings the ranks together like a row (every rank)."""
-        progress = self._sync()
+        """Plain, JSON-safe state for checkpoints; brings the ranks together like a row (every rank).
+
+        >>> state = run.state_dict()   # doctest: +SKIP
+        >>> if torch.distributed.get_rank() == 0:   # doctest: +SKIP
+        ...     json.dump(state, open("stream_metrics.json", "w"))
+        """
+        progress = self._sync("state_dict")
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "library_version": __version__,
             "progress": progress.to_dict(),
@@ -378,7 +404,7 @@ class Run:
         >>> if run.due("1Mtok", run.log({"loss": loss})):   # doctest: +SKIP
         ...     evaluate()
         """
-        return self.schedule(every).crossed(self._sync() if progress is None else progress) > 0
+        return self.schedule(every).crossed(self._sync("progress") if progress is None else progress) > 0
 
     def schedule(self, every, name: str | None = None):
         """The ``Every`` kept under ``name`` (default: the amount's text) and in ``state_dict()``.
@@ -452,6 +478,23 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
         self.finish(status)
+
+
+# The collectives a Run joins, as sent in the gather (run.progress and due() are the same call).
+_CALLS = {"log": 1, "progress": 2, "state_dict": 3, "summary": 4}
+_CALL_TEXT = {1: "log()", 2: "run.progress (or due())", 3: "state_dict()", 4: "summary()"}
+
+
+def _check_same_call(ranks: list[dict]) -> None:
+    """Every rank must be in the same call: otherwise raise, on every rank alike (they all see this)."""
+    if len({(r["call"], r["call_seq"]) for r in ranks}) == 1:
+        return
+    where = ", ".join(f"rank {i} in {_CALL_TEXT.get(r['call'], '?')} (its call {r['call_seq']})"
+                      for i, r in enumerate(ranks))
+    raise RuntimeError(
+        f"stream_metrics: the ranks met in different calls: {where}. state_dict() and progress bring the "
+        "ranks together: call them on every rank, as log() (e.g. state = run.state_dict() on every rank, "
+        "then save it on rank 0). These counts were not used.")
 
 
 def _minus(total: Total, start: Total):

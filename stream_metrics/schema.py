@@ -39,6 +39,8 @@ TAG_VERSION = "version"
 TAG_X_AXIS = "x_axis"
 TAG_MLFLOW_STEP = "mlflow_step"
 TAG_EPOCH_SOURCE = "epoch_source"
+# How ranks' counts were reduced: the data-parallel size, and whether it was given or detected (layout.py).
+TAG_DATA_PARALLEL = "data_parallel"
 
 # Epoch sources (SCHEMA section 2), best first.
 EPOCH_SOURCES = ("pass", "sized", "user", "metadata", "shards", "none")

@@ -221,3 +221,114 @@ def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow
     assert mlflow_run_ids(mlflow_uri) == [run_id] and second[0]["state"]["run_ids"]["mlflow"] == run_id
     assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_id, *expected)
     assert second[0]["state"]["run_ids"]["wandb"] == first[0]["state"]["run_ids"]["wandb"]
+
+
+# ---------------------------------------------------------------------- several ranks on one batch
+def layout_corpus(workdir, files=2):
+    """Data-parallel rank i reads file i: 37 and 50 examples (and 37, 50 again for 4 files)."""
+    import math
+
+    import tiny
+
+    paths = tiny.write_corpus(str(workdir / "data"), files=files, lines_per_file=(37, 50))
+    shares = [tiny.read_texts([path]) for path in paths]
+    texts = [t for share in shares for t in share]
+    steps = max(math.ceil(len(share) / 4) for share in shares) // 2  # batches of 4, accumulation 2
+    return paths, {"samples": len(texts), "tokens": sum(tiny.token_count(t) for t in texts), "steps": steps}
+
+
+def assert_one_collective_per_row(reports) -> None:
+    for rank, report in enumerate(reports):
+        assert all(calls == [] for calls in report["between_rows"]), (rank, report["between_rows"])
+        assert all(calls == ["all_gather"] for calls in report["at_rows"]), (rank, report["at_rows"])
+
+
+@pytest.mark.parametrize("layout, tag", [
+    ("tp-mesh", "2 (given: data_parallel_group=DeviceMesh)"),     # (dp=2, tp=2): TP pairs feed identical batches
+    ("tp-group", "2 (given: data_parallel_group=ProcessGroup)"),  # the same, given as mesh.get_group("dp")
+    ("cp-sliced", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
+                  "context parallel 2, sliced)"),                # each rank of a pair counts half of each row
+    ("cp-whole", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
+                 "context parallel 2, whole batch)"),            # each rank counts the batch before the split
+    ("pp", "2 (given: data_parallel_group=DeviceMesh)"),          # only the first stage reads batches
+    # No option: detected from the Trainer's arguments holding accelerate's ParallelismConfig, with
+    # batches shared as accelerate's own device mesh says (the Trainer refuses it on CPU: see the worker).
+    ("accelerate-tp", "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
+    ("accelerate-cp", "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)"),
+])
+def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
+    paths, truth = layout_corpus(workdir)
+    reports = torchrun("layouts", "--layout", layout, "--mlflow-uri", mlflow_uri, *paths, nproc=4)
+
+    assert all(progress_rows(r) == progress_rows(reports[0]) for r in reports)  # the same values everywhere
+    final = reports[0]["rows"][-1]
+    assert (final["samples"], final["tokens"], final["loss_tokens"], final["step"]) == \
+        (truth["samples"], truth["tokens"], truth["tokens"], truth["steps"])
+    assert (final["epoch"], final["epoch_source"]) == (1.0, "pass")  # the pass holds each example once
+    assert_one_collective_per_row(reports)
+    assert [r["distinct_devices"] for r in reports] == [4] * 4
+
+    # What MLflow stored: the totals, and the tag saying how ranks were counted.
+    from mlflow import MlflowClient
+
+    [run_id] = mlflow_run_ids(mlflow_uri, "layouts")
+    stored = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).data
+    assert (stored.metrics["progress/samples"], stored.metrics["progress/tokens"]) == \
+        (truth["samples"], truth["tokens"])
+    assert stored.tags["stream_metrics.data_parallel"] == tag
+
+
+def test_pure_data_parallelism_on_four_ranks_adds_every_rank(workdir, mlflow_uri):
+    paths, truth = layout_corpus(workdir, files=4)
+    reports = torchrun("layouts", "--layout", "dp", "--mlflow-uri", mlflow_uri, *paths, nproc=4)
+    final = reports[0]["rows"][-1]
+    assert (final["samples"], final["tokens"], final["step"], final["epoch"]) == \
+        (truth["samples"], truth["tokens"], truth["steps"], 1.0)
+    assert_one_collective_per_row(reports)
+    assert reports[0]["tag"] == "4 (every rank)"
+
+
+@pytest.mark.parametrize("call", ["state_dict", "progress"])
+def test_a_call_made_on_rank_0_alone_stops_every_rank_with_a_clear_error(workdir, mlflow_uri, call):
+    from mlflow import MlflowClient
+
+    reports = torchrun("rank0_only", "--mlflow-uri", mlflow_uri, "--call", call)
+    for report in reports:  # both ranks: the rows before were right, then the error, and no wrong row
+        assert report["rows"] == [40, 80], report
+        assert "call them on every rank, as log()" in report["error"], report
+    assert "rank 0 in state_dict()" in reports[1]["error"] if call == "state_dict" else \
+        "rank 0 in run.progress" in reports[1]["error"]
+    [run_id] = mlflow_run_ids(mlflow_uri, "rank0")
+    history = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run_id, "progress/samples")
+    assert [m.value for m in history] == [40, 80]
+
+
+@pytest.mark.parametrize("sizes, samples_on, tokens_on, tag", [
+    # accelerate's mesh order puts tp (then sp, cp) fastest: ranks 0 and 1 share a batch.
+    ({"dp_shard_size": 2, "tp_size": 2}, [1, 0, 1, 0], [1, 0, 1, 0], "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
+    ({"dp_shard_size": 2, "sp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+     "2 (detected: ParallelismConfig(dp_shard=2, sp=2); context parallel 2, sliced)"),
+    ({"dp_shard_size": 2, "cp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+     "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)"),
+    ({"dp_replicate_size": 2, "dp_shard_size": 2}, [1, 1, 1, 1], [1, 1, 1, 1], "4 (every rank)"),  # HSDP
+])
+def test_the_trainer_arguments_parallelism_config_is_read_for_every_rank(monkeypatch, sizes, samples_on, tokens_on,
+                                                                         tag):
+    """The layout read from real TrainingArguments holding a real ParallelismConfig, as each of 4 ranks
+    (told by the launcher's RANK and WORLD_SIZE) would read it, and the weights their rows then get."""
+    from accelerate import ParallelismConfig
+    from transformers import TrainingArguments
+
+    from stream_metrics import layout as layouts
+    from stream_metrics.hf import detect_layout
+
+    args = TrainingArguments("out", parallelism_config=ParallelismConfig(**sizes), use_cpu=True, report_to="none")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    found = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        found.append((detect_layout(args, None) or layouts.Layout.every_rank()))
+        found[-1] = found[-1].fields() | {"tag": found[-1].describe()}
+    weights = layouts.weights(found)
+    assert ([w for w, _ in weights], [w for _, w in weights]) == (samples_on, tokens_on)
+    assert {f["tag"] for f in found} == {tag}

@@ -26,6 +26,37 @@ def setup() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_reduce_coalesced",
+               "all_to_all", "all_to_all_single", "barrier", "broadcast", "broadcast_object_list", "gather",
+               "gather_object", "monitored_barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+               "scatter", "scatter_object_list", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+def count_collectives() -> list[str]:
+    """Wrap every collective of torch.distributed with a counter (the real one still runs); the list
+    of names called fills as they run. Call it before stream_metrics starts, as a user's import would."""
+    import functools
+
+    import torch.distributed.distributed_c10d as c10d
+
+    calls: list[str] = []
+
+    def counted(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in COLLECTIVES:
+        if hasattr(c10d, name):
+            wrapped = counted(name, getattr(c10d, name))
+            setattr(c10d, name, wrapped)
+            if hasattr(dist, name):
+                setattr(dist, name, wrapped)
+    return calls
+
+
 def collate(texts: list[str]) -> dict:
     """Byte-level token ids, right-padded with 0, with the attention mask and labels (-100 on padding)."""
     ids = [list(text.encode("utf-8"))[:MAX_LENGTH] for text in texts]

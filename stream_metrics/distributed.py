@@ -68,3 +68,9 @@ def gather(fields: dict) -> list[dict]:
     out = [torch.empty_like(vector) for _ in range(world_size())]
     dist.all_gather(out, vector)  # the row's one collective
     return [dict(zip(names, row)) for row in torch.stack(out).tolist()]  # host sync: the row's one wait
+
+
+def distinct_devices() -> int:
+    """The devices that do distinct work (read different data): ``throughput/tokens_per_s_per_device``
+    divides by this. Every rank, for pure data parallelism."""
+    return world_size()

@@ -23,8 +23,9 @@ UNITS = {
     "s": ("wall_clock", 1),
     "min": ("wall_clock", 60),
     "h": ("wall_clock", 3600),
+    "flop": ("flops", 1),
 }
-ALIASES = {"steps": "ba"}  # other spellings, and the unit each stands for
+ALIASES = {"steps": "ba", "flops": "flop"}  # other spellings, and the unit each stands for
 # Multipliers. "K" and "G" are accepted spellings of k and B; "m" is not one (milli? minutes?).
 SUFFIXES = {"k": 1_000, "K": 1_000, "M": 1_000_000, "B": 1_000_000_000, "G": 1_000_000_000,
             "T": 1_000_000_000_000}
@@ -35,7 +36,8 @@ _PATTERN = re.compile(r"\s*(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\
                       rf"(?P<suffix>[{''.join(SUFFIXES)}]?)\s*(?P<unit>{'|'.join(_UNIT_NAMES)})\s*")
 FORMS = ("a number, an optional multiplier k (or K) = 1e3, M = 1e6, B (or G) = 1e9, T = 1e12 or an exponent, "
          "and a unit: sp (samples), tok (tokens), ep (estimated epochs), ba or steps (optimizer steps), "
-         "s, min, h (wall-clock); for example '500ksp', '2.5Mtok', '5e5sp', '0.5ep', '1000steps', '30min'")
+         "s, min, h (wall-clock), flop (training FLOPs); for example '500ksp', '2.5Mtok', '5e5sp', '0.5ep', "
+         "'1000steps', '30min', '1e18flop'")
 
 
 @dataclass(frozen=True)

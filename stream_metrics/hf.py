@@ -37,7 +37,7 @@ try:
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
-from . import distributed, schema
+from . import distributed, flops, schema
 from .amount import as_amount
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
@@ -96,14 +96,16 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         backend: ``"mlflow"``, ``"wandb"``, a list of both, ``"none"``, or ``"auto"`` (the default:
             the backends ``report_to`` names; else MLflow where installed, and W&B where it is
             installed and offline or has an API key).
-        x_axis: the default x-axis: ``"samples"``, ``"tokens"``, ``"step"``, ``"epoch"`` or ``"wall_clock"``.
+        x_axis: the default x-axis: ``"samples"``, ``"tokens"``, ``"step"``, ``"epoch"``, ``"wall_clock"`` or
+            ``"flops"`` (training FLOPs, counted from the Trainer's model: docs/flops.md).
         dataset_size: examples in one pass over the training data, where known.
         eval_every, save_every: an amount (``"500ksp"``, ``"50Mtok"``, ``"0.5ep"``, ``"30min"``): evaluate,
             or save a checkpoint, once each time the run crosses a multiple of it (docs/schedule.md).
         stop_at: an amount: stop training there, with a final checkpoint (``max_steps`` still applies).
         progress: show progress in samples and tokens, with an ETA (default: when the Trainer's bar shows).
         **options: passed to ``stream_metrics.init`` (``mlflow_step``, ``project``, ``mlflow={...}``,
-            ``wandb={...}``, ``flush_timeout``, ``pad_token_id``).
+            ``wandb={...}``, ``flush_timeout``, ``pad_token_id``, ``peak_flops`` (FLOP/s of one device, for
+            ``throughput/mfu``), ``flops_per_token``).
 
     >>> trainer = Trainer(model, args, train_dataset=stream,          # doctest: +SKIP
     ...                   callbacks=[StreamMetricsCallback(backend=["mlflow", "wandb"])])
@@ -181,6 +183,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         resume = self._resume_state(state)
         options = dict(self.options)
         options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
+        options.setdefault("model", model)  # FLOPs from its weights and config (flops.py)
+        options.setdefault("precision", flops.trainer_precision(args))  # for the peak FLOP/s behind MFU
         options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
         # Tensor/context/sequence parallelism stated in the arguments or the model: count each batch once.
         options.setdefault("layout", detect_layout(args, model))

@@ -24,6 +24,7 @@ class Progress:
     epoch: float = 0.0
     wall_clock: float = 0.0
     epoch_source: str = "none"
+    flops: int | float | None = None  # None: FLOPs are not counted (no model= or flops_per_token=)
 
     def __getitem__(self, name: str):
         """The value of an axis by the name users type (``"samples"``) or its key (``"progress/samples"``)."""
@@ -38,6 +39,8 @@ class Progress:
             row[schema.TOKENS] = self.tokens
         if self.loss_tokens is not None:
             row[schema.LOSS_TOKENS] = self.loss_tokens
+        if self.flops is not None:
+            row[schema.FLOPS] = float(self.flops)  # kept exact here; a float in the row (beyond int64)
         return row
 
     def to_dict(self) -> dict:
@@ -63,6 +66,9 @@ class Progress:
             v = getattr(out, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"progress {name}={v!r} is not a non-negative number")
+        if out.flops is not None and (isinstance(out.flops, bool) or not isinstance(out.flops, (int, float))
+                                      or not math.isfinite(out.flops) or out.flops < 0):
+            raise ValueError(f"progress flops={out.flops!r} is not a non-negative number")
         if out.epoch_source not in schema.EPOCH_SOURCES:
             raise ValueError(f"progress epoch_source={out.epoch_source!r} is not one of {schema.EPOCH_SOURCES}")
         return dataclasses.replace(out, epoch=float(out.epoch), wall_clock=float(out.wall_clock))

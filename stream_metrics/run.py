@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import distributed, layout as layouts, lifecycle, schema
+from . import distributed, flops, layout as layouts, lifecycle, schema
 from .backends import RunInfo, backend_names, create
 from .backends.base import Row
 from .backends.delivery import Delivery, close_all
@@ -49,7 +49,9 @@ class Run:
                  resume: dict | None = None, mlflow: dict | None = None, wandb: dict | None = None,
                  flush_timeout: float = 60.0, buffer_rows: int | None = None, progress_file: str | None = None,
                  data_parallel_group=None, context_parallel_group=None, context_parallel_sliced: bool = True,
-                 layout: "layouts.Layout | None" = None):
+                 layout: "layouts.Layout | None" = None,
+                 model=None, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 precision: str | None = None):
         names = backend_names(backend)
         # Which ranks read different data (layout.py): given, else detected, else every rank.
         self.layout = (layouts.given(data_parallel_group, context_parallel_group, context_parallel_sliced)
@@ -63,6 +65,12 @@ class Run:
         if isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float)) or flush_timeout < 0:
             raise ValueError(f"flush_timeout={flush_timeout!r} must be a number of seconds >= 0")
         self.gradient_accumulation_steps = gradient_accumulation_steps
+        # FLOPs (flops.py): the formula from the model or flops_per_token; the peak behind throughput/mfu.
+        self.flop_formula = flops.formula_for(model, flops_per_token)
+        self.peak = flops.resolve_peak(peak_flops, model, precision) if self.flop_formula else None
+        if self.x_axis == schema.FLOPS and self.flop_formula is None and names:
+            raise ValueError("x_axis='flops' needs FLOPs counted: pass model= (the model being trained) or "
+                             "flops_per_token= to init()")
         self.pad_token_id = pad_token_id
         self.estimator = EpochEstimator(dataset_size)
         self.probe = DatasetProbe.of(dataset)
@@ -71,7 +79,8 @@ class Run:
         self.name, self.project = name, project
         self.config = redact_config(config)
         self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
-                                      schema.TOKENS_PER_S))
+                                      schema.TOKENS_PER_S, schema.FLOPS_PER_S, schema.TOKENS_PER_S_PER_DEVICE,
+                                      schema.MFU))
         # Backends exist on the main process only; the others count and join the row's collective.
         options = {"mlflow": mlflow or {}, "wandb": wandb or {}}
         backends = [create(n, options[n]) for n in names] if distributed.is_main() else []
@@ -90,6 +99,7 @@ class Run:
     def _reset_session(self, base: Progress, rows: int, batches: int) -> None:
         self._base, self._base_rows, self._base_batches = base, rows, batches
         self._samples, self._tokens, self._loss_tokens = Total(), Total(), Total()
+        self._flops = flops.FlopCount(self.flop_formula) if self.flop_formula else None
         self._rows = self._micro_batches = self._steps = self._in_window = 0
         self._has_tokens = self._has_loss_tokens = False
         self._passes, self._first_pass, self._pass_start = 0, None, Total()
@@ -123,6 +133,8 @@ class Run:
             tokens = counts.tokens if tokens is None else tokens
             loss_tokens = counts.loss_tokens if loss_tokens is None else loss_tokens
         self._samples.add(samples)
+        if self._flops is not None:
+            self._flops.add(batch, tokens)
         self._rows += counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
         if tokens is not None:
             self._tokens.add(tokens)
@@ -208,6 +220,7 @@ class Run:
             **self.probe.local(rows=self._rows + (self._base_rows if main else 0),
                                batches=self._micro_batches + (self._base_batches if main else 0)),
             **self.layout.fields(), "call": _CALLS[call], "call_seq": self._calls,
+            **(self._flops.local() if self._flops is not None else {}),
         }
         ranks = [{k: (int(v) if float(v).is_integer() else v) for k, v in r.items()}
                  for r in distributed.gather(fields, pending)]
@@ -226,7 +239,10 @@ class Run:
             step=int(step), samples=int(samples),
             tokens=int((base.tokens or 0) + tokens) if has_tokens else None,
             loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
-            epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source)
+            epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source,
+            # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
+            flops=base.flops if self._flops is None else (base.flops or 0) + self._flops.total(
+                ranks, [w for _, w in weights]))
         return self._progress
 
     @property
@@ -260,6 +276,8 @@ class Run:
             row[schema.SAMPLES_PER_S] = (progress.samples - self._last.samples) / elapsed
             if progress.tokens is not None:
                 row[schema.TOKENS_PER_S] = (progress.tokens - (self._last.tokens or 0)) / elapsed
+            row.update(flops.throughput(progress, self._last, elapsed, row.get(schema.TOKENS_PER_S), self.peak,
+                                        self.layout.distinct_devices))
         row.update(resolve(metrics, pending))
         self._last = progress
         self._submit_row(row, progress)
@@ -318,6 +336,9 @@ class Run:
                 schema.TAG_DATA_PARALLEL: self.layout.describe()}
         if backend_name == "mlflow":
             tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
+        if self.flop_formula is not None:
+            tags[schema.TAG_FLOPS_METHOD] = self.flop_formula.method
+            tags[schema.TAG_PEAK_FLOPS] = str(self.peak) if self.peak else "unknown: throughput/mfu is not logged"
         return tags
 
     _epoch_source = None

@@ -16,6 +16,10 @@ WALL_CLOCK = "progress/wall_clock"
 LOSS_TOKENS = "progress/loss_tokens"
 SAMPLES_PER_S = "throughput/samples_per_s"
 TOKENS_PER_S = "throughput/tokens_per_s"
+FLOPS = "progress/flops"
+FLOPS_PER_S = "throughput/flops_per_s"
+TOKENS_PER_S_PER_DEVICE = "throughput/tokens_per_s_per_device"
+MFU = "throughput/mfu"
 
 AXIS_PREFIX = "progress/"
 REQUIRED_AXES = (STEP, SAMPLES, TOKENS, EPOCH, WALL_CLOCK)
@@ -28,8 +32,9 @@ AXES = {
     "tokens": TOKENS,
     "epoch": EPOCH,
     "wall_clock": WALL_CLOCK,
+    "flops": FLOPS,
 }
-# MLflow steps are int64: only the integer axes can be a row's step.
+# MLflow steps are int64: only the integer axes can be a row's step (FLOPs pass int64's range).
 MLFLOW_STEP_AXES = ("samples", "step", "tokens")
 
 # Run metadata (SCHEMA section 3). MLflow: tags named TAG_PREFIX + name; W&B: config[CONFIG_KEY][name].
@@ -41,6 +46,8 @@ TAG_MLFLOW_STEP = "mlflow_step"
 TAG_EPOCH_SOURCE = "epoch_source"
 # How ranks' counts were reduced: the data-parallel size, and whether it was given or detected (layout.py).
 TAG_DATA_PARALLEL = "data_parallel"
+TAG_FLOPS_METHOD = "flops_method"   # how progress/flops is counted (flops.py)
+TAG_PEAK_FLOPS = "peak_flops"       # the peak FLOP/s per device behind throughput/mfu, and its source
 
 # Epoch sources (SCHEMA section 2), best first.
 EPOCH_SOURCES = ("pass", "sized", "user", "metadata", "shards", "none")

@@ -360,13 +360,37 @@ class Run:
         """True once each time the run crosses a multiple of ``every`` (``"1Mtok"``, ``"500ksp"``, ``"30min"``).
 
         A call that jumps over several multiples answers True once. The answer is a pure function of
-        the progress, the same on every rank. Without ``progress`` it brings the ranks together like
-        ``run.progress`` (call it on every rank); pass the Progress ``log()`` returned to avoid that.
+        the progress, the same on every rank. Without ``progress`` call it on every rank, at the same
+        points of the loop: most calls cost nothing (no collective, no host sync); near a multiple
+        (judged from the last row and the pace between rows, docs/schedule.md) the ranks sync to
+        decide. Passing the Progress ``log()`` returned never syncs.
 
         >>> if run.due("1Mtok", run.log({"loss": loss})):   # doctest: +SKIP
         ...     evaluate()
         """
-        return self.schedule(every).crossed(self._sync() if progress is None else progress) > 0
+        schedule = self.schedule(every)
+        if progress is not None:
+            return schedule.crossed(progress) > 0
+        look = self._lookahead(str(schedule.amount), schedule.amount)
+        # The clock is this schedule's calls, the same on every rank; a sync seen now (a row) was made
+        # after the previous call.
+        look.observe(self._progress, clock=look.calls)
+        look.calls += 1
+        from .schedule import next_boundary
+
+        if look.near(next_boundary(schedule), look.calls):
+            return schedule.crossed(self._sync()) > 0
+        return schedule.crossed(self._progress) > 0  # below the boundary: 0 (warns where an axis is missing)
+
+    def _lookahead(self, name: str, amount):
+        from .schedule import Lookahead
+
+        looks = self.__dict__.setdefault("_lookaheads", {})
+        look = looks.get(name)
+        if look is None or look.session is not self._base or look.amount != amount:  # new, or after a resume
+            look = looks[name] = Lookahead(amount)
+            look.session, look.calls = self._base, 0
+        return look
 
     def schedule(self, every, name: str | None = None):
         """The ``Every`` kept under ``name`` (default: the amount's text) and in ``state_dict()``.

@@ -233,13 +233,16 @@ class Run:
 
     def _write_progress_file(self, progress: Progress) -> None:
         # The wall-clock of the latest row, beside the checkpoints: a run resumed from an older
-        # checkpoint (after a crash) goes on from here, so wall_clock never goes back.
+        # checkpoint (after a crash) goes on from here, so wall_clock never goes back. Every row, so
+        # it must be cheap: one pwrite at offset 0 into a file kept open, padded with spaces to a
+        # width that never shrinks, so the file always holds one whole JSON text (a write of a few
+        # hundred bytes to a regular file is not cut short by the process being killed).
         ids = {d.backend.name: d.backend.run_id for d in self._deliveries if d.backend.run_id}
+        writer = self.__dict__.get("_progress_writer")
         try:
-            tmp = f"{self.progress_file}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"run_ids": ids, "wall_clock": progress.wall_clock}, f)
-            os.replace(tmp, self.progress_file)
+            if writer is None:
+                writer = self._progress_writer = _ProgressFile(self.progress_file)
+            writer.write(ids, progress.wall_clock)
         except OSError as exc:
             warn_once("progress-file", f"cannot write {self.progress_file} ({exc}); a resumed run's "
                                        "wall_clock goes on from its checkpoint")
@@ -265,7 +268,7 @@ class Run:
                 d.submit("summary", (figures, row))
 
     def _row(self, metrics: dict, progress: Progress) -> Row:
-        step = progress[self.mlflow_step]
+        step = getattr(progress, self.mlflow_step[len(schema.AXIS_PREFIX):])  # the key was checked in __init__
         if step is None:
             warn_once("mlflow-step", f"mlflow_step={self.mlflow_step!r} has no value (no token information); "
                                      "rows use progress/samples as their MLflow step")
@@ -448,6 +451,25 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
         self.finish(status)
+
+
+class _ProgressFile:
+    """The progress file, open for the run: ``write`` is one ``os.pwrite`` of a padded JSON text."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._closer = weakref.finalize(self, os.close, self.fd)
+        self.width = os.fstat(self.fd).st_size  # cover whatever an earlier run left there
+        self._ids, self._head = None, b""
+
+    def write(self, run_ids: dict, wall_clock: float) -> None:
+        if run_ids != self._ids:  # the ids change once or twice a run: encode them then only
+            self._ids = dict(run_ids)
+            self._head = b'{"run_ids": ' + json.dumps(run_ids).encode() + b', "wall_clock": '
+        text = self._head + repr(float(wall_clock)).encode() + b"}"
+        if len(text) > self.width:
+            self.width = len(text) + 64
+        os.pwrite(self.fd, text.ljust(self.width), 0)
 
 
 def _minus(total: Total, start: Total):

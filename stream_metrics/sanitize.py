@@ -176,10 +176,17 @@ def flatten(metrics, prefix: str = ""):
 def clean_metrics(metrics, key_map: KeyMap) -> dict:
     """User metrics as ``{stored name: number}``: flattened, converted, sanitised; bad values skipped."""
     row = {}
-    for key, value in flatten(metrics):
-        try:
-            number = to_number(key, value)
-        except _Skip:
+    names = key_map._names
+    for key, value in metrics.items():
+        # The common row, every step: finite floats under keys seen before; nothing to convert or check.
+        kind = type(value)
+        if kind is float and value - value == 0.0 and key in names:
+            row[names[key]] = value
             continue
-        row[key_map(key)] = number
+        for full, item in flatten({key: value}):
+            try:
+                number = to_number(full, item)
+            except _Skip:
+                continue
+            row[key_map(full)] = number
     return row

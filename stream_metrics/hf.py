@@ -21,6 +21,7 @@ What it does, and why this way:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from .amount import as_amount
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
-from .schedule import Every, Until
+from .schedule import Every, Lookahead, Until, next_boundary
 
 log = logging.getLogger("stream_metrics")
 
@@ -293,8 +294,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def _apply_schedules(self, control) -> None:
         """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed.
 
-        Reads the progress (one collective, on every rank alike) only when a schedule or the display
-        needs it; the decision is a function of that Progress, so every rank sets the same flags.
+        No collective on most steps: from the last synced Progress (every row brings one, identical on
+        every rank) and the pace seen between syncs, a ``Lookahead`` tells when a boundary may be near;
+        only then do the ranks sync (one collective) and decide from that Progress. The clock is the
+        optimizer step, the same on every rank, so every rank syncs at the same steps and sets the same flags.
         """
         if not (self.eval_every or self.save_every or self.stop_at):
             # Without a schedule the ranks meet at rows only (on_log shows those); a lone process may
@@ -302,7 +305,18 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             if self.display is not None and self.display.ready() and distributed.world_size() == 1:
                 self._show(self.run.progress)
             return
-        progress = self.run.progress
+        step = self.run._step_override  # state.global_step, set by _step() just before
+        plans = self._schedule_plans()
+        last = self.run._progress  # the latest sync: a row, a checkpoint's state, or this method's
+        for _, _, look in plans:
+            look.observe(last, clock=last.step)
+        synced = any(look.near(target, step) for _, target, look in plans)
+        if synced:
+            progress = self.run.progress  # near a boundary: every rank syncs here, at the same step
+        else:
+            # Below every target by the lookahead: nothing can fire (Every/Until still warn about
+            # an axis that is missing). Steps are known exactly without a sync.
+            progress = dataclasses.replace(last, step=step)
         if self.eval_every and self.run.schedule(self.eval_every, name="eval_every").crossed(progress):
             control.should_evaluate = True
         if self.save_every and self.run.schedule(self.save_every, name="save_every").crossed(progress):
@@ -310,7 +324,30 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if self.stop_at and Until(self.stop_at).reached(progress):
             control.should_training_stop = True
             control.should_save = True  # the final checkpoint, at the amount
-        self._show(progress)
+        if synced:
+            self._show(progress)
+        elif self.display is not None and self.display.ready() and distributed.world_size() == 1:
+            self._show(self.run.progress)
+
+    def _schedule_plans(self) -> list:
+        """(name, next target, Lookahead) for each schedule set; lookaheads last as long as the run."""
+        if getattr(self, "_lookaheads", None) is None or self._lookaheads[0] is not self.run:
+            self._lookaheads = (self.run, {})
+        looks = self._lookaheads[1]
+        plans = []
+        for name, amount in (("eval_every", self.eval_every), ("save_every", self.save_every)):
+            if amount:
+                every = self.run.schedule(amount, name=name)
+                look = looks.get(name)
+                if look is None or look.amount != every.amount:
+                    look = looks[name] = Lookahead(every.amount, clock_is_step=True)
+                plans.append((name, next_boundary(every), look))
+        if self.stop_at:
+            look = looks.get("stop_at")
+            if look is None or str(look.amount) != self.stop_at:
+                look = looks["stop_at"] = Lookahead(self.stop_at, clock_is_step=True)
+            plans.append(("stop_at", look.amount.value, look))
+        return plans
 
     def _begin_display(self, args, state) -> None:
         show = (not args.disable_tqdm) if self.show_progress is None else self.show_progress

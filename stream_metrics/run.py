@@ -12,6 +12,7 @@ import logging
 import math
 import numbers
 import time
+import weakref
 
 import torch
 
@@ -287,13 +288,16 @@ class Run:
 
     def _write_progress_file(self, progress: Progress) -> None:
         # The wall-clock of the latest row, beside the checkpoints: a run resumed from an older
-        # checkpoint (after a crash) goes on from here, so wall_clock never goes back.
+        # checkpoint (after a crash) goes on from here, so wall_clock never goes back. Every row, so
+        # it must be cheap: one pwrite at offset 0 into a file kept open, padded with spaces to a
+        # width that never shrinks, so the file always holds one whole JSON text (a write of a few
+        # hundred bytes to a regular file is not cut short by the process being killed).
         ids = {d.backend.name: d.backend.run_id for d in self._deliveries if d.backend.run_id}
+        writer = self.__dict__.get("_progress_writer")
         try:
-            tmp = f"{self.progress_file}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"run_ids": ids, "wall_clock": progress.wall_clock}, f)
-            os.replace(tmp, self.progress_file)
+            if writer is None:
+                writer = self._progress_writer = _ProgressFile(self.progress_file)
+            writer.write(ids, progress.wall_clock)
         except OSError as exc:
             warn_once("progress-file", f"cannot write {self.progress_file} ({exc}); a resumed run's "
                                        "wall_clock goes on from its checkpoint")
@@ -419,13 +423,37 @@ class Run:
         """True once each time the run crosses a multiple of ``every`` (``"1Mtok"``, ``"500ksp"``, ``"30min"``).
 
         A call that jumps over several multiples answers True once. The answer is a pure function of
-        the progress, the same on every rank. Without ``progress`` it brings the ranks together like
-        ``run.progress`` (call it on every rank); pass the Progress ``log()`` returned to avoid that.
+        the progress, the same on every rank. Without ``progress`` call it on every rank, at the same
+        points of the loop: most calls cost nothing (no collective, no host sync); near a multiple
+        (judged from the last row and the pace between rows, docs/schedule.md) the ranks sync to
+        decide. Passing the Progress ``log()`` returned never syncs.
 
         >>> if run.due("1Mtok", run.log({"loss": loss})):   # doctest: +SKIP
         ...     evaluate()
         """
-        return self.schedule(every).crossed(self._sync("progress") if progress is None else progress) > 0
+        schedule = self.schedule(every)
+        if progress is not None:
+            return schedule.crossed(progress) > 0
+        look = self._lookahead(str(schedule.amount), schedule.amount)
+        # The clock is this schedule's calls, the same on every rank; a sync seen now (a row) was made
+        # after the previous call.
+        look.observe(self._progress, clock=look.calls)
+        look.calls += 1
+        from .schedule import next_boundary
+
+        if look.near(next_boundary(schedule), look.calls):
+            return schedule.crossed(self._sync("progress")) > 0
+        return schedule.crossed(self._progress) > 0  # below the boundary: 0 (warns where an axis is missing)
+
+    def _lookahead(self, name: str, amount):
+        from .schedule import Lookahead
+
+        looks = self.__dict__.setdefault("_lookaheads", {})
+        look = looks.get(name)
+        if look is None or look.session is not self._base or look.amount != amount:  # new, or after a resume
+            look = looks[name] = Lookahead(amount)
+            look.session, look.calls = self._base, 0
+        return look
 
     def schedule(self, every, name: str | None = None):
         """The ``Every`` kept under ``name`` (default: the amount's text) and in ``state_dict()``.
@@ -516,6 +544,25 @@ def _check_same_call(ranks: list[dict]) -> None:
         f"stream_metrics: the ranks met in different calls: {where}. state_dict() and progress bring the "
         "ranks together: call them on every rank, as log() (e.g. state = run.state_dict() on every rank, "
         "then save it on rank 0). These counts were not used.")
+
+
+class _ProgressFile:
+    """The progress file, open for the run: ``write`` is one ``os.pwrite`` of a padded JSON text."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._closer = weakref.finalize(self, os.close, self.fd)
+        self.width = os.fstat(self.fd).st_size  # cover whatever an earlier run left there
+        self._ids, self._head = None, b""
+
+    def write(self, run_ids: dict, wall_clock: float) -> None:
+        if run_ids != self._ids:  # the ids change once or twice a run: encode them then only
+            self._ids = dict(run_ids)
+            self._head = b'{"run_ids": ' + json.dumps(run_ids).encode() + b', "wall_clock": '
+        text = self._head + repr(float(wall_clock)).encode() + b"}"
+        if len(text) > self.width:
+            self.width = len(text) + 64
+        os.pwrite(self.fd, text.ljust(self.width), 0)
 
 
 def _minus(total: Total, start: Total):

@@ -198,17 +198,24 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
     host sync has read them all together with the counts. Without it, each is read with ``.item()``.
     """
     row = {}
-    for key, value in flatten(metrics):
-        if pending is not None and _deferrable(value):
-            name = key_map(key)
-            pending.append(Pending(key, name, value))
-            row[name] = None  # keeps the row's order; filled in by resolve()
+    names = key_map._names
+    for key, value in metrics.items():
+        # The common row, every step: finite floats under keys seen before; nothing to convert or check.
+        kind = type(value)
+        if kind is float and value - value == 0.0 and key in names:
+            row[names[key]] = value
             continue
-        try:
-            number = to_number(key, value)
-        except _Skip:
-            continue
-        row[key_map(key)] = number
+        for full, item in flatten({key: value}):
+            if pending is not None and _deferrable(item):
+                name = key_map(full)
+                pending.append(Pending(full, name, item))
+                row[name] = None  # keeps the row's order; filled in by resolve()
+                continue
+            try:
+                number = to_number(full, item)
+            except _Skip:
+                continue
+            row[key_map(full)] = number
     return row
 
 

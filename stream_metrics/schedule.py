@@ -95,3 +95,94 @@ def _multiples(position, interval) -> int:
     if isinstance(position, int) and isinstance(interval, int):
         return position // interval
     return math.floor(position / interval + 1e-9)
+
+
+#: Between two syncs, a run is taken to go at most this many times its fastest recent pace.
+MARGIN = 2.0
+#: The pace is the largest increase per tick over this many of the latest intervals between syncs.
+PACE_WINDOW = 8
+#: Intervals seen before the pace is trusted (one interval can be a poor sample of the run's pace).
+PACE_MIN = 2
+#: Epoch estimates that grow in proportion to the data (or the Trainer's step); the others can jump
+#: when a pass ends (a stream's size was unknown or estimated), so they are not projected.
+STEADY_EPOCH_SOURCES = ("pass", "sized")
+
+
+class Lookahead:
+    """Whether a boundary may have been reached, judged without a collective: when the ranks must sync.
+
+    Every rank holds the same synced Progress (each row's collective hands it to all of them) and the
+    same clock (the Trainer's optimizer step; in a plain loop, how many times the schedule was asked).
+    From the syncs it sees, ``observe`` keeps the pace: the largest increase per tick between two syncs,
+    over the last ``PACE_WINDOW`` intervals (trusted once ``PACE_MIN`` are seen). ``near(target, clock)`` is True when the last synced
+    position plus ``MARGIN`` times that pace for every tick since could reach ``target``; only then do
+    the ranks sync to decide. The inputs are identical on every rank, so is the answer. Near a boundary
+    the ranks sync at every step, so it fires at the first step at or past it, as with a sync per step.
+    Before any pace is known, and for epoch estimates that can jump, it answers True (sync).
+
+    >>> from stream_metrics import Progress
+    >>> look = Lookahead("1ksp")
+    >>> look.observe(Progress(samples=0), clock=0); look.near(1000, clock=1)   # no pace yet: sync
+    True
+    >>> look.observe(Progress(samples=100), clock=1)     # one interval: not trusted yet
+    >>> look.observe(Progress(samples=200), clock=2)     # 100 samples a step: 200 with the margin
+    >>> [look.near(1000, clock=c) for c in (3, 5, 6)]    # 200 + 3 * 200 < 1000 <= 200 + 4 * 200
+    [False, False, True]
+    """
+
+    def __init__(self, amount, *, clock_is_step: bool = False):
+        self.amount: Amount = as_amount(amount)
+        # The Trainer's clock is the optimizer step itself: a schedule in steps needs no sync at all.
+        self.exact = clock_is_step and self.amount.field == "step"
+        self.position = None       # at the last sync seen, in the amount's unit (None: axis unknown)
+        self.clock = None          # the clock at that sync
+        self.source = None         # the epoch estimate's source at that sync
+        self.samples = 0           # samples at that sync
+        self.paces: list = []      # increase per tick, for each of the latest intervals
+        self._seen = None          # the Progress last observed (a new object at every sync)
+        self._target = None        # the target last asked about (to notice one reached unforeseen)
+
+    def observe(self, progress, clock: int) -> None:
+        """Take in a synced ``progress`` (the same on every rank), made at ``clock``. Seen before: nothing."""
+        if progress is self._seen:
+            return
+        self._seen = progress
+        position = self.amount.of(progress)
+        if position is not None and self.position is not None and self.clock is not None:
+            if clock > self.clock:
+                ticks = clock - self.clock
+                if self.paces and self._target is not None:
+                    bound = self.position + ticks * MARGIN * max(self.paces)
+                    if bound < self._target <= position:
+                        warn_once(f"lookahead-{self.amount.unit}",
+                                  f"the run went more than {MARGIN:g} times faster in {self.amount.field} than "
+                                  f"before, so a {self.amount} boundary fired up to {ticks} step(s) after it "
+                                  f"was reached (docs/schedule.md)")
+                self.paces = (self.paces + [max(0, position - self.position) / ticks])[-PACE_WINDOW:]
+            elif clock < self.clock:  # a new session: the pace seen before says nothing
+                self.paces = []
+        self.position, self.clock = position, clock
+        self.source, self.samples = progress.epoch_source, progress.samples
+
+    def near(self, target, clock: int) -> bool:
+        """True when ``target`` (in the amount's unit) may have been reached by ``clock``: sync then."""
+        self._target = target
+        if self.exact:
+            return False  # the caller knows the step: it decides without a sync
+        if self.position is None:
+            # No token information: before any batch, sync (the first may carry some); after batches
+            # that carried none, nothing can be reached (Every warns when asked).
+            return self.samples == 0
+        if self.position >= target:
+            return True
+        if self.amount.field == "epoch" and self.source not in STEADY_EPOCH_SOURCES:
+            return True
+        pace = max(self.paces, default=0)
+        if len(self.paces) < PACE_MIN or pace <= 0 or self.clock is None:
+            return True
+        return self.position + (clock - self.clock) * MARGIN * pace >= target - 1e-9 * abs(target)
+
+
+def next_boundary(every: Every):
+    """The next multiple of the interval that ``every`` has not counted yet, in its unit."""
+    return (every.boundaries + 1) * every.amount.value

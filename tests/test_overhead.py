@@ -9,6 +9,7 @@ import gc
 import sys
 import tracemalloc
 
+import pytest
 import torch
 
 import stream_metrics
@@ -115,3 +116,29 @@ def test_delivered_rows_are_let_go(monkeypatch):
         grown = traced_growth(rows(10_000), warmup=rows(500))
         assert backend.rows == 10_500
         assert grown < 1 * MB, f"10k delivered rows kept {grown / MB:.2f} MB"
+
+
+def test_the_mlflow_sender_process_prototype_stores_every_row(workdir, monkeypatch):
+    # backends/process.py: the rows' SQLAlchemy work in a child process (benchmarks/README.md says why).
+    from mlflow import MlflowClient
+
+    from stream_metrics.backends.base import Row
+    from stream_metrics.backends.process import MLflowProcessBackend
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    monkeypatch.setattr(sys.modules["stream_metrics.run"], "create",
+                        lambda name, options: MLflowProcessBackend(**options))
+    with stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": uri}) as run:
+        for i in range(1, 251):
+            run.update(samples=4, tokens=100)
+            run.log({"loss": 1.0 / i})
+        run_id = run.run_ids["mlflow"]
+        backend = run._deliveries[0].backend
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(4 * i, 1.0 / i) for i in range(1, 251)]
+    assert backend._child is None  # finish() ended the child
+
+    backend.run_id = "no-such-run"  # the child's failure comes back as an exception, for delivery to retry
+    with pytest.raises(RuntimeError, match="sender process"):
+        backend.log_rows([Row({"loss": 1.0}, 0, 1)])
+    backend._stop_child()

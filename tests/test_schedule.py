@@ -133,3 +133,85 @@ def test_a_corrupt_schedule_in_a_state_dict_is_refused():
     state["schedules"]["1000sp"]["boundaries"] = "many"
     with pytest.raises(ValueError, match="corrupt stream_metrics state dict"):
         stream_metrics.init(backend="none", resume=state)
+
+
+# ---------------------------------------------------------------- syncing only near a boundary: Lookahead
+from stream_metrics.schedule import MARGIN, Lookahead, next_boundary  # noqa: E402
+
+
+def simulate(increments, interval, row_every):
+    """A Trainer's schedule decided at every step (the oracle) and by the Lookahead; (fired, fired, syncs)."""
+    oracle, every, look = Every((interval, "sp")), Every((interval, "sp")), Lookahead((interval, "sp"))
+    synced = Progress()
+    position, fired_oracle, fired, syncs = 0, [], [], []
+    for step, increment in enumerate(increments, start=1):
+        position += increment
+        now = Progress(step=step, samples=position)
+        if oracle.crossed(now):
+            fired_oracle.append(step)
+        look.observe(synced, clock=synced.step)
+        if look.near(next_boundary(every), step):
+            synced = now
+            syncs.append(step)
+        if every.crossed(synced if synced is now else Progress(step=step, samples=synced.samples)):
+            fired.append(step)
+        if step % row_every == 0:
+            synced = now  # a row: the ranks meet anyway
+    return fired_oracle, fired, syncs
+
+
+@given(st.integers(1, 50), st.integers(100, 5000), st.integers(1, 20), st.integers(0, 2 ** 32),
+       st.integers(50, 400))
+def test_within_the_margin_every_boundary_fires_where_a_sync_per_step_would_fire_it(base, interval, row_every,
+                                                                                    seed, steps):
+    import random
+
+    rng = random.Random(seed)  # a local generator: the test draws from no global RNG
+    # Each step carries between `base` and MARGIN * `base` samples: within the rule's assumption.
+    increments = [rng.randint(base, int(MARGIN * base)) for _ in range(steps)]
+    fired_oracle, fired, syncs = simulate(increments, interval, row_every)
+    assert fired == fired_oracle
+    assert set(fired) <= set(syncs) | {s for s in range(1, steps + 1) if s % row_every == 0}
+
+
+def test_far_from_a_boundary_no_step_syncs():
+    # 100 samples a step, a boundary every 100k, a row every 50 steps: a sync at the first steps and
+    # near each boundary only, about log2(1000 steps between boundaries) + 2 each.
+    fired_oracle, fired, syncs = simulate([100] * 5000, 100_000, row_every=50)
+    assert fired == fired_oracle == [1000, 2000, 3000, 4000, 5000]
+    assert len(syncs) <= 2 + 5 * 12, syncs
+    assert all(s <= 2 or any(0 <= b - s <= 60 for b in fired) for s in syncs), syncs
+
+
+def test_a_step_far_bigger_than_the_pace_fires_late_and_says_so():
+    look, every = Lookahead("1ksp"), Every("1ksp")
+    for step, samples in enumerate((0, 10, 20, 30), start=0):
+        look.observe(Progress(step=step, samples=samples), clock=step)
+    assert not look.near(next_boundary(every), clock=4)  # 30 + 2 * 10 < 1000: no sync at step 4
+    with pytest.warns(UserWarning, match="fired up to 2 step"):
+        look.observe(Progress(step=5, samples=1500), clock=5)  # a row at step 5 shows 1500
+    assert look.near(next_boundary(every), clock=6) and every.crossed(Progress(samples=1500)) == 1
+
+
+def test_steps_in_the_trainer_and_unsteady_epochs():
+    assert not Lookahead("100ba", clock_is_step=True).near(100, clock=100)  # the caller knows the step
+    look = Lookahead("1ep")
+    for clock, epoch, source in ((0, 0.0, "none"), (1, 0.01, "shards"), (2, 0.02, "shards")):
+        look.observe(Progress(step=clock, epoch=epoch, epoch_source=source), clock=clock)
+    assert look.near(1, clock=3)  # a shard estimate can jump: sync every step
+    look.observe(Progress(step=3, epoch=0.03, epoch_source="pass"), clock=3)
+    assert not look.near(1, clock=4)
+
+
+def test_run_due_without_a_progress_syncs_only_near_a_boundary(monkeypatch):
+    with stream_metrics.init(backend="none") as run:
+        syncs = []
+        sync = run._sync
+        monkeypatch.setattr(run, "_sync", lambda: syncs.append(1) or sync())
+        answers = []
+        for i in range(1, 2001):
+            run.update(samples=10, tokens=1000)
+            if run.due("5ksp"):
+                answers.append(i)
+        assert answers == [500, 1000, 1500, 2000]  # 10 samples a call: at 5000, 10000, ...
+        assert len(syncs) < 100, len(syncs)  # instead of 2000

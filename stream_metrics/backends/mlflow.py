@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import schema
+from .. import invisible, schema
 from ..redact import flat_params, redact_uri
 from .base import Backend, Row, RunInfo
 
@@ -33,6 +33,7 @@ class MLflowBackend(Backend):
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        invisible.keep_mlflow_off_the_global_random()  # its own draws never consume the training's random
         self.run_id = None
         self._logged_params: dict[str, str] = {}
 
@@ -47,7 +48,8 @@ class MLflowBackend(Backend):
             name = self.experiment or info.project or "Default"
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-            run_id = self.client.create_run(experiment_id, run_name=info.name).info.run_id
+            run_name = info.name or invisible.run_name()  # MLflow's default name draws from the global random
+            run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         self.run_id = run_id
         self.set_tags(info.tags)
         self._log_params(flat_params(info.config))

@@ -80,7 +80,7 @@ class StreamMetricsTracker(GeneralTracker):
     # ------------------------------------------------------------------ GeneralTracker
     def store_init_configuration(self, values: dict) -> None:
         """``accelerator.init_trackers(..., config=values)``: the run's hyperparameters, redacted."""
-        if self.run._started:
+        if self.run.started:
             warn_once("accelerate-late-config", "init_trackers(config=...) came after the first row, when the "
                                                 "runs were already open: that config is not logged")
             return

@@ -17,7 +17,11 @@ What it does, and why this way:
   ``dataset_size`` until a pass ends, then the measured pass).
 - State goes into every checkpoint (``ExportableState``), so ``resume_from_checkpoint`` continues
   every axis and the same W&B and MLflow runs, with or without
-  ``restore_callback_states_from_checkpoint``.
+  ``restore_callback_states_from_checkpoint``, whatever decided to write the checkpoint.
+- What people read shows our figures too (``rewrite_logs``): the ``epoch`` of each log entry the
+  Trainer prints and keeps in ``state.log_history`` is ours, with ``samples`` and ``tokens`` beside
+  it; ``state.epoch``, which the Trainer decides with, is never touched. On a terminal our fields
+  go on the Trainer's own progress bar.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from ._checks import missing_extra
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import CallbackHandler, ExportableState
+    from transformers.trainer_callback import CallbackHandler, ExportableState, ProgressCallback
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
@@ -64,7 +68,13 @@ class _TakenOver(TrainerCallback):
 
 
 def _handler_from_stack() -> CallbackHandler | None:
-    # A callback is not given its handler; the handler's call_event is a few frames up.
+    """The Trainer's CallbackHandler, found by walking up from the event being handled.
+
+    Why: nothing public gives a callback its handler or its Trainer (events pass the model,
+    optimizer and loaders only), and two things need the handler: taking the built-in W&B/MLflow
+    callbacks out (so every metric is logged once) and finding the Trainer's progress bar. Its
+    ``call_event`` is a few frames up, as ``self``; None when it is not (then nothing is taken over).
+    """
     frame = sys._getframe(1)
     for _ in range(8):
         if frame is None:
@@ -74,6 +84,16 @@ def _handler_from_stack() -> CallbackHandler | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCallback") -> None:
+    """Make ``callback`` the same callback as ``original``: one set of attributes for both.
+
+    Why: ``restore_callback_states_from_checkpoint=True`` builds a new callback from ``state()``'s
+    args and drops the user's object from the Trainer; the user still holds theirs (``callback.run``,
+    options that are not JSON). Sharing the attributes keeps one callback, whichever object is asked.
+    """
+    callback.__dict__ = original.__dict__
 
 
 def _auto_backends(taken_over: list[str], report_to) -> list[str]:
@@ -116,13 +136,11 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
 
     def __init__(self, backend="auto", x_axis: str = "samples", dataset_size=None, *,
                  finish_on_train_end: bool = True, saved_state: dict | None = None, eval_every=None,
-                 save_every=None, stop_at=None, progress: bool | None = None, restored: bool = False,
-                 **options):
+                 save_every=None, stop_at=None, progress: bool | None = None, rewrite_logs: bool = True,
+                 restored: bool = False, **options):
         original = StreamMetricsCallback._latest() if restored and StreamMetricsCallback._latest else None
         if original is not None:
-            # restore_callback_states_from_checkpoint rebuilds callbacks from their state() and drops
-            # the user's: share the user's object, so it keeps its options and still shows the run.
-            self.__dict__ = original.__dict__
+            _share_state(self, original)
             return
         StreamMetricsCallback._latest = weakref.ref(self)
         # Amounts are checked now and kept as text (JSON-safe in the checkpoint's callback state).
@@ -133,27 +151,30 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if self.save_every is not None:
             Every(self.save_every)
         self.show_progress = progress
+        self.rewrite_logs = rewrite_logs
         self.display: ProgressDisplay | None = None
         self._init_args = {"backend": backend, "x_axis": x_axis, "dataset_size": dataset_size,
                            "finish_on_train_end": finish_on_train_end, "eval_every": self.eval_every,
                            "save_every": self.save_every, "stop_at": self.stop_at, "progress": progress,
-                           **options}
+                           "rewrite_logs": rewrite_logs, **options}
         self.backend, self.x_axis, self.dataset_size = backend, x_axis, dataset_size
         self.options = options
         self.finish_on_train_end = finish_on_train_end
-        # Validate now, so a typo fails when the Trainer is built, not hours later.
-        Run(backend="none", x_axis=x_axis, dataset_size=dataset_size,
-            **{k: v for k, v in options.items() if k == "mlflow_step"}).finish()
         self.saved_state = saved_state  # the state of the last checkpoint (set on restore too)
         self.run: Run | None = None
         self._taken_over: list[str] = []
+        self._handler: CallbackHandler | None = None
+        self._opened_by_evaluate = False  # the run was opened by trainer.evaluate() before train()
+        # Validate now, so a typo fails when the Trainer is built, not hours later.
+        self._new_run(backend="none").finish()
         self._hook = None
         self._sized = False
         self._batches_this_epoch = 0
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
-        """Stored in each checkpoint's trainer_state.json (taken in on_step_end when a save is due)."""
+        """Stored in each checkpoint's trainer_state.json, when the checkpoint is written."""
+        self._take_state("write")
         args = {k: v for k, v in self._init_args.items() if _json_safe(v)}
         args["restored"] = True
         return {"args": args, "attributes": {"saved_state": self.saved_state}}
@@ -163,6 +184,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         handler = _handler_from_stack()
         if handler is None:
             return
+        self._handler = handler
         for i, cb in enumerate(handler.callbacks):
             name = _INTEGRATIONS.get(type(cb).__name__)
             if name:
@@ -179,30 +201,45 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
-        if self.run is not None:
-            self.run.finish()  # a run left open by an earlier train(); finish() is idempotent
         resume = self._resume_state(state)
-        options = dict(self.options)
-        options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
-        options.setdefault("model", model)  # FLOPs from its weights and config (flops.py)
-        options.setdefault("precision", flops.trainer_precision(args))  # for the peak FLOP/s behind MFU
-        options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
-        # Tensor/context/sequence parallelism stated in the arguments or the model: count each batch once.
-        options.setdefault("layout", detect_layout(args, model))
-        if args.output_dir and distributed.is_main():
-            os.makedirs(args.output_dir, exist_ok=True)
-            options.setdefault("progress_file", os.path.join(args.output_dir, PROGRESS_FILE))
-        backend = self.backend
-        if backend == "auto":
-            backend = _auto_backends(self._taken_over, args.report_to)
-        self.run = Run(backend=backend, x_axis=self.x_axis, dataset_size=self.dataset_size,
-                       config=_hyperparameters(args, model), dataset=train_dataloader, resume=resume, **options)
+        if self._opened_by_evaluate and resume is None and self.run is not None and not self.run.finished:
+            # trainer.evaluate() before train() opened the runs at progress 0: training goes on in them.
+            self.run.watch(train_dataloader)
+        else:
+            if self.run is not None:
+                self.run.finish()  # a run left open by an earlier train(); finish() is idempotent
+            self.run = self._new_run(args, model=model, processing_class=processing_class, dataset=train_dataloader,
+                                     resume=resume)
+        self._opened_by_evaluate = False
         self._sized = self.run.probe.length is not None
-        self.run.estimator.watching = True  # the Trainer's epochs are seen to end (on_epoch_end)
+        self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)
         if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._begin_display(args, state)
+
+    def _new_run(self, args=None, *, model=None, processing_class=None, dataset=None, resume=None,
+                 backend=None) -> Run:
+        """The one place a Run is built: at train begin, for an evaluation outside train(), and (with
+        ``backend="none"`` and no ``args``) to check the options when the callback is made."""
+        options = dict(self.options)
+        if args is not None:
+            options.setdefault("pad_token_id", _pad_token_id(processing_class, model))
+            options.setdefault("name", args.run_name if args.run_name != args.output_dir else None)
+            options.setdefault("config", _hyperparameters(args, model))
+            options.setdefault("model", model)  # FLOPs from its weights and config (flops.py)
+            options.setdefault("precision", flops.trainer_precision(args))  # for the peak FLOP/s behind MFU
+            # Tensor/context/sequence parallelism stated in the arguments or the model: count each batch once.
+            options.setdefault("layout", detect_layout(args, model))
+            if args.output_dir and distributed.is_main():
+                os.makedirs(args.output_dir, exist_ok=True)
+                options.setdefault("progress_file", os.path.join(args.output_dir, PROGRESS_FILE))
+        if backend is None:
+            backend = self.backend
+            if backend == "auto":
+                backend = _auto_backends(self._taken_over, args.report_to if args is not None else None)
+        return Run(backend=backend, x_axis=self.x_axis, dataset_size=self.dataset_size, dataset=dataset,
+                   resume=resume, **options)
 
     def _resume_state(self, state):
         stored = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -225,9 +262,9 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.run.update(kwargs if kwargs else (args[0] if args else None))
 
     def _step(self, state) -> None:
-        self.run._step_override = state.global_step
+        self.run.set_step(state.global_step)
         if self._sized:
-            self.run.estimator.sized_epoch = state.epoch or 0.0
+            self.run.set_epoch(state.epoch or 0.0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._batches_this_epoch = 0
@@ -237,28 +274,50 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         # Trainer stops at max_steps instead, the pass has not ended, as far as anyone can tell.)
         if self.run is not None and self._batches_this_epoch and not control.should_training_stop:
             self.run.end_pass()
-        if self.run is not None and control.should_save:
+        if self.run is not None:
             self._step(state)
-            self._snapshot()
+            self._take_state("epoch_end", control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.run is None:
             return
         self._step(state)
         self._apply_schedules(control)
-        if control.should_save:
-            self._snapshot()
+        self._take_state("step_end", control)
 
-    def _snapshot(self) -> None:
-        # state() is read by the Trainer on the main process only, so every rank meets here instead.
-        self.saved_state = self.run.state_dict()
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.run is not None and not self.run.finished:
+            self._step(state)
+            self._take_state("evaluate", control)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.run is None or not logs:
+    def _take_state(self, event: str, control=None) -> None:
+        """The one rule for when the state a checkpoint holds is taken (``saved_state``).
+
+        One process: when the checkpoint is written (``state()``), so whatever decided to write it (a
+        schedule, ``save_strategy="best"`` after an evaluation, another callback), it holds the state
+        as of then. Several ranks: ``state()`` runs on rank 0 alone while ``state_dict()`` brings every
+        rank together, so the state is taken where every rank passes before a checkpoint can be
+        written: the end of a step or epoch that is to save, and every evaluation (``"best"`` decides
+        after it; nothing trains between the evaluation and the save).
+        """
+        if self.run is None or self.run.finished:
             return
-        if self.run._finished:  # e.g. trainer.evaluate() after train(): continue the same runs
-            self.run = Run(backend=self.run_backends(), x_axis=self.x_axis, dataset_size=self.dataset_size,
-                           resume=self.saved_state, **{"layout": self.run.layout, **self.options})
+        if distributed.world_size() == 1:
+            due = event == "write"
+        else:
+            due = event == "evaluate" or (event in ("step_end", "epoch_end") and control.should_save)
+        if due:
+            self.saved_state = self.run.state_dict()
+
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
+        if not logs:
+            return
+        if self.run is None or self.run.finished:
+            # An evaluation outside train(): before it, its row opens the runs at progress 0 and training
+            # goes on in them; after it, the row goes into the same runs, where training ended.
+            self._opened_by_evaluate = self.run is None
+            self.run = self._new_run(args, model=model, processing_class=processing_class, resume=self.saved_state)
+            self._sized = False
         self._step(state)
         metrics, summary = {}, {}
         for key, value in logs.items():
@@ -268,13 +327,37 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                 summary[key] = value
             else:
                 metrics[schema.hf_metric_name(key)] = value
+        progress = None
         if metrics:
-            self._show(self.run.log(metrics))
+            progress = self.run.log(metrics)
+            self._show(progress)
         if summary:
             self.run.summary(summary)
+        if self.rewrite_logs:
+            # Every rank logs; on a summary-only entry this reads the progress (one gather) once per training.
+            self._rewrite(logs, state, progress if progress is not None else self.run.progress)
+
+    def _rewrite(self, logs: dict, state, progress) -> None:
+        """Our epoch, samples and tokens in the entry the Trainer logged, where people read it.
+
+        ``logs`` is what the callbacks after this one see (the console printer, LLaMA-Factory's
+        LogCallback); ``state.log_history[-1]`` is the same entry as the Trainer keeps it (a copy
+        with ``step`` added), which ``trainer_state.json`` and the frameworks' loggers read.
+        ``state.epoch`` is left alone: the Trainer decides with it.
+        """
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and (entry.get("step") != state.global_step or set(entry) - {"step"} != set(logs)):
+            entry = None  # not this entry (a subclass logged differently): leave the history alone
+        axes = progress.axes()
+        for log_key, axis in schema.HF_LOG_AXES.items():
+            if axis in axes:
+                logs[log_key] = axes[axis]
+                if entry is not None:
+                    entry[log_key] = axes[axis]
 
     def run_backends(self) -> list[str]:
-        return [d.backend.name for d in self.run._deliveries] if self.run else []
+        """The backends the run logs to (after ``"auto"`` is resolved)."""
+        return self.run.backends if self.run else []
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
@@ -283,7 +366,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if self.run is None:
             return
         self._step(state)
-        self.saved_state = self.run.state_dict()
+        self.saved_state = self.run.state_dict()  # every rank ends here: what a later evaluate() goes on from
         self._end_display()
         if self.finish_on_train_end:
             self.run.finish()
@@ -353,8 +436,15 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         show = (not args.disable_tqdm) if self.show_progress is None else self.show_progress
         self._end_display()
         if show:
-            targets = [t for t in (self.stop_at, (state.max_steps, "ba") if state.max_steps > 0 else None) if t]
-            self.display = ProgressDisplay(targets=targets)
+            targets = {"stop_at": self.stop_at, "max_steps": (state.max_steps, "ba") if state.max_steps > 0 else None}
+            self.display = ProgressDisplay(targets=targets, bar=self._trainer_bar)
+
+    def _trainer_bar(self):
+        """The Trainer's own progress bar (ProgressCallback's), once it exists: ours go on it as a postfix."""
+        for callback in self._handler.callbacks if self._handler is not None else ():
+            if isinstance(callback, ProgressCallback):
+                return callback.training_bar
+        return None
 
     def _show(self, progress) -> None:
         if self.display is not None:

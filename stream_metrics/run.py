@@ -528,6 +528,36 @@ class Run:
         status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
         self.finish(status)
 
+    # ------------------------------------------------------------------ for integrations (hf.py, accelerate.py)
+    def set_step(self, step: int) -> None:
+        """Rows carry ``step`` as ``progress/step`` from now on: for loops that count optimizer steps
+        themselves (the Trainer's ``global_step``), instead of the micro-batches counted here."""
+        self._step_override = int(step)
+
+    def set_epoch(self, epoch: float) -> None:
+        """The exact epoch, where the caller knows it (the Trainer on a sized dataset): ``sized`` source."""
+        self.estimator.sized_epoch = float(epoch)
+
+    def watch_passes(self) -> None:
+        """Say that the end of every pass over the data will be reported (``end_pass()``), so the
+        estimate may rely on it, even before the first pass has ended."""
+        self.estimator.watching = True
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``finish()`` has been called (rows after it are not delivered)."""
+        return self._finished
+
+    @property
+    def started(self) -> bool:
+        """Whether the tracking runs were opened (by the first row): ``config`` is fixed from then on."""
+        return self._started
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends in use on this process (``[]`` on ranks other than the main one)."""
+        return [d.backend.name for d in self._deliveries]
+
 
 # The collectives a Run joins, as sent in the gather (run.progress and due() are the same call).
 _CALLS = {"log": 1, "progress": 2, "state_dict": 3, "summary": 4}

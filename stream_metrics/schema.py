@@ -58,6 +58,8 @@ BACKENDS = ("mlflow", "wandb")
 HF_SUMMARY_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second",
                              "total_flos", "train_loss"})
 HF_DROPPED_KEYS = frozenset({"epoch"})  # the Trainer's epoch is progress towards max_steps, not passes
+# The Trainer's log entries (console, state.log_history) carry these figures of ours (rewrite_logs).
+HF_LOG_AXES = {"epoch": EPOCH, "samples": SAMPLES, "tokens": TOKENS}
 _HF_PREFIXES = (("eval_", "eval/"), ("test_", "test/"))
 
 

@@ -183,3 +183,84 @@ def test_the_plain_loop_and_the_trainer_write_the_same_axes(workdir, corpus):
     trainer_rows, plain_rows = rows("trainer"), rows("plain")
     assert set(trainer_rows) == set(plain_rows) == {3, 6, 9, 12}
     assert trainer_rows == plain_rows
+
+
+class Recorder:
+    """A callback after ours, as a framework's own logger is (LLaMA-Factory's LogCallback): what it sees."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.seen = []
+        recorder = self
+
+        class _Recorder(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                recorder.seen.append(dict(logs))
+
+        self.callback = _Recorder()
+
+
+def printed_logs(text: str) -> list[dict]:
+    """The dicts the Trainer's PrinterCallback printed (``disable_tqdm=True``): its console lines."""
+    import ast
+
+    return [ast.literal_eval(line) for line in text.splitlines() if line.startswith("{'loss'")]
+
+
+def two_passes(workdir, corpus, capsys, **options):
+    """Two full passes over the stream (9 steps each), logged every 3 steps; (trainer, printed, seen, truth)."""
+    recorder = Recorder()
+    callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"},
+                                     **options)
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=18, batch_size=8, grad_accum=2, logging_steps=3,
+                               callbacks=[callback, recorder.callback], data=corpus["paths"])
+    capsys.readouterr()
+    trainer.train()
+    printed = printed_logs(capsys.readouterr().out)
+    truth = {step: consumed(corpus["texts"], 8, 2, step) for step in range(3, 19, 3)}
+    return trainer, callback, printed, recorder.seen, truth
+
+
+def test_the_trainers_printed_log_lines_show_our_epoch_samples_and_tokens(workdir, corpus, capsys):
+    trainer, callback, printed, seen, truth = two_passes(workdir, corpus, capsys)
+    assert len(printed) == 6
+    pass_size = corpus["samples"]
+    for step, line in zip(range(3, 19, 3), printed):
+        samples, tokens, passes = truth[step]
+        assert (line["samples"], line["tokens"]) == (samples, tokens)
+        if step > 9:  # the first pass has ended (at step 9): the estimate is exact from the data
+            assert line["epoch"] == f"{samples / pass_size:.4g}"
+    assert printed[-1]["epoch"] == "2"  # two full passes (the Trainer's own epoch says 1.5 here)
+    training = [entry for entry in seen if "loss" in entry]
+    assert [e["samples"] for e in training] == [truth[s][0] for s in range(3, 19, 3)]
+    assert training[-1]["epoch"] == pytest.approx(2.0)
+    # The Trainer decides with its own epoch: untouched.
+    assert trainer.state.epoch == pytest.approx(1.5, abs=0.1)
+
+
+def test_log_history_agrees_with_the_epoch_stored_in_mlflow_at_every_logged_step(workdir, corpus, capsys):
+    trainer, callback, printed, seen, truth = two_passes(workdir, corpus, capsys)
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    _, run = only_run(uri)
+    stored = {row["progress/step"]: row for row in mlflow_rows(uri, run.info.run_id) if "train/loss" in row}
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [e["step"] for e in history] == sorted(stored) == list(range(3, 19, 3))
+    for entry in history:
+        row = stored[entry["step"]]
+        assert entry["epoch"] == pytest.approx(row["progress/epoch"], abs=1e-9)
+        assert (entry["samples"], entry["tokens"]) == (row["progress/samples"], row["progress/tokens"])
+    # The end-of-training entry too, and the checkpoint-style JSON the frameworks read.
+    assert trainer.state.log_history[-1]["epoch"] == pytest.approx(2.0)
+    trainer.state.save_to_json(str(workdir / "trainer_state.json"))
+    with open(workdir / "trainer_state.json") as f:
+        assert json.load(f)["log_history"][-2]["epoch"] == pytest.approx(2.0)
+
+
+def test_with_rewrite_logs_off_the_trainers_own_log_lines_are_left_alone(workdir, corpus, capsys):
+    trainer, callback, printed, seen, truth = two_passes(workdir, corpus, capsys, rewrite_logs=False)
+    assert len(printed) == 6 and not any("samples" in line or "tokens" in line for line in printed)
+    # The Trainer's epoch: progress towards max_steps over the steps of one pass (9 of 9 + 9 of 18).
+    assert float(printed[-1]["epoch"]) == pytest.approx(trainer.state.log_history[-2]["epoch"])
+    assert all("samples" not in entry for entry in trainer.state.log_history)
+    assert callback.run.progress.epoch == pytest.approx(2.0)  # our charts have it all the same

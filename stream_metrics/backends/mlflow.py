@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import schema
+from .. import invisible, schema
 from ..counting import warn_once
 from ..redact import flat_params, redact_uri
 from ..sanitize import KeyMap
@@ -40,6 +40,7 @@ class MLflowBackend(Backend):
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        invisible.keep_mlflow_off_the_global_random()  # its own draws never consume the training's random
         self.run_id = None
         self.step_key = schema.SAMPLES  # the row's axis whose value is its MLflow step (RunInfo's mlflow_step tag)
         self._reopened = False  # the run was there before start(): its stored params are read once
@@ -60,7 +61,8 @@ class MLflowBackend(Backend):
                 experiment = self.client.get_experiment_by_name(name)
                 experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
                 # Kept at once: a retry after a later failure continues this run, never a second one.
-                self.run_id = self.client.create_run(experiment_id, run_name=info.name).info.run_id
+                run_name = info.name or invisible.run_name()  # MLflow's default name draws from the global random
+                self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         elif self._reopened:
             self._continue(self.run_id)
         self.set_tags(info.tags)

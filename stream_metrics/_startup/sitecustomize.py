@@ -16,7 +16,6 @@ Also imported as ``stream_metrics._startup.sitecustomize`` by autolog.py and cli
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import os
 import sys
 
@@ -127,7 +126,9 @@ def _run_the_shadowed_sitecustomize() -> None:
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
     if spec is None or spec.loader is None:
         return
-    module = importlib.util.module_from_spec(spec)
+    from importlib.util import module_from_spec  # only here: it costs more than the rest of this file
+
+    module = module_from_spec(spec)
     sys.modules["sitecustomize"] = module  # `import sitecustomize` later finds the user's, as before
     spec.loader.exec_module(module)
 

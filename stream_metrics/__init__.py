@@ -18,8 +18,9 @@ Only torch is needed to import this package; each backend and integration import
 when it is used.
 """
 from . import schema
+from .autolog import autolog
 from .progress import Progress
 from .run import Run, init
 from .version import __version__
 
-__all__ = ["Progress", "Run", "init", "schema", "__version__"]
+__all__ = ["Progress", "Run", "autolog", "init", "schema", "__version__"]

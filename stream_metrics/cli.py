@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     mlflow_option(p, "where the MLflow run is (default: $MLFLOW_TRACKING_URI, else the URI "
                      "saved in the file)")
     p.add_argument("--tracking-uri", dest="mlflow_uri", help=argparse.SUPPRESS)  # the old name, still accepted
+    _add_run_parser(commands)
     return parser
 
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return {"compare": _compare, "show": _show, "check": _check, "replay": _replay}[args.command](args)
+        return {"compare": _compare, "show": _show, "check": _check, "replay": _replay, "run": _run}[args.command](args)
     except comparing.CompareError as exc:
         print(f"stream-metrics: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else 1  # check: 1 means "read, and not conformant"
@@ -181,6 +182,68 @@ def _replay(args) -> int:
                                      "the file is kept: try again once the backend is reachable") from None
     print(f"sent {sent} row(s) from {args.file}")
     return 0
+
+
+def _add_run_parser(commands) -> None:
+    p = commands.add_parser(
+        "run", help="run COMMAND with StreamMetricsCallback in every Hugging Face Trainer it builds",
+        description="Run COMMAND (python, torchrun, accelerate launch, llamafactory-cli, trl, ...) so that every "
+                    "Hugging Face Trainer built in it, or in any Python process it starts, gets "
+                    "StreamMetricsCallback with these options: no code to change. Each option can also be set "
+                    "as an environment variable (shown in brackets). COMMAND replaces this process: its exit "
+                    "status and the signals sent to it are its own.",
+        usage="stream-metrics run [options] -- COMMAND [ARG ...]")
+    from ._startup.sitecustomize import ENVIRONMENT
+
+    def option(flag, option, help, **kw):
+        p.add_argument(flag, dest=option, help=f"{help} [${ENVIRONMENT[option]}]", **kw)
+
+    option("--backend", "backend", "mlflow, wandb, both as mlflow,wandb, or none (default: what report_to names, "
+           "else MLflow where installed)", metavar="B")
+    option("--x-axis", "x_axis", "the charts' x-axis (default samples)", choices=list(schema.AXES))
+    option("--dataset-size", "dataset_size", "examples in one pass over the training data, where known",
+           metavar="N", type=int)
+    option("--eval-every", "eval_every", "evaluate each time the run crosses a multiple of this amount "
+           "(500ksp, 50Mtok, 0.5ep, 30min)", metavar="X")
+    option("--save-every", "save_every", "save a checkpoint each time the run crosses a multiple of this amount",
+           metavar="X")
+    option("--stop-at", "stop_at", "stop training at this amount, with a final checkpoint", metavar="X")
+    option("--mlflow-step", "mlflow_step", "the axis stored as MLflow's step (default samples)",
+           choices=list(schema.MLFLOW_STEP_AXES))
+    option("--name", "name", "the run's name (default: the Trainer's run_name)", metavar="N")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="the command to run, after --")
+
+
+def _run(args) -> int:
+    """``stream-metrics run``: exec COMMAND with the start-up hook first on PYTHONPATH."""
+    from ._startup.sitecustomize import ENVIRONMENT, options_from_environment
+    from .autolog import check_options
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        print("stream-metrics: run needs a COMMAND: stream-metrics run [options] -- python train.py", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    for option, variable in ENVIRONMENT.items():
+        value = getattr(args, option)
+        if value is not None:
+            env[variable] = str(value)
+    try:
+        check_options(options_from_environment(env))
+    except (ValueError, TypeError, ImportError) as exc:
+        print(f"stream-metrics: {exc}", file=sys.stderr)
+        return 2
+    startup = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_startup")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != startup]
+    env["PYTHONPATH"] = os.pathsep.join([startup, *paths])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, env)  # this process becomes COMMAND: same pid, signals, exit status
+    except OSError as exc:
+        print(f"stream-metrics: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ try:
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
-from . import distributed, flops, schema
+from . import conventions, distributed, flops, schema
 from .amount import as_amount
+from .autolog import paused as autolog_paused
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
@@ -58,10 +59,23 @@ _INTEGRATIONS = {"WandbCallback": "wandb", "MLflowCallback": "mlflow"}
 
 
 class _TakenOver(TrainerCallback):
-    """Stands where a built-in integration stood, doing nothing (keeps the handler's list length)."""
+    """Stands where a built-in integration stood (keeps the handler's list length), doing only what
+    users set it to do besides metrics: WANDB_LOG_MODEL, HF_MLFLOW_LOG_ARTIFACTS (conventions.py)."""
 
     def __init__(self, original):
         self.original = original
+        self.kept = conventions.kept_duties(original)
+        if self.kept:
+            conventions.artifacts_only(original)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.kept:
+            self.original.on_save(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.kept:  # before StreamMetricsCallback's own on_train_end: the run is still open
+            with autolog_paused():  # W&B builds a Trainer only to save the model: no callback for it
+                self.original.on_train_end(args, state, control, **kwargs)
 
     def __repr__(self):
         return f"<{type(self.original).__name__} replaced by StreamMetricsCallback>"
@@ -168,6 +182,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         # Validate now, so a typo fails when the Trainer is built, not hours later.
         self._new_run(backend="none").finish()
         self._hook = None
+        self._active: list = []
         self._sized = False
         self._batches_this_epoch = 0
 
@@ -188,11 +203,12 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         for i, cb in enumerate(handler.callbacks):
             name = _INTEGRATIONS.get(type(cb).__name__)
             if name:
-                handler.callbacks[i] = _TakenOver(cb)  # replaced in place: the handler is iterating
+                handler.callbacks[i] = taken = _TakenOver(cb)  # replaced in place: the handler is iterating
                 if name not in self._taken_over:
                     self._taken_over.append(name)
                 log.info("stream_metrics: the Trainer's %s is replaced by StreamMetricsCallback, which logs "
-                         "to %s with the progress axes", type(cb).__name__, name)
+                         "to %s with the progress axes, into the process's active run; kept: %s",
+                         type(cb).__name__, name, ", ".join(taken.kept) or "nothing else (it only logged metrics)")
 
     def on_init_end(self, args, state, control, **kwargs):
         self._take_over_integrations()
@@ -214,6 +230,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self._sized = self.run.probe.length is not None
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)
+        self._active = conventions.make_active(self.run)  # user's wandb.log / mlflow.log_* land in our runs
         if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._begin_display(args, state)
@@ -370,6 +387,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self._end_display()
         if self.finish_on_train_end:
             self.run.finish()
+            conventions.end_active(self._active)
             for line in self.run.where():
                 log.info("stream_metrics: %s", line)
 

@@ -1,0 +1,1 @@
+"""The start-up hook of ``stream-metrics run`` (sitecustomize.py); this folder goes on PYTHONPATH."""

@@ -93,7 +93,8 @@ def _tag_problems(run: RunHistory) -> list[str]:
 def _row_problems(run: RunHistory) -> list[str]:
     if not run.rows:
         return ["no rows are stored"]
-    required, out, last = _required_axes(run), [], {}
+    required, out = _required_axes(run), []
+    last: dict = {}
     for i, row in enumerate(run.rows):
         missing = [key for key in required if key not in row]
         if missing:

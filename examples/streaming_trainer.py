@@ -49,12 +49,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--experiment", default="stream_metrics_demo")
+    parser.add_argument("--experiment", help="the MLflow experiment and W&B project "
+                                             "(default: $MLFLOW_EXPERIMENT_NAME, else stream_metrics_demo)")
     parser.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="a checkpoint folder, or 'last' for the newest")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", args.experiment)
-    os.environ.setdefault("WANDB_PROJECT", args.experiment)
+    # The demo's runs go to their own experiment, so `stream-metrics compare --experiment NAME`
+    # finds exactly them; the run is named after --out (e.g. runs/bs8 -> "bs8").
+    experiment = args.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "stream_metrics_demo"
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    os.environ["WANDB_PROJECT"] = args.experiment or os.environ.get("WANDB_PROJECT") or experiment
 
     from stream_metrics.hf import StreamMetricsCallback
 
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
     for line in callback.run.where():
         print("  " + line)
     print("  Charts are keyed by progress/samples; in the MLflow UI the Step axis is samples.")
+    print(f"  This run is {os.path.basename(os.path.normpath(args.out))!r} in the experiment {experiment!r}: "
+          f"stream-metrics compare --experiment {experiment}")
     return 0
 
 

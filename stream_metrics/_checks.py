@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import Any
 
 _warned: set[str] = set()
 
@@ -32,20 +33,26 @@ def reset_warnings() -> None:
     _warned.clear()
 
 
-def whole_number(name: str, value, *, minimum: int = 0, hint: str = "") -> int:
+def whole_number(name: str, value: Any, *, minimum: int = 0, hint: str = "") -> int:
     """``value`` as an int where it is a whole number >= ``minimum`` (``8.0`` counts, ``True`` does not)."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or int(value) != value or value < minimum):
+    whole = None
+    if isinstance(value, bool):
+        pass  # a flag, not a count
+    elif isinstance(value, numbers.Integral):
+        whole = int(value)
+    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        whole = int(float(value))
+    if whole is None or whole < minimum:
         raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}" + (f": {hint}" if hint else ""))
-    return int(value)
+    return whole
 
 
-def non_negative(name: str, value, *, unit: str = "", hint: str = "") -> float:
+def non_negative(name: str, value: Any, *, unit: str = "", hint: str = "") -> float:
     """``value`` where it is a finite number >= 0 (``unit`` names what it counts, e.g. "seconds")."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         what = f"a number of {unit}" if unit else "a number"
         raise ValueError(f"{name}={value!r} must be {what} >= 0" + (f": {hint}" if hint else ""))
-    return value
+    return float(value)
 
 
 

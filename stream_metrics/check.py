@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from . import schema
 from .compare.readers import RunHistory
+from .compare.render import number
 
 #: The epoch is a float: equal within this fraction of the expected value.
 EPOCH_TOLERANCE = 1e-6
@@ -47,7 +48,7 @@ class Expected:
 def describe_run(run: RunHistory) -> str:
     """One line naming the run and its final axes, e.g. for the user to compare with what training printed."""
     last = run.rows[-1] if run.rows else {}
-    axes = ", ".join(f"{key[len(schema.AXIS_PREFIX):]} {_number(last[key])}"
+    axes = ", ".join(f"{key[len(schema.AXIS_PREFIX):]} {number(last[key])}"
                      for key in schema.AXES.values() if key in last)
     name = f" ({run.name})" if run.name and run.name != run.run_id else ""
     return f"{run.backend} run {run.run_id}{name} in {run.where}: {len(run.rows)} row(s)" + (
@@ -92,7 +93,8 @@ def _tag_problems(run: RunHistory) -> list[str]:
 def _row_problems(run: RunHistory) -> list[str]:
     if not run.rows:
         return ["no rows are stored"]
-    required, out, last = _required_axes(run), [], {}
+    required, out = _required_axes(run), []
+    last: dict = {}
     for i, row in enumerate(run.rows):
         missing = [key for key in required if key not in row]
         if missing:

@@ -38,10 +38,11 @@ from typing import NamedTuple, Union
 
 import torch
 
-from ._checks import warn_once  # also imported from here by older code
+from ._checks import warn_once  # lives in _checks.py; modules that import it from here keep working
 
 IGNORE_INDEX = -100
 Count = Union[int, torch.Tensor]
+
 
 class Counts(NamedTuple):
     samples: Count

@@ -79,7 +79,7 @@ def redact_config(config) -> dict:
     elif not isinstance(config, dict):
         import dataclasses
 
-        if dataclasses.is_dataclass(config):
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
         else:
             config = dict(vars(config))

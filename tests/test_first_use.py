@@ -75,6 +75,10 @@ def test_the_package_builds_with_its_page_and_without_license_warnings(workdir):
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
                            "-w", str(workdir / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # What the build leaves beside the sources is never committed.
+    left = sorted(p.name + "/" * p.is_dir() for p in source.iterdir() if p.name not in {n.split("/")[0] for n in files})
+    assert left and subprocess.run(["git", "check-ignore", *left], cwd=ROOT, capture_output=True, text=True
+                                   ).stdout.split() == left, left
     said = done.stdout + done.stderr
     assert "project.license" not in said, said[-3000:]  # setuptools: "as a TOML table is deprecated"
     [wheel] = os.listdir(workdir / "dist")

@@ -51,7 +51,9 @@ def compare(runs: list[RunHistory], metrics=(DEFAULT_METRIC,), axis: str = "samp
         if not smooth > 0:
             raise CompareError(f"--smooth needs a half-life above 0 (in {axis_key[len(schema.AXIS_PREFIX):]})")
     metrics = list(dict.fromkeys(metrics or [DEFAULT_METRIC]))
-    lines, table, notes = {}, [], []
+    lines: dict = {}
+    table: list = []
+    notes: list = []
     for metric in metrics:
         having = [run for run in runs if any(metric in row for row in run.rows)]
         if not having:

@@ -158,7 +158,8 @@ class _MlflowReader:
             known = ", ".join(e.name for e in self.client.search_experiments()) or "none"
             raise CompareError(f"there is no MLflow experiment {name!r} at {redact_uri(self.uri)} "
                                f"(experiments: {known})")
-        runs, token = [], None
+        runs: list = []
+        token = None
         while True:
             page = self.client.search_runs([experiment.experiment_id], max_results=1000, page_token=token)
             runs += page
@@ -293,7 +294,7 @@ def _wandb_records(path: str):
             whole, pending = pending + payload, b""
         else:
             continue
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]
         try:
             record.ParseFromString(whole)
         except Exception:

@@ -133,7 +133,7 @@ def _install() -> None:
         try:
             current = signal.getsignal(number)
             # Ignored (nohup) stays ignored; a handler set outside Python could not be handed on.
-            if current is signal.SIG_IGN or current is None:
+            if current is signal.SIG_IGN or current is None or current is _on_signal:
                 continue
             signal.signal(number, _on_signal)
         except (ValueError, OSError):  # not the main interpreter

@@ -335,3 +335,26 @@ def test_log_after_finish_warns_that_the_row_is_not_stored(mlflow_uri):
     with pytest.warns(UserWarning, match=r"log\(\) after finish\(\).*not stored"):
         run.log({"loss": 0.5})
     assert len(mlflow_rows(mlflow_uri, run.run_ids["mlflow"])) == 1
+
+
+def test_signal_handlers_are_installed_only_while_a_run_is_open_in_the_main_thread(mlflow_uri):
+    import threading
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup: an ignored signal stays ignored
+    try:
+        run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        run.finish()
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+
+        opened = []
+        thread = threading.Thread(target=lambda: opened.append(
+            stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})))
+        thread.start()
+        thread.join()
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]  # not installable from there
+        opened[0].finish()
+    finally:
+        signal.signal(signal.SIGINT, before[signal.SIGINT])

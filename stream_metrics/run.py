@@ -400,7 +400,8 @@ class Run:
         """Write the final totals, deliver every row and close the runs (all backends at once, within
         ``timeout``, default ``flush_timeout`` seconds); what cannot be delivered is saved and reported.
 
-        ``status``: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``. Call it on every rank, like ``log()``.
+        ``status``: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``. A run never finished is finished when
+        the process ends, however it ends (lifecycle.py). Starts no collective.
         """
         if self._finished:
             return

@@ -57,6 +57,11 @@ def closed(run: "Run") -> None:
             _uninstall()
 
 
+def is_open(run: "Run") -> bool:
+    """True until ``run`` has finished closing its backends."""
+    return id(run) in _open
+
+
 def open_runs() -> list["Run"]:
     with _lock:
         return list(_open.values())

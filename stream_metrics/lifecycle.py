@@ -120,10 +120,9 @@ def _finish_at_exit() -> None:
 
 # threading's exit hooks run when the main thread ends, before atexit hooks (W&B tears its service
 # down in one of those) and while our daemon sender threads still run.
-_register = getattr(threading, "_register_atexit", None)
-if _register is not None:
-    _register(_at_exit)
-else:  # pragma: no cover - CPython has had it since 3.9
+try:
+    threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # CPython 3.9+
+except (AttributeError, RuntimeError):  # another Python, or imported while the interpreter shuts down
     atexit.register(_finish_at_exit)
 
 

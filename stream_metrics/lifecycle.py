@@ -57,6 +57,11 @@ def closed(run: "Run") -> None:
             _uninstall()
 
 
+def is_open(run: "Run") -> bool:
+    """True until ``run`` has finished closing its backends."""
+    return id(run) in _open
+
+
 def open_runs() -> list["Run"]:
     with _lock:
         return list(_open.values())
@@ -115,10 +120,9 @@ def _finish_at_exit() -> None:
 
 # threading's exit hooks run when the main thread ends, before atexit hooks (W&B tears its service
 # down in one of those) and while our daemon sender threads still run.
-_register = getattr(threading, "_register_atexit", None)
-if _register is not None:
-    _register(_at_exit)
-else:  # pragma: no cover - CPython has had it since 3.9
+try:
+    threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # CPython 3.9+
+except (AttributeError, RuntimeError):  # another Python, or imported while the interpreter shuts down
     atexit.register(_finish_at_exit)
 
 
@@ -133,7 +137,7 @@ def _install() -> None:
         try:
             current = signal.getsignal(number)
             # Ignored (nohup) stays ignored; a handler set outside Python could not be handed on.
-            if current is signal.SIG_IGN or current is None:
+            if current is signal.SIG_IGN or current is None or current is _on_signal:
                 continue
             signal.signal(number, _on_signal)
         except (ValueError, OSError):  # not the main interpreter

@@ -496,9 +496,13 @@ class Run:
         """Write the final totals, deliver every row and close the runs (all backends at once, within
         ``timeout``, default ``flush_timeout`` seconds); what cannot be delivered is saved and reported.
 
-        ``status``: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``. Call it on every rank, like ``log()``.
+        ``status``: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``. A run never finished is finished when
+        the process ends, however it ends (lifecycle.py). Starts no collective.
         """
         if self._finished:
+            if self._deliveries and lifecycle.is_open(self):
+                # A signal came while finish() waited for the backends: deliver or spill now, in its time.
+                self._close(status, timeout)
             return
         # What was counted after the last row goes in one more row: the last row holds the totals.
         # One process reads its counts (no collective); several ranks use the latest totals they
@@ -515,8 +519,10 @@ class Run:
         self._finished = True
         if self._deliveries:
             self._start()
-        timeout = self.flush_timeout if timeout is None else timeout
-        for message in close_all(self._deliveries, status, timeout):
+        self._close(status, timeout)
+
+    def _close(self, status: str, timeout: float | None) -> None:
+        for message in close_all(self._deliveries, status, self.flush_timeout if timeout is None else timeout):
             if message:
                 log.warning(message)
         lifecycle.closed(self)

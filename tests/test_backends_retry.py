@@ -178,3 +178,24 @@ def test_a_replay_cut_short_and_run_again_sends_only_the_rest(mlflow_uri, workdi
     points = MlflowClient(mlflow_uri).get_metric_history(backend.run_id, "train/loss")
     assert sorted(p.step for p in points) == [4 * i for i in range(1, 7)]
     assert MlflowClient(mlflow_uri).get_run(backend.run_id).info.status == "FINISHED"
+
+
+def test_finish_waits_for_every_backend_at_once_with_one_deadline(monkeypatch, workdir):
+    import time
+
+    from stream_metrics.backends.delivery import close_all
+    from support import free_port
+
+    # Nothing listens there, and MLflow's own HTTP retries hold each call for minutes.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    deliveries = [Delivery(MLflowBackend(tracking_uri=f"http://127.0.0.1:{free_port()}")) for _ in range(2)]
+    for d in deliveries:
+        d.submit("start", info("mlflow"))
+        for row in rows(3):
+            d.submit("rows", row)
+    started = time.monotonic()
+    messages = close_all(deliveries, "FINISHED", 3)
+    waited = time.monotonic() - started
+    assert 3 <= waited < 5.5  # one deadline for both, not 3 s each
+    assert all("3 row(s) could not be delivered to mlflow" in m for m in messages)
+    assert len({d.spill_path for d in deliveries}) == 2

@@ -224,7 +224,8 @@ def test_replay_sends_saved_rows_into_their_run(capsys, workdir, mlflow_uri):
 
     run_id = train(32, "mlflow", mlflow_uri)["mlflow"]
     spill = workdir / "spill.jsonl"
-    rows = [{"metrics": {"eval/loss": 0.9 - i / 10}, "timestamp_ms": 1_000 + i, "step": 128 * (i + 1)}
+    # Each row holds its axes: MLflow's step is the row's progress/samples.
+    rows = [{"metrics": {"eval/loss": 0.9 - i / 10, "progress/samples": 128 * (i + 1)}, "timestamp_ms": 1_000 + i}
             for i in range(3)]
     spill.write_text("\n".join(json.dumps(r) for r in [{"header": {"backend": "mlflow", "run_id": run_id}}, *rows]))
     assert main(["replay", str(spill), "--mlflow-uri", mlflow_uri]) == 0

@@ -253,6 +253,27 @@ def test_sigterm_during_a_server_outage_spills_the_held_rows_and_replay_stores_e
     assert MlflowClient(url).get_run(run.info.run_id).info.status == "KILLED"
 
 
+def test_sigterm_while_finish_waits_for_a_server_spills_within_the_signal_timeout(workdir):
+    from support import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"  # no server: every call fails
+    proc = start(workdir, """
+        run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": URI}, flush_timeout=600)
+        for i in range(1, 21):
+            step(run, i)
+        print("finishing", flush=True)
+        run.finish()
+    """, nobody, backends=("mlflow",), STREAM_METRICS_SIGNAL_TIMEOUT=2, MLFLOW_HTTP_REQUEST_MAX_RETRIES=0)
+    read_until(proc, lambda line: line == "finishing")
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc, timeout=120)  # within the signal's 2 s, not finish()'s 600 s
+    assert code == -signal.SIGTERM, err
+    assert "20 row(s) could not be delivered to mlflow" in err
+    [path] = glob.glob(str(workdir / "undelivered" / "*.jsonl"))
+    assert f"stream-metrics replay {path}" in err
+
+
 # ----------------------------------------------------------------------------- SIGINT, forks
 def test_ctrl_c_caught_by_the_program_flushes_and_training_goes_on_in_the_same_run(workdir, mlflow_uri):
     proc = start(workdir, """
@@ -335,3 +356,26 @@ def test_log_after_finish_warns_that_the_row_is_not_stored(mlflow_uri):
     with pytest.warns(UserWarning, match=r"log\(\) after finish\(\).*not stored"):
         run.log({"loss": 0.5})
     assert len(mlflow_rows(mlflow_uri, run.run_ids["mlflow"])) == 1
+
+
+def test_signal_handlers_are_installed_only_while_a_run_is_open_in_the_main_thread(mlflow_uri):
+    import threading
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup: an ignored signal stays ignored
+    try:
+        run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        run.finish()
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+
+        opened = []
+        thread = threading.Thread(target=lambda: opened.append(
+            stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})))
+        thread.start()
+        thread.join()
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]  # not installable from there
+        opened[0].finish()
+    finally:
+        signal.signal(signal.SIGINT, before[signal.SIGINT])

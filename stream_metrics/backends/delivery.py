@@ -56,6 +56,7 @@ class Delivery:
         self._last_error = None
         self._next_warning = 0.0
         self._start_info: RunInfo | None = None
+        self._finish_queued = False
         self.delivered_rows = 0
 
     # ---------------------------------------------------------------- training thread side
@@ -116,7 +117,9 @@ class Delivery:
         return close_all([self], status, timeout)[0]
 
     def _begin_close(self, status: str) -> None:
-        self.submit("finish", status)
+        if not self._finish_queued:  # a second close (a signal during the first) only waits again
+            self._finish_queued = True
+            self.submit("finish", status)
         self._hurry(True)  # stays on: nothing lingers or backs off once the run is ending
 
     def _end_close(self) -> str | None:

@@ -16,6 +16,8 @@ What it does, and why this way:
   and backends are exactly the plain loop's; ``tracker.run`` is that Run.
 - accelerate never shows a tracker the batches, so the loop tells it: ``tracker.iterate(loader)``,
   or ``tracker.update(batch)`` per micro-batch (``gradient_accumulation_steps`` of them make a step).
+  A window that the end of a pass cuts short makes its step there too, as ``accelerator.accumulate``
+  does at the end of a prepared loader (``iterate`` sees the end; else call ``tracker.end_pass()``).
 - ``accelerator.log(values, step=...)``: ``step`` is not used to place the row. Rows are placed
   by the progress axes (SCHEMA section 4), and ``progress/step`` counts optimizer steps itself.
 - accelerate calls trackers on the main process only, while a row's counts are summed over every

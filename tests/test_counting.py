@@ -392,3 +392,29 @@ def test_a_one_for_one_map_keeps_the_files_metadata(workdir):
     with stream_metrics.init(backend="none") as run:
         seen = read_rows(run, ds, 150)
     assert seen[-1] == (150, 0.5, "metadata")
+
+
+def test_the_accelerate_tracker_steps_where_accelerate_steps_at_a_pass_end():
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from stream_metrics.accelerate import StreamMetricsTracker
+
+    tracker = StreamMetricsTracker(backend="none", gradient_accumulation_steps=4)
+    accelerator = Accelerator(log_with=tracker, gradient_accumulation_steps=4, cpu=True)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(torch.ones(14, 3), batch_size=2)  # 7 micro-batches a pass
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    optimizer_steps = 0
+    for _ in range(2):
+        for batch in tracker.iterate(loader):
+            with accelerator.accumulate(model):
+                accelerator.backward(model(batch).sum())
+                optimizer.step()
+                optimizer.zero_grad()
+            optimizer_steps += accelerator.sync_gradients  # accelerate's own word on when the optimizer stepped
+    p = tracker.log({"loss": 0.0})
+    accelerator.end_training()
+    assert optimizer_steps == 4 and (p.step, p.samples) == (4, 28)

@@ -116,11 +116,12 @@ def group_ranks(group, what: str) -> tuple[int, ...]:
     mesh = getattr(group, "mesh", None)
     if mesh is not None and hasattr(group, "mesh_dim_names"):
         names = tuple(group.mesh_dim_names or ())
-        shared = [n for n in names if n.lower() in _SHARED_BATCH_DIMS]
+        # Flattened dimensions too: accelerate's "dp_cp" or "dp_shard_cp" hold the CP ranks of one batch.
+        shared = [n for n in names if set(n.lower().split("_")) & set(_SHARED_BATCH_DIMS)]
         if shared and what == "data_parallel_group":
             raise ValueError(f"{what}= got a DeviceMesh with dimension(s) {shared}, where ranks share a batch: "
                              f"pass only its data-parallel dimension(s), e.g. mesh['dp'] (a mesh of dimensions "
-                             f"{names})")
+                             f"{names}), and a context-parallel dimension as context_parallel_group=")
         ranks = tuple(int(r) for r in mesh.flatten().tolist())
     elif isinstance(group, dist.ProcessGroup):
         ranks = tuple(dist.get_process_group_ranks(group))

@@ -267,6 +267,9 @@ def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
     assert (final["epoch"], final["epoch_source"]) == (1.0, "pass")  # the pass holds each example once
     assert_one_collective_per_row(reports)
     assert [r["distinct_devices"] for r in reports] == [4] * 4
+    if layout == "tp-mesh":  # the whole mesh given where mesh["dp"] was meant: refused, saying what to pass
+        assert all("dimension(s) ['tp']" in r["whole_mesh_refused"] and "mesh['dp']" in r["whole_mesh_refused"]
+                   for r in reports)
 
     # What MLflow stored: the totals, and the tag saying how ranks were counted.
     from mlflow import MlflowClient

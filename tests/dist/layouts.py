@@ -71,6 +71,13 @@ else:
     if second == "pp":
         stage = peer
 
+refused = None
+if args.layout == "tp-mesh":
+    try:  # the whole (dp, tp) mesh instead of mesh["dp"]: a mistake to refuse, not to count wrongly
+        stream_metrics.init(backend="none", data_parallel_group=mesh)
+    except ValueError as exc:
+        refused = str(exc)
+
 texts = tiny.read_texts([args.files[data_index]])
 loader = DataLoader(texts, batch_size=args.batch_size, collate_fn=common.collate)
 iterations = common.most_over_ranks(len(loader)) + 1
@@ -106,6 +113,7 @@ for i, batch in enumerate(common.lockstep(batches, iterations), start=1):
 state = run.state_dict()
 common.report(args.out, rank, {"rows": rows, "state": state, "between_rows": between, "at_rows": at_rows,
                                "tag": run.layout.describe(), "distinct_devices": run.layout.distinct_devices,
-                               "run_ids": run.run_ids, "data_index": data_index, "stage": stage})
+                               "run_ids": run.run_ids, "data_index": data_index, "stage": stage,
+                               "whole_mesh_refused": refused})
 run.finish()
 common.teardown()

@@ -50,6 +50,13 @@ class Run:
     ...     p = run.log({"loss": 1.5})
     >>> p.samples, p.tokens
     (4, 30)
+
+    Where several ranks work on one batch (tensor, context or pipeline parallelism), say which
+    ranks read different data, so that each example and token counts once (docs/distributed.md);
+    the Trainer's and accelerate's layouts are detected:
+
+    >>> run = stream_metrics.init(data_parallel_group=mesh["dp"],            # doctest: +SKIP
+    ...                           context_parallel_group=mesh["cp"], context_parallel_sliced=True)
     """
 
     def __init__(self, backend="mlflow", x_axis: str = "samples", dataset_size=None,

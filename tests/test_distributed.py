@@ -3,6 +3,8 @@
 Counts are summed over every rank in the one collective a row costs; only rank 0 writes to the
 backends, so a job makes one MLflow run and one W&B run; the epoch counts passes over the whole
 dataset; a resumed job continues every axis. Each test launches the workers in tests/dist/.
+With 4 ranks: tensor, context and pipeline parallel layouts (given or detected) count each example
+and token once; a call that rank 0 makes alone stops every rank with a clear error.
 """
 from __future__ import annotations
 

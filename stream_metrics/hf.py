@@ -15,6 +15,9 @@ What it does, and why this way:
 - The Trainer's ``epoch`` is progress towards ``max_steps`` for a stream: it is not logged. Ours
   comes from the dataset (sized: the Trainer's exact epoch; a stream: metadata, shards or
   ``dataset_size`` until a pass ends, then the measured pass).
+- Tensor, context and sequence parallelism stated in the Trainer's arguments, accelerate's
+  ``ParallelismConfig``, a model loaded with ``tp_size`` or DeepSpeed AutoTP are read
+  (``layout.detect``), so each example and token counts once with no option.
 - State goes into every checkpoint (``ExportableState``), so ``resume_from_checkpoint`` continues
   every axis and the same W&B and MLflow runs, with or without
   ``restore_callback_states_from_checkpoint``, whatever decided to write the checkpoint.

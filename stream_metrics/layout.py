@@ -13,9 +13,10 @@ data-parallel group (OLMo-core, nanotron), reduce token counts over the data x c
 - Context/sequence parallelism (``context_parallel_group=``): the ranks of a group share one batch.
   Where the counting point sees the batch before the split (``sliced=False``) they are replicas
   too. Where it sees each rank's slice (``sliced=True``: the Trainer's forward under accelerate's
-  context parallelism, DeepSpeed's Ulysses), tokens are added over the group and samples are
-  counted by the one member in rank 0's data-parallel group (it holds each row's start: torch's
-  context-parallel sharding puts every row's first chunk on the group's first rank).
+  context parallelism, DeepSpeed's Ulysses), every rank of the group adds its tokens; the rows,
+  the same on every rank, are counted by the group's first rank only (``rows_counted_elsewhere``),
+  and example starts read from ``position_ids`` (packed batches; each row's start under torch's
+  sharding) by the rank holding them.
 - Nothing is exchanged for this at start or between rows: each rank sends the lowest rank of its
   data-parallel and context-parallel groups with the row's one gather (``fields()``), and every
   rank works out the same weights from what it gathered (``weights()``).
@@ -67,6 +68,11 @@ class Layout:
         return len(self.data_parallel)
 
     @property
+    def rows_counted_elsewhere(self) -> bool:
+        """Sliced context parallelism, and not the group's first rank: this rank's rows are not samples."""
+        return len(self.context_parallel) > 1 and self.sliced and min(self.context_parallel) != distributed.rank()
+
+    @property
     def distinct_devices(self) -> int:
         """The devices doing distinct work, for per-device throughput and MFU: every rank of the job.
 
@@ -92,19 +98,30 @@ class Layout:
         return text + ")"
 
 
-def weights(ranks: list[dict]) -> list[tuple[int, int]]:
-    """(samples weight, tokens weight), 0 or 1, for every rank's gathered ``Layout.fields()``.
+def weights(ranks: list[dict]) -> list[int]:
+    """1 for each rank whose counts are added, 0 for a replica, from every rank's ``Layout.fields()``.
 
     Every rank computes the same answer from the same gathered numbers.
     """
-    reading = {i for i, r in enumerate(ranks) if r["dp_first"] == 0}  # rank 0's data-parallel group
-    split_groups = {ranks[i]["cp_first"] for i in reading if ranks[i]["cp_sliced"]}
+    split_groups = {r["cp_first"] for r in ranks if r["dp_first"] == 0 and r["cp_sliced"]}
+    # Rank 0's data-parallel group, and the ranks holding slices of the batches its members read.
+    return [int(r["dp_first"] == 0 or bool(r["cp_sliced"] and r["cp_first"] in split_groups)) for r in ranks]
+
+
+def readers(ranks: list[dict], weights: list[int]) -> list[dict]:
+    """One gathered record per distinct batch stream, for the epoch estimate: rank 0's data-parallel
+    group, each with the samples of its context-parallel group's slices added in."""
     out = []
-    for i, r in enumerate(ranks):
-        samples = int(i in reading)
-        # A rank holding a slice of a batch that a reading rank counts: its tokens are its own.
-        tokens = int(samples or (r["cp_sliced"] and r["cp_first"] in split_groups))
-        out.append((samples, tokens))
+    for r in ranks:
+        if r["dp_first"] != 0:
+            continue
+        if r["cp_sliced"]:
+            group = [p for p, w in zip(ranks, weights) if w and p["cp_first"] == r["cp_first"]]
+            r = dict(r, samples=sum(p["samples"] for p in group),
+                     samples_in_pass=sum(p["samples_in_pass"] for p in group),
+                     first_pass_samples=(sum(p["first_pass_samples"] for p in group)
+                                         if all(p["first_pass_samples"] >= 0 for p in group) else -1))
+        out.append(r)
     return out
 
 
@@ -116,11 +133,12 @@ def group_ranks(group, what: str) -> tuple[int, ...]:
     mesh = getattr(group, "mesh", None)
     if mesh is not None and hasattr(group, "mesh_dim_names"):
         names = tuple(group.mesh_dim_names or ())
-        shared = [n for n in names if n.lower() in _SHARED_BATCH_DIMS]
+        # Flattened dimensions too: accelerate's "dp_cp" or "dp_shard_cp" hold the CP ranks of one batch.
+        shared = [n for n in names if set(n.lower().split("_")) & set(_SHARED_BATCH_DIMS)]
         if shared and what == "data_parallel_group":
             raise ValueError(f"{what}= got a DeviceMesh with dimension(s) {shared}, where ranks share a batch: "
                              f"pass only its data-parallel dimension(s), e.g. mesh['dp'] (a mesh of dimensions "
-                             f"{names})")
+                             f"{names}), and a context-parallel dimension as context_parallel_group=")
         ranks = tuple(int(r) for r in mesh.flatten().tolist())
     elif isinstance(group, dist.ProcessGroup):
         ranks = tuple(dist.get_process_group_ranks(group))

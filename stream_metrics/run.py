@@ -42,6 +42,13 @@ class Run:
     ...     p = run.log({"loss": 1.5})
     >>> p.samples, p.tokens
     (4, 30)
+
+    Where several ranks work on one batch (tensor, context or pipeline parallelism), say which
+    ranks read different data, so that each example and token counts once (docs/distributed.md);
+    the Trainer's and accelerate's layouts are detected:
+
+    >>> run = stream_metrics.init(data_parallel_group=mesh["dp"],            # doctest: +SKIP
+    ...                           context_parallel_group=mesh["cp"], context_parallel_sliced=True)
     """
 
     def __init__(self, backend="mlflow", x_axis: str = "samples", dataset_size=None,
@@ -133,7 +140,10 @@ class Run:
             samples = counts.samples if samples is None else samples
             tokens = counts.tokens if tokens is None else tokens
             loss_tokens = counts.loss_tokens if loss_tokens is None else loss_tokens
-        self._samples.add(samples)
+        # Sliced context parallelism: every rank of the group holds the same rows (the group's first
+        # rank counts them), while example starts read from position_ids are split between the ranks.
+        from_starts = counts is not None and samples is counts.samples and isinstance(samples, torch.Tensor)
+        self._samples.add(samples if from_starts or not self.layout.rows_counted_elsewhere else 0)
         if self._flops is not None:
             self._flops.add(batch, tokens)
         self._rows += counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
@@ -203,7 +213,7 @@ class Run:
         self._calls += 1
         base = self._base
         in_pass = self._samples.value() if self._passes == 0 else _minus(self._samples, self._pass_start)
-        if self._passes == 0 and self.estimator.passes == 0:
+        if self._passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
             # The restored samples were all in the first pass, read by the data-parallel ranks.
             in_pass = in_pass + base.samples / self.layout.data_parallel_size
         main = distributed.is_main()
@@ -228,10 +238,10 @@ class Run:
         _check_same_call(ranks)
         # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
         weights = layouts.weights(ranks)
-        reading = [r for r, (w, _) in zip(ranks, weights) if w]  # one per distinct batch: the epoch's ranks
-        samples = base.samples + sum(w * r["samples"] for r, (w, _) in zip(ranks, weights))
-        tokens = sum(w * r["tokens"] for r, (_, w) in zip(ranks, weights))
-        loss_tokens = sum(w * r["loss_tokens"] for r, (_, w) in zip(ranks, weights))
+        samples = base.samples + sum(w * r["samples"] for r, w in zip(ranks, weights))
+        tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
+        loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
+        reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
         has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
         has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
         step = self._step_override if self._step_override is not None else base.step + max(r["steps"] for r in ranks)

@@ -3,6 +3,8 @@
 Counts are summed over every rank in the one collective a row costs; only rank 0 writes to the
 backends, so a job makes one MLflow run and one W&B run; the epoch counts passes over the whole
 dataset; a resumed job continues every axis. Each test launches the workers in tests/dist/.
+With 4 ranks: tensor, context and pipeline parallel layouts (given or detected) count each example
+and token once; a call that rank 0 makes alone stops every rank with a clear error.
 """
 from __future__ import annotations
 
@@ -248,6 +250,8 @@ def assert_one_collective_per_row(reports) -> None:
     ("tp-group", "2 (given: data_parallel_group=ProcessGroup)"),  # the same, given as mesh.get_group("dp")
     ("cp-sliced", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
                   "context parallel 2, sliced)"),                # each rank of a pair counts half of each row
+    ("cp-packed", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
+                  "context parallel 2, sliced)"),                # packed rows: example starts on both ranks
     ("cp-whole", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
                  "context parallel 2, whole batch)"),            # each rank counts the batch before the split
     ("pp", "2 (given: data_parallel_group=DeviceMesh)"),          # only the first stage reads batches
@@ -267,6 +271,9 @@ def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
     assert (final["epoch"], final["epoch_source"]) == (1.0, "pass")  # the pass holds each example once
     assert_one_collective_per_row(reports)
     assert [r["distinct_devices"] for r in reports] == [4] * 4
+    if layout == "tp-mesh":  # the whole mesh given where mesh["dp"] was meant: refused, saying what to pass
+        assert all("dimension(s) ['tp']" in r["whole_mesh_refused"] and "mesh['dp']" in r["whole_mesh_refused"]
+                   for r in reports)
 
     # What MLflow stored: the totals, and the tag saying how ranks were counted.
     from mlflow import MlflowClient
@@ -303,19 +310,20 @@ def test_a_call_made_on_rank_0_alone_stops_every_rank_with_a_clear_error(workdir
     assert [m.value for m in history] == [40, 80]
 
 
-@pytest.mark.parametrize("sizes, samples_on, tokens_on, tag", [
+@pytest.mark.parametrize("sizes, counted, rows_counted, tag", [
     # accelerate's mesh order puts tp (then sp, cp) fastest: ranks 0 and 1 share a batch.
-    ({"dp_shard_size": 2, "tp_size": 2}, [1, 0, 1, 0], [1, 0, 1, 0], "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
-    ({"dp_shard_size": 2, "sp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+    ({"dp_shard_size": 2, "tp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1], "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
+    # Sliced: every rank's counts are added, and the rows only by each CP group's first rank.
+    ({"dp_shard_size": 2, "sp_size": 2}, [1, 1, 1, 1], [1, 0, 1, 0],
      "2 (detected: ParallelismConfig(dp_shard=2, sp=2); context parallel 2, sliced)"),
-    ({"dp_shard_size": 2, "cp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+    ({"dp_shard_size": 2, "cp_size": 2}, [1, 1, 1, 1], [1, 0, 1, 0],
      "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)"),
     ({"dp_replicate_size": 2, "dp_shard_size": 2}, [1, 1, 1, 1], [1, 1, 1, 1], "4 (every rank)"),  # HSDP
 ])
-def test_the_trainer_arguments_parallelism_config_is_read_for_every_rank(monkeypatch, sizes, samples_on, tokens_on,
+def test_the_trainer_arguments_parallelism_config_is_read_for_every_rank(monkeypatch, sizes, counted, rows_counted,
                                                                          tag):
     """The layout read from real TrainingArguments holding a real ParallelismConfig, as each of 4 ranks
-    (told by the launcher's RANK and WORLD_SIZE) would read it, and the weights their rows then get."""
+    (told by the launcher's RANK and WORLD_SIZE) would read it, and which ranks' counts are then added."""
     from accelerate import ParallelismConfig
     from transformers import TrainingArguments
 
@@ -327,8 +335,8 @@ def test_the_trainer_arguments_parallelism_config_is_read_for_every_rank(monkeyp
     found = []
     for rank in range(4):
         monkeypatch.setenv("RANK", str(rank))
-        found.append((detect_layout(args, None) or layouts.Layout.every_rank()))
-        found[-1] = found[-1].fields() | {"tag": found[-1].describe()}
-    weights = layouts.weights(found)
-    assert ([w for w, _ in weights], [w for _, w in weights]) == (samples_on, tokens_on)
+        layout = detect_layout(args, None) or layouts.Layout.every_rank()
+        found.append({**layout.fields(), "tag": layout.describe(), "rows": int(not layout.rows_counted_elsewhere)})
+    assert layouts.weights(found) == counted
+    assert [f["rows"] for f in found] == rows_counted
     assert {f["tag"] for f in found} == {tag}

@@ -13,6 +13,8 @@ row every --log-every batches, with the collectives each rank issues counted.
 - ``cp-sliced``: a (dp=2, cp=2) mesh; each rank of a context-parallel pair counts its half of every
   sequence (input ids, mask, labels and position ids split along the sequence, as torch's context
   parallelism does before the model's forward).
+- ``cp-packed``: the same, with each batch packed into one row (padding-free: position ids restart at
+  0 for each example), so the example starts fall on both ranks of a pair.
 - ``cp-whole``: the same mesh, each rank counting the whole batch before the split (sliced=False).
 - ``pp``: a (dp=2, pp=2) mesh; only the first stage reads batches, the second stage's forward sees
   activations (``inputs_embeds``), which it counts as a naive loop would.
@@ -37,7 +39,7 @@ import tiny
 parser = argparse.ArgumentParser()
 parser.add_argument("files", nargs="+")
 parser.add_argument("--out", required=True)
-parser.add_argument("--layout", required=True, choices=["dp", "tp-mesh", "tp-group", "cp-sliced", "cp-whole", "pp",
+parser.add_argument("--layout", required=True, choices=["dp", "tp-mesh", "tp-group", "cp-sliced", "cp-packed", "cp-whole", "pp",
                                                          "accelerate-tp", "accelerate-cp"])
 parser.add_argument("--mlflow-uri")
 parser.add_argument("--batch-size", type=int, default=4)
@@ -62,14 +64,22 @@ elif args.layout.startswith("accelerate"):
     training_args = TrainingArguments("trainer_out", parallelism_config=config, use_cpu=True, report_to="none")
     options["layout"] = detect_layout(training_args, None)  # what StreamMetricsCallback.on_train_begin does
 else:
-    second = {"tp-mesh": "tp", "tp-group": "tp", "cp-sliced": "cp", "cp-whole": "cp", "pp": "pp"}[args.layout]
+    second = {"tp-mesh": "tp", "tp-group": "tp", "cp-sliced": "cp", "cp-packed": "cp", "cp-whole": "cp",
+              "pp": "pp"}[args.layout]
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", second))
     data_index, peer = mesh["dp"].get_local_rank(), mesh[second].get_local_rank()
     options["data_parallel_group"] = mesh.get_group("dp") if args.layout == "tp-group" else mesh["dp"]
     if second == "cp":
-        options.update(context_parallel_group=mesh["cp"], context_parallel_sliced=args.layout == "cp-sliced")
+        options.update(context_parallel_group=mesh["cp"], context_parallel_sliced=args.layout != "cp-whole")
     if second == "pp":
         stage = peer
+
+refused = None
+if args.layout == "tp-mesh":
+    try:  # the whole (dp, tp) mesh instead of mesh["dp"]: a mistake to refuse, not to count wrongly
+        stream_metrics.init(backend="none", data_parallel_group=mesh)
+    except ValueError as exc:
+        refused = str(exc)
 
 texts = tiny.read_texts([args.files[data_index]])
 loader = DataLoader(texts, batch_size=args.batch_size, collate_fn=common.collate)
@@ -81,6 +91,12 @@ run = stream_metrics.init(**backend, gradient_accumulation_steps=2, **options)
 
 def what_this_rank_sees(batch: dict) -> dict:
     """The batch as the counting point on this rank sees it."""
+    if args.layout == "cp-packed":
+        mask = batch["attention_mask"].bool()
+        lengths = mask.sum(dim=1).tolist()
+        packed = {"input_ids": batch["input_ids"][mask][None], "labels": batch["labels"][mask][None],
+                  "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+        return {k: v.tensor_split(2, dim=1)[peer] for k, v in packed.items()}
     if args.layout in ("cp-sliced", "accelerate-cp"):
         positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
         whole = {**batch, "position_ids": positions}
@@ -106,6 +122,7 @@ for i, batch in enumerate(common.lockstep(batches, iterations), start=1):
 state = run.state_dict()
 common.report(args.out, rank, {"rows": rows, "state": state, "between_rows": between, "at_rows": at_rows,
                                "tag": run.layout.describe(), "distinct_devices": run.layout.distinct_devices,
-                               "run_ids": run.run_ids, "data_index": data_index, "stage": stage})
+                               "run_ids": run.run_ids, "data_index": data_index, "stage": stage,
+                               "whole_mesh_refused": refused})
 run.finish()
 common.teardown()

@@ -79,11 +79,14 @@ class FlopFormula:
             if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
                 skipped.append(name or type(module).__name__)
                 continue
-            for p in own:
-                if p.requires_grad:
-                    trained += p.numel()  # a DTensor shard's numel() is the whole weight's
-                else:
-                    frozen += p.numel()
+            # A Linear's logical size: a 4-bit weight (QLoRA) is stored packed, and a DTensor shard's
+            # numel() is the whole weight's anyway.
+            size = module.in_features * module.out_features if isinstance(module, torch.nn.Linear) else \
+                sum(p.numel() for p in own)
+            if own[0].requires_grad:
+                trained += size
+            else:
+                frozen += size
         if skipped:
             warn_once("flops-skipped", f"FLOPs leave out the weights of {len(skipped)} modules that are not linear "
                                        f"layers (e.g. {skipped[0]!r}: convolutions, mixture-of-experts); pass "
@@ -241,13 +244,22 @@ def device_peak(device: torch.device, precision: str) -> Peak | None:
     if device.type != "cuda":
         return None  # CPUs, MPS, XLA: no figure rather than a wrong one
     name = torch.cuda.get_device_name(device)
-    entry = next((e for pattern, e in _DEVICE_NAMES if re.search(pattern, name.lower())), None)
-    figure = PEAK_FLOPS.get(entry, {}).get(precision)
-    if figure is None:
+    peak = named_peak(name, precision)
+    if peak is None:
         warn_once("peak-unknown", f"no peak FLOP/s is known for {name!r} at {precision}, so throughput/mfu is not "
                                   "logged; pass peak_flops= (FLOP/s of one device) to log it")
-        return None
-    return Peak(figure, f"{entry} {precision}, from the data sheet ({name})")
+    return peak
+
+
+def named_peak(device_name: str, precision: str) -> Peak | None:
+    """The table's figure for a device name as torch reports it, or None.
+
+    >>> named_peak("NVIDIA H100 80GB HBM3", "bf16").flops, named_peak("Tesla V100-SXM2-32GB", "bf16")
+    (989500000000000.0, None)
+    """
+    entry = next((e for pattern, e in _DEVICE_NAMES if re.search(pattern, device_name.lower())), None)
+    figure = PEAK_FLOPS.get(entry, {}).get(precision)
+    return None if figure is None else Peak(figure, f"{entry} {precision}, data sheet; device {device_name!r}")
 
 
 def precision_of(model: torch.nn.Module | None, precision: str | None = None) -> str:

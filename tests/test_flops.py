@@ -8,6 +8,7 @@ the CPU kernel of SDPA is not one it knows.
 from __future__ import annotations
 
 import csv
+import glob
 import os
 
 import pytest
@@ -197,6 +198,10 @@ def test_compare_puts_mlflow_and_wandb_runs_on_the_flops_axis(workdir, corpus):
     # W&B keys every chart by progress/flops: the run's x-axis, read from its transaction log.
     [small] = [r for r in sm_compare.read_runs([str(workdir / "wandb")]) if r.name == "small"]
     assert small.tags["x_axis"] == schema.FLOPS and small.rows[-1][schema.FLOPS] == float(totals["small"])
+    [log] = glob.glob(str(workdir / "wandb" / "**" / "*.wandb"), recursive=True)[:1]
+    defined = {(r.metric.name or r.metric.glob_name): r.metric.step_metric
+               for r in sm_compare._wandb_records(log) if r.WhichOneof("record_type") == "metric"}
+    assert defined[schema.FLOPS] == "" and defined["*"] == defined[schema.SAMPLES] == schema.FLOPS
 
 
 @pytest.mark.slow

@@ -183,15 +183,15 @@ def bench_trainer(cfg, workdir) -> dict:
             if state.global_step == self.warmup:
                 if self.ours is not None and self.ours.run is not None:
                     self.ours.run.flush()  # our runs open in the background at the first row: let them
-                self.t0 = time.perf_counter()
+                self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     class EndClock(TrainerCallback):
         """First in the list: stops the clock before any callback's on_train_end (closing runs)."""
 
-        t1 = None
+        t1 = cpu1 = None
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.t1 = time.perf_counter()
+            self.t1, self.cpu1 = time.perf_counter(), time.process_time()
 
     def one(kind: str, repeat: int) -> dict:
         out = os.path.join(workdir, f"trainer-{kind}-{repeat}")
@@ -217,7 +217,8 @@ def bench_trainer(cfg, workdir) -> dict:
 
             wandb.finish()
         timed_steps = cfg.trainer_steps - cfg.warmup_steps
-        result = {"per_step_ms": (end.t1 - start.t0) / timed_steps * 1e3, "train_s": whole}
+        result = {"per_step_ms": (end.t1 - start.t0) / timed_steps * 1e3, "train_s": whole,
+                  "cpu_per_step_ms": (end.cpu1 - start.cpu0) / timed_steps * 1e3}
         if kind in ("b", "e"):
             result["delivered"] = sum(d.delivered_rows for d in ours.run._deliveries)
         del trainer
@@ -238,10 +239,13 @@ def bench_trainer(cfg, workdir) -> dict:
     b_c = median([b / c for c, b in zip(per_step["c"], per_step["b"])])
     ratios = {f"{x}_{y}": [p / q for p, q in zip(per_step[x], per_step[y])]
               for x, y in (("b", "a"), ("b", "c"), ("d", "a"), ("e", "a"), ("e", "c"))}
+    cpu = {k: [r["cpu_per_step_ms"] for r in v] for k, v in results.items()}
+    cpu_ratios = {k: median([x / a for a, x in zip(cpu["a"], cpu[k])]) for k in ("b", "c", "d", "e")}
     return {"per_step": {k: median(v) for k, v in per_step.items()},
             "train_s": {k: median([r["train_s"] for r in v]) for k, v in results.items()},
             **{name: median(r) for name, r in ratios.items()},
-            "spread": {name: (min(r), max(r)) for name, r in ratios.items()}, "runs": per_step}
+            "spread": {name: (min(r), max(r)) for name, r in ratios.items()}, "runs": per_step,
+            "cpu_per_step": {k: median(v) for k, v in cpu.items()}, "cpu_ratios": cpu_ratios}
 
 
 # ---------------------------------------------------------------------------------------------- 3b. plain loop
@@ -263,7 +267,8 @@ def bench_plain(cfg, mlflow_uri) -> dict:
 
     for _ in range(5):
         train_step()
-    log_us = []
+    log_us = {"ours": [], "proc": []}
+    cpu = {"bare": [], "none": [], "ours": [], "proc": []}  # the training process's CPU time per step
 
     def one(kind: str) -> float:
         run = None
@@ -277,16 +282,17 @@ def bench_plain(cfg, mlflow_uri) -> dict:
                 run.update(batch)
                 run.log({"loss": train_step().detach(), "learning_rate": 3e-4})
             run.flush()
-        t = time.perf_counter()
+        t, cpu0 = time.perf_counter(), time.process_time()
         for i in range(cfg.plain_steps):
             loss = train_step()
             if run is not None:
                 run.update(batch)
                 t_log = time.perf_counter_ns()
                 run.log({"loss": loss.detach(), "learning_rate": 3e-4})
-                if kind == "ours":
-                    log_us.append((time.perf_counter_ns() - t_log) / 1e3)
+                if kind in log_us:
+                    log_us[kind].append((time.perf_counter_ns() - t_log) / 1e3)
         per_step = (time.perf_counter() - t) / cfg.plain_steps
+        cpu[kind].append((time.process_time() - cpu0) / cfg.plain_steps * 1e3)
         if run is not None:
             run.finish()
         return per_step * 1e3
@@ -302,8 +308,10 @@ def bench_plain(cfg, mlflow_uri) -> dict:
     return {"per_step": {k: median(v) for k, v in runs.items()}, "runs": runs,
             "ours_bare": median(ratios["ours"]), "none_bare": median(ratios["none"]),
             "proc_bare": median(ratios["proc"]), "ratios": ratios,
-            "log_median_us": median(log_us), "log_p99_us": percentile(log_us, 99), "log_max_us": max(log_us),
-            "rows": len(log_us)}
+            "cpu_ratios": {k: median([x / b for x, b in zip(cpu[k], cpu["bare"])]) for k in ("none", "ours", "proc")},
+            "log_median_us": median(log_us["ours"]), "log_p99_us": percentile(log_us["ours"], 99),
+            "log_max_us": max(log_us["ours"]), "rows": len(log_us["ours"]),
+            "proc_log_median_us": median(log_us["proc"]), "proc_log_p99_us": percentile(log_us["proc"], 99)}
 
 
 # ---------------------------------------------------------------------------------------------- 4. memory
@@ -462,6 +470,9 @@ def table(r, cfg) -> tuple[str, list[bool]]:
     for name in ("d_a", "e_a", "e_c"):
         row("3", f"{name.replace('_', ' / ')} (spread over repeats)",
             f"{t[name]:.3f} ({sp[name][0]:.3f}-{sp[name][1]:.3f})", "(no target)")
+    cr = t["cpu_ratios"]
+    row("3", "training process CPU time per step, b / a, c / a, d / a, e / a (W&B's own process not included)",
+        f"{cr['b']:.3f}, {cr['c']:.3f}, {cr['d']:.3f}, {cr['e']:.3f}", "(no target)")
     pl = r["plain"]
     pps = pl["per_step"]
     row("3b", "plain loop, bare / ours with backend none / ours with MLflow + W&B / the same, MLflow in a process",
@@ -475,10 +486,15 @@ def table(r, cfg) -> tuple[str, list[bool]]:
     lo, hi = min(pl["ratios"]["proc"]), max(pl["ratios"]["proc"])
     row("3b", "plain loop, ours with MLflow's rows in a child process (prototype) / bare (spread over repeats)",
         f"{pl['proc_bare']:.3f} ({lo:.3f}-{hi:.3f})", "(no target)")
+    cr = pl["cpu_ratios"]
+    row("3b", "plain loop, training process CPU time per step / bare: none, ours, proc",
+        f"{cr['none']:.3f}, {cr['ours']:.3f}, {cr['proc']:.3f}", "(no target)")
     row("3b", f"log() in that loop, MLflow + W&B, {pl['rows']:,} rows: median", f"{pl['log_median_us']:.0f} µs",
         "< 100 µs", pl["log_median_us"] < 100)
     row("3b", "log() in that loop: p99 / max", f"{pl['log_p99_us']:.0f} / {pl['log_max_us']:.0f} µs", "p99 < 500 µs",
         pl["log_p99_us"] < 500)
+    row("3b", "log() in that loop with MLflow's rows in a child process (prototype): median / p99",
+        f"{pl['proc_log_median_us']:.0f} / {pl['proc_log_p99_us']:.0f} µs", "(no target)")
     row("4", f"RSS growth over {cfg.mem_updates:,} update() calls", f"{m['updates_rss_mb']:+.2f} MB", "< 5 MB",
         m["updates_rss_mb"] < 5)
     row("4", f"traced (tracemalloc) growth over {cfg.mem_updates // 10:,} update() calls",

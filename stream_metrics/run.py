@@ -458,11 +458,11 @@ class Run:
     def _lookahead(self, name: str, amount):
         from .schedule import Lookahead
 
-        looks = self.__dict__.setdefault("_lookaheads", {})
-        look = looks.get(name)
-        if look is None or look.session is not self._base or look.amount != amount:  # new, or after a resume
-            look = looks[name] = Lookahead(amount)
-            look.session, look.calls = self._base, 0
+        looks = self.__dict__.setdefault("_lookaheads", {})  # name -> (session, Lookahead)
+        session, look = looks.get(name, (None, None))
+        if look is None or session is not self._base or look.amount != amount:  # new, or after a resume
+            look = Lookahead(amount)
+            looks[name] = (self._base, look)
         return look
 
     def schedule(self, every, name: str | None = None):

@@ -139,6 +139,7 @@ class Lookahead:
         self.source = None         # the epoch estimate's source at that sync
         self.samples = 0           # samples at that sync
         self.paces: list = []      # increase per tick, for each of the latest intervals
+        self.calls = 0             # a clock for callers that count their own calls (Run.due)
         self._seen = None          # the Progress last observed (a new object at every sync)
         self._target = None        # the target last asked about (to notice one reached unforeseen)
 

@@ -114,6 +114,9 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             or save a checkpoint, once each time the run crosses a multiple of it (docs/schedule.md).
         stop_at: an amount: stop training there, with a final checkpoint (``max_steps`` still applies).
         progress: show progress in samples and tokens, with an ETA (default: when the Trainer's bar shows).
+        rewrite_logs: the Trainer's log entries (its printed lines, ``state.log_history``, what later
+            callbacks such as a framework's logger see) carry our ``epoch``, with ``samples`` and
+            ``tokens`` beside it (default True). False leaves them as the Trainer made them.
         **options: passed to ``stream_metrics.init`` (``mlflow_step``, ``project``, ``mlflow={...}``,
             ``wandb={...}``, ``flush_timeout``, ``pad_token_id``).
 

@@ -32,7 +32,7 @@ import sys
 import weakref
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, ExportableState, ProgressCallback
+from transformers.trainer_callback import CallbackHandler, ExportableState, PrinterCallback, ProgressCallback
 
 from . import distributed, schema
 from .amount import as_amount
@@ -186,6 +186,17 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                 log.info("stream_metrics: the Trainer's %s is replaced by StreamMetricsCallback, which logs "
                          "to %s with the progress axes", type(cb).__name__, name)
 
+    def _log_before_the_printers(self) -> None:
+        # restore_callback_states_from_checkpoint re-adds restored callbacks at the end of the list,
+        # after the Trainer's printer: move this one back before it, so the printed line shows our
+        # figures. Safe while the handler iterates this event: the printer, before us, has run, and
+        # the callbacks after us keep their order.
+        callbacks = self._handler.callbacks if self._handler is not None else []
+        printers = [i for i, cb in enumerate(callbacks) if isinstance(cb, (ProgressCallback, PrinterCallback))]
+        mine = [i for i, cb in enumerate(callbacks) if cb is self]
+        if printers and mine and mine[0] > printers[0]:
+            callbacks.insert(printers[0], callbacks.pop(mine[0]))
+
     def on_init_end(self, args, state, control, **kwargs):
         self._take_over_integrations()
 
@@ -193,6 +204,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
+        self._log_before_the_printers()
         resume = self._resume_state(state)
         if self._opened_by_evaluate and resume is None and self.run is not None and not self.run.finished:
             # trainer.evaluate() before train() opened the runs at progress 0: training goes on in them.

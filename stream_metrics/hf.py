@@ -41,7 +41,7 @@ from ._checks import missing_extra
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import CallbackHandler, ExportableState, ProgressCallback
+    from transformers.trainer_callback import CallbackHandler, ExportableState, PrinterCallback, ProgressCallback
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
@@ -141,6 +141,9 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             or save a checkpoint, once each time the run crosses a multiple of it (docs/schedule.md).
         stop_at: an amount: stop training there, with a final checkpoint (``max_steps`` still applies).
         progress: show progress in samples and tokens, with an ETA (default: when the Trainer's bar shows).
+        rewrite_logs: the Trainer's log entries (its printed lines, ``state.log_history``, what later
+            callbacks such as a framework's logger see) carry our ``epoch``, with ``samples`` and
+            ``tokens`` beside it (default True). False leaves them as the Trainer made them.
         **options: passed to ``stream_metrics.init`` (``mlflow_step``, ``project``, ``mlflow={...}``,
             ``wandb={...}``, ``flush_timeout``, ``pad_token_id``, ``peak_flops`` (FLOP/s of one device, for
             ``throughput/mfu``), ``flops_per_token``).
@@ -213,6 +216,17 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                          "to %s with the progress axes, into the process's active run; kept: %s",
                          type(cb).__name__, name, ", ".join(taken.kept) or "nothing else (it only logged metrics)")
 
+    def _log_before_the_printers(self) -> None:
+        # restore_callback_states_from_checkpoint re-adds restored callbacks at the end of the list,
+        # after the Trainer's printer: move this one back before it, so the printed line shows our
+        # figures. Safe while the handler iterates this event: the printer, before us, has run, and
+        # the callbacks after us keep their order.
+        callbacks = self._handler.callbacks if self._handler is not None else []
+        printers = [i for i, cb in enumerate(callbacks) if isinstance(cb, (ProgressCallback, PrinterCallback))]
+        mine = [i for i, cb in enumerate(callbacks) if cb is self]
+        if printers and mine and mine[0] > printers[0]:
+            callbacks.insert(printers[0], callbacks.pop(mine[0]))
+
     def on_init_end(self, args, state, control, **kwargs):
         self._take_over_integrations()
 
@@ -220,6 +234,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
+        self._log_before_the_printers()
         resume = self._resume_state(state)
         if self._opened_by_evaluate and resume is None and self.run is not None and not self.run.finished:
             # trainer.evaluate() before train() opened the runs at progress 0: training goes on in them.

@@ -47,7 +47,7 @@ def checkpoint_progress(folder) -> dict:
 @pytest.mark.parametrize("restore_callback_states, resume_at", [(False, 12), (True, 12), (False, 6)],
                          ids=["second-pass", "second-pass-restoring-callbacks", "first-pass"])
 def test_resume_from_a_checkpoint_continues_every_axis_and_the_same_runs(workdir, corpus, restore_callback_states,
-                                                                         resume_at):
+                                                                         resume_at, capsys):
     uri = f"sqlite:///{workdir}/mlflow.db"
     out = workdir / "out"
 
@@ -64,8 +64,12 @@ def test_resume_from_a_checkpoint_continues_every_axis_and_the_same_runs(workdir
     ids = cb1.run.run_ids
 
     second, cb2 = trainer(18)
+    capsys.readouterr()
     second.train(resume_from_checkpoint=str(out / f"checkpoint-{resume_at}"))
     resumed = cb2.run.progress
+    # The Trainer's printed lines show our figures in the resumed session too (restored callbacks included).
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'loss'")]
+    assert printed and all("'samples': " in line and "'tokens': " in line for line in printed), printed
     assert cb2.run.run_ids == ids
     assert resumed.step == 18 and resumed.samples > at_checkpoint["samples"]
     assert resumed.tokens > at_checkpoint["tokens"] and resumed.wall_clock > at_checkpoint["wall_clock"]

@@ -61,17 +61,30 @@ def make_active(run) -> list:
             import mlflow
 
             if mlflow.active_run() is None:
+                restore = None
                 if mlflow.get_tracking_uri() != backend.tracking_uri:
+                    # The callback was given its own tracking URI: the fluent API follows it during
+                    # training, and goes back to what it was (global and MLFLOW_TRACKING_URI) after.
+                    from mlflow.tracking._tracking_service import utils
+
+                    restore = (utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI"))
                     mlflow.set_tracking_uri(backend.tracking_uri)
                 mlflow.start_run(run_id=backend.run_id)
-                started.append("mlflow")
+                started.append(("mlflow", restore))
     return started
 
 
 def end_active(started: list) -> None:
     """Pop the active runs ``make_active`` set (the runs themselves are ended by stream_metrics)."""
-    if "mlflow" in started and "mlflow" in sys.modules:
-        import mlflow
+    for name, restore in started:
+        if name == "mlflow" and "mlflow" in sys.modules:
+            import mlflow
 
-        if mlflow.active_run() is not None:
-            mlflow.end_run()
+            if mlflow.active_run() is not None:
+                mlflow.end_run()
+            if restore is not None:
+                uri, variable = restore
+                mlflow.set_tracking_uri(uri)  # None unsets MLFLOW_TRACKING_URI too
+                if variable is not None:
+                    os.environ["MLFLOW_TRACKING_URI"] = variable
+    started.clear()

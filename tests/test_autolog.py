@@ -112,7 +112,8 @@ class UserCalls(TrainerCallback):
             import mlflow
             import wandb
 
-            wandb.log({"my/own": 1})
+            if wandb.run is not None:
+                wandb.log({"my/own": 1})
             mlflow.log_param("my_param", "mine")
 
 
@@ -152,3 +153,19 @@ def test_the_runs_are_the_active_ones_and_model_artifacts_are_still_logged(workd
     history = read_wandb_run(path)
     assert {"my/own", "progress/samples"} <= set().union(*history.rows)
     assert wandb_artifacts(folder) == [(f"model-{history.run_id}", "model")]
+
+
+@pytest.mark.slow
+def test_a_tracking_uri_given_to_the_callback_is_active_during_training_only(workdir):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir}/own.db"
+    before = mlflow.get_tracking_uri()
+    callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": uri})
+    build(workdir, callbacks=[callback, UserCalls()]).train()
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["my_param"] == "mine"
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.active_run() is None

@@ -1,5 +1,8 @@
 """LLaMA-Factory 0.9.5, for real (run by scripts/test-llamafactory in its own environment).
 
+Named to match no test-file pattern: the main suite never collects it (LLaMA-Factory is not in its
+environment); scripts/test-llamafactory names the file, and pytest collects a file it is given.
+
 A tiny Llama and a byte-level tokenizer saved to disk, an alpaca JSONL file of 64 examples, and
 sft.yaml with ``streaming: true`` and ``max_steps`` giving exactly two passes (a partial last
 batch each pass), trained on the CPU two ways, each into MLflow on SQLite:

@@ -204,11 +204,11 @@ def test_mrope_positions_count_rows_not_planes():
 
 def test_text_positions_first_in_four_planes_count_packed_examples():
     # (4, batch, length): the first plane holds text positions (transformers' packed Qwen-VL layout).
-    text = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
-    positions = torch.cat([text[None], torch.zeros(3, 1, 8, dtype=torch.long)])
+    text = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
+    positions = torch.cat([text[None], torch.zeros(3, 1, 9, dtype=torch.long)])
     with stream_metrics.init(backend="none") as run:
-        run.update({"input_ids": torch.arange(2, 10)[None], "position_ids": positions})
-        assert totals(run)[:2] == (3, 8)
+        run.update({"input_ids": torch.arange(2, 11)[None], "position_ids": positions})
+        assert totals(run)[:2] == (3, 9)
 
 
 @pytest.mark.parametrize("style", ["generate", "clamped"])

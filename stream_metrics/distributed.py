@@ -7,6 +7,7 @@ that only the main process creates runs even when stream_metrics starts first.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import struct
 
@@ -60,9 +61,9 @@ def _slot(value, device):
                 return value.view(torch.int64).to(device), _FLOAT64
             return value.to(torch.float32).view(torch.int32).to(device=device, dtype=torch.int64), _FLOAT32
         return value.to(device=device, dtype=torch.int64), _INT
-    if isinstance(value, float):
-        return struct.unpack("<q", struct.pack("<d", value))[0], _FLOAT64
-    return int(value), _INT
+    if isinstance(value, numbers.Integral):
+        return int(value), _INT
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0], _FLOAT64
 
 
 def _read(bits: int, kind: int):
@@ -73,42 +74,50 @@ def _read(bits: int, kind: int):
     return bits
 
 
+def _vector(slots, device) -> torch.Tensor:
+    # Host values in one tensor (one copy to the device), device values put in place there.
+    vector = torch.tensor([0 if isinstance(s, torch.Tensor) else s for s in slots], dtype=torch.int64).to(device)
+    on_device = [i for i, s in enumerate(slots) if isinstance(s, torch.Tensor)]
+    if on_device:
+        vector[on_device] = torch.stack([slots[i] for i in on_device])
+    return vector
+
+
 def gather(fields: dict, pending=()) -> list[dict]:
     """Every rank's ``fields`` (numbers or 0-d tensors), as host numbers, in rank order.
 
     This is the row's synchronisation point: one all_gather where several processes run, and the
     one wait for the device (``tolist``) everywhere. ``pending`` (``sanitize.Pending``: this rank's
-    tensor metrics) are read in the same wait; each gets its ``value``.
+    tensor metrics) are read in the same wait; each gets its ``value``. Everything travels as int64
+    (floats by their bits), so counts are exact and no device needs float64.
     """
-    names = list(fields)
-    values = list(fields.values()) + [p.tensor for p in pending]
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    names, n = list(fields), len(fields)
     if not (_active() and world_size() > 1):
         # One process: only the device values need reading, all of them in one stack.
-        slots = [_slot(v, tensors[0].device if tensors else None) for v in values]
-        on_device = [i for i, (s, _) in enumerate(slots) if isinstance(s, torch.Tensor)]
+        values = list(fields.values()) + [p.tensor for p in pending]
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+        slots = [_slot(v, device) for v in values]
         bits = [s for s, _ in slots]
+        on_device = [i for i, s in enumerate(bits) if isinstance(s, torch.Tensor)]
         if on_device:
-            read = torch.stack([slots[i][0] for i in on_device]).tolist()  # host sync: the row's one wait
+            read = torch.stack([bits[i] for i in on_device]).tolist()  # host sync: the row's one wait
             for i, b in zip(on_device, read):
                 bits[i] = b
         decoded = [_read(b, kind) for b, (_, kind) in zip(bits, slots)]
+        ranks = [dict(zip(names, decoded[:n]))]
+        mine = decoded[n:]
     else:
         device = _collective_device()
         slots = [_slot(v, device) for v in fields.values()]
-        vector = torch.stack([s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.int64, device=device)
-                              for s, _ in slots] + [torch.tensor(k, dtype=torch.int64, device=device)
-                                                    for _, k in slots])  # the kinds: ranks may differ
+        # Each rank's kinds travel with its values: a count may be a float on one rank, an int on another.
+        vector = _vector([s for s, _ in slots] + [k for _, k in slots], device)
         out = [torch.empty_like(vector) for _ in range(world_size())]
         dist.all_gather(out, vector)  # the row's one collective
         local = [_slot(p.tensor, device) for p in pending]
-        flat = torch.cat([torch.stack(out).flatten()] + [s.reshape(1) for s, _ in local]).tolist()  # host sync
-        n = len(names)
+        flat = torch.cat([torch.stack(out).flatten(), _vector([s for s, _ in local], device)]).tolist()  # host sync
         rows = [flat[r * 2 * n:(r + 1) * 2 * n] for r in range(world_size())]
         ranks = [dict(zip(names, (_read(b, k) for b, k in zip(row[:n], row[n:])))) for row in rows]
-        for p, b, (_, kind) in zip(pending, flat[world_size() * 2 * n:], local):
-            p.value = _read(b, kind)
-        return ranks
-    for p, value in zip(pending, decoded[len(names):]):
+        mine = [_read(b, kind) for b, (_, kind) in zip(flat[world_size() * 2 * n:], local)]
+    for p, value in zip(pending, mine):
         p.value = value
-    return [dict(zip(names, decoded[:len(names)]))]
+    return ranks

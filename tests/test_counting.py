@@ -204,11 +204,11 @@ def test_mrope_positions_count_rows_not_planes():
 
 def test_text_positions_first_in_four_planes_count_packed_examples():
     # (4, batch, length): the first plane holds text positions (transformers' packed Qwen-VL layout).
-    text = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
-    positions = torch.cat([text[None], torch.zeros(3, 1, 8, dtype=torch.long)])
+    text = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
+    positions = torch.cat([text[None], torch.zeros(3, 1, 9, dtype=torch.long)])
     with stream_metrics.init(backend="none") as run:
-        run.update({"input_ids": torch.arange(2, 10)[None], "position_ids": positions})
-        assert totals(run)[:2] == (3, 8)
+        run.update({"input_ids": torch.arange(2, 11)[None], "position_ids": positions})
+        assert totals(run)[:2] == (3, 9)
 
 
 @pytest.mark.parametrize("style", ["generate", "clamped"])
@@ -418,3 +418,17 @@ def test_the_accelerate_tracker_steps_where_accelerate_steps_at_a_pass_end():
     p = tracker.log({"loss": 0.0})
     accelerator.end_training()
     assert optimizer_steps == 4 and (p.step, p.samples) == (4, 28)
+
+
+def test_counting_a_packed_batch_never_waits_for_the_device():
+    pytest.importorskip("trl")
+    batch = {k: v.as_subclass(SyncCounter) if isinstance(v, torch.Tensor) else v
+             for k, v in trl_packed(FOUR, EOS).items()}
+    no_cu = {k: v for k, v in batch.items() if k != "cu_seq_lens_q"}
+    SyncCounter.syncs = 0
+    with stream_metrics.init(backend="none", pad_token_id=EOS) as run:
+        for _ in range(20):
+            run.update(batch)
+            run.update(no_cu)
+        assert SyncCounter.syncs == 0, "counting a packed batch made the host wait for the device"
+        assert totals(run)[:2] == (40 * 4, 40 * 14)

@@ -110,3 +110,37 @@ def test_dpo_counts_each_pair_as_its_two_sequences_once(workdir):
     assert stored["progress/step"] == len(pairs) // 4
     # The sized epoch: one pass (kept just below 1.0 here; the Trainer's last epoch end is not taken as a pass end).
     assert stored["progress/epoch"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_grpo_counts_each_completion_once_per_gradient_pass_and_never_generation(workdir):
+    pytest.importorskip("trl")
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    prompts = [p["prompt"] for p in write_preferences(workdir / "prompts.jsonl", 8)]
+    dataset = datasets.load_dataset("json", data_files=str(workdir / "prompts.jsonl"), split="train")
+    generated = []
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        generated.extend(zip(prompts, completion_ids))  # what was generated, as the trainer saw it
+        return [float(len(ids)) for ids in completion_ids]
+
+    steps, batch_size, generations = 3, 4, 2
+    args = GRPOConfig(output_dir=str(workdir / "out"), max_steps=steps, per_device_train_batch_size=batch_size,
+                      num_generations=generations, max_completion_length=6, logging_steps=1, report_to="none",
+                      use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=1e-3, beta=0.0)
+    tokenizer = tiny.byte_tokenizer(256)
+    callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": uri})
+    trainer = GRPOTrainer(model=tiny.tiny_model(), reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+
+    # Truth: every generated completion is trained on once (num_iterations=1), with its prompt; generation
+    # itself (one forward per new token, under no_grad) does not count.
+    assert len(generated) == steps * batch_size
+    samples = len(generated)
+    tokens = sum(len(p.encode("utf-8")) + len(ids) for p, ids in generated)
+    assert all(p in prompts for p, _ in generated)
+    stored = stored_totals(uri)
+    assert (stored["progress/samples"], stored["progress/tokens"], stored["progress/step"]) == (samples, tokens, steps)

@@ -50,13 +50,8 @@ def make_active(run) -> list:
     Returns what to undo at the end (see ``end_active``).
     """
     started = []
-    run._start()  # runs open lazily, at the first row; here they open now, so user calls find them
-    for delivery in run._deliveries:
-        backend = delivery.backend
-        if backend.run_id is None:
-            delivery.flush(OPEN_TIMEOUT)
-        if backend.run_id is None:
-            continue
+    # Runs open lazily, at the first row; here they open now, so the user's calls find them.
+    for backend in run.open(OPEN_TIMEOUT):
         if backend.name == "mlflow":
             import mlflow
 

@@ -569,6 +569,26 @@ class Run:
         """Whether the tracking runs were opened (by the first row): ``config`` is fixed from then on."""
         return self._started
 
+    def open(self, timeout: float | None = None) -> list:
+        """Open the tracking runs now (otherwise they open with the first row) and wait up to
+        ``timeout`` seconds (default ``flush_timeout``) for them; returns the backends whose run is
+        open, so an integration can make those runs the process's active ones."""
+        if self._deliveries:
+            self._start()
+        timeout = self.flush_timeout if timeout is None else timeout
+        opened = []
+        for d in self._deliveries:
+            if d.backend.run_id is None:
+                d.flush(timeout)
+            if d.backend.run_id is not None:
+                opened.append(d.backend)
+        return opened
+
+    @property
+    def last_progress(self) -> Progress:
+        """The axes as of the latest time the ranks met (a row, a state, ``progress``): no new sync."""
+        return self._progress
+
     @property
     def backends(self) -> list[str]:
         """The backends in use on this process (``[]`` on ranks other than the main one)."""

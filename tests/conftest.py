@@ -127,7 +127,7 @@ def wandb_rows(run_dir) -> list[dict]:
 
 
 def mlflow_rows(uri, run_id) -> list[dict]:
-    """MLflow's stored rows in step order (the metrics of one log call: one step and timestamp), with ``_step``."""
+    """MLflow's stored rows, one per step (the latest value of each key there), in step order, with ``_step``."""
     return _dumped_rows("--mlflow-uri", uri, "--run-id", run_id)
 
 

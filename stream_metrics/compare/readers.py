@@ -169,16 +169,20 @@ class _MlflowReader:
 
     def read(self, run) -> RunHistory:
         run_id = run.info.run_id
-        # Every key of a row shares the row's step and timestamp, so (step, timestamp) rebuilds the rows.
-        rows: dict = {}
+        # Every key of a row shares the row's step (SCHEMA section 4), so the step rebuilds the rows.
+        # Where a step was logged again (a run resumed from an earlier checkpoint trains that data
+        # again), the latest value of each key counts, as the resumed run's own view of that point.
+        latest: dict = {}
         for key in run.data.metrics:
             for point in self.client.get_metric_history(run_id, key):
-                rows.setdefault((point.step, point.timestamp), {})[key] = point.value
+                row = latest.setdefault(point.step, {})
+                if key not in row or point.timestamp >= row[key][0]:
+                    row[key] = (point.timestamp, point.value)
         tags = {k[len(schema.TAG_PREFIX):]: v for k, v in run.data.tags.items() if k.startswith(schema.TAG_PREFIX)}
-        order = sorted(rows)
+        steps = sorted(latest)
         return RunHistory(run_id=run_id, name=run.info.run_name or "", backend="mlflow",
-                          where=redact_uri(self.uri), rows=[rows[k] for k in order], tags=tags,
-                          steps=[step for step, _ in order])
+                          where=redact_uri(self.uri), rows=[{k: v for k, (_, v) in latest[step].items()} for step in steps],
+                          tags=tags, steps=steps)
 
 
 def wandb_files(ref: str) -> list[str]:

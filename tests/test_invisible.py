@@ -172,3 +172,32 @@ def test_two_unnamed_runs_get_different_names_even_with_the_trainers_seed_fixed(
     runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     names = [r.info.run_name for r in runs]
     assert len(names) == 2 and all(names) and names[0] != names[1], names
+
+
+def global_generators():
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state()
+
+
+def test_a_whole_run_leaves_every_global_generator_where_it_was(workdir, mlflow_uri):
+    """The direct check: open runs in both backends, log, finish; not one draw from random, numpy or torch."""
+    import stream_metrics
+
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    before = global_generators()
+    for _ in range(2):  # two unnamed runs: each gets a name of its own
+        with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:
+            for i in range(30):
+                run.update(samples=4, tokens=100)
+                run.log({"loss": 1.0 / (i + 1)})
+    after = global_generators()
+    assert after[0] == before[0], "something drew from Python's global random"
+    assert after[1] == before[1], "something drew from numpy's global generator"
+    assert torch.equal(after[2], before[2]), "something drew from torch's global generator"
+    import mlflow.telemetry.client as telemetry
+
+    assert telemetry.random is not random  # its rollout draw, on its own thread, uses our generator
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert len({r.info.run_name for r in runs}) == 2

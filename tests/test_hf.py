@@ -63,7 +63,8 @@ def test_trainer_counts_exactly_what_the_model_saw(workdir, corpus, batch_size, 
     samples, tokens, passes = consumed(corpus["texts"], batch_size, grad_accum, steps)
     p = callback.run.progress
     assert (p.step, p.samples, p.tokens) == (steps, samples, tokens)
-    assert p.epoch_source == "pass" and math.floor(p.epoch + 1e-9) == max(passes, math.floor(samples / corpus["samples"]))
+    assert p.epoch_source == "pass"
+    assert math.floor(p.epoch + 1e-9) == max(passes, math.floor(samples / corpus["samples"]))
     uri = f"sqlite:///{workdir}/mlflow.db"
     _, run = only_run(uri)
     assert_conformant("--mlflow-uri", uri, "--run-id", run.info.run_id, "--expect-samples", samples,
@@ -214,7 +215,8 @@ def two_passes(workdir, corpus, capsys, logger_first=False, **options):
     callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"},
                                      **options)
     trainer, _ = build_trainer(str(workdir / "out"), max_steps=18, batch_size=8, grad_accum=2, logging_steps=3,
-                               callbacks=[recorder.callback, callback] if logger_first else [callback, recorder.callback],
+                               callbacks=[recorder.callback, callback] if logger_first
+                               else [callback, recorder.callback],
                                data=corpus["paths"])
     capsys.readouterr()
     trainer.train()

@@ -208,7 +208,7 @@ _UNIT_WORDS = {"sp": "samples", "tok": "tokens", "ep": "epochs", "ba": "steps", 
 
 
 def _amount_text(amount: Amount) -> str:
-    """``Amount(3000, "ba")`` -> "3k steps"; ``Amount(2e9, "tok")`` -> "2B tokens"; ``Amount(30, "min")`` -> "30 min"."""
+    """``Amount(3000, "ba")`` -> "3k steps"; ``Amount(2e9, "tok")`` -> "2B tokens"; ``(30, "min")`` -> "30 min"."""
     return f"{_count(amount.value)} {_UNIT_WORDS[amount.unit]}"
 
 

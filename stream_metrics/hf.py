@@ -41,7 +41,7 @@ from ._checks import missing_extra
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import CallbackHandler, ExportableState, PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState, ProgressCallback
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
@@ -111,6 +111,12 @@ def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCall
     options that are not JSON). Sharing the attributes keeps one callback, whichever object is asked.
     """
     callback.__dict__ = original.__dict__
+
+
+def _is_the_trainers_own(callback) -> bool:
+    """The Trainer's flow callback and the reporting integrations ``report_to`` adds (they come first)."""
+    return isinstance(callback, (DefaultFlowCallback, _TakenOver)) or \
+        type(callback).__module__.startswith("transformers.integrations")
 
 
 def _auto_backends(taken_over: list[str], report_to) -> list[str]:
@@ -216,16 +222,24 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                          "to %s with the progress axes, into the process's active run; kept: %s",
                          type(cb).__name__, name, ", ".join(taken.kept) or "nothing else (it only logged metrics)")
 
-    def _log_before_the_printers(self) -> None:
-        # restore_callback_states_from_checkpoint re-adds restored callbacks at the end of the list,
-        # after the Trainer's printer: move this one back before it, so the printed line shows our
-        # figures. Safe while the handler iterates this event: the printer, before us, has run, and
-        # the callbacks after us keep their order.
+    def _log_first(self) -> None:
+        """Stand right after the Trainer's own callbacks, so every callback that reads a log entry after
+        this one (a framework's logger such as LLaMA-Factory's LogCallback, the Trainer's printer) sees
+        our figures, however this callback was added: ``callbacks=[...]`` after the framework's own,
+        ``autolog``, or restore_callback_states_from_checkpoint (which re-adds it at the very end).
+
+        Safe while the handler iterates this event: the callbacks we move ahead of have had it, and
+        the ones after us keep their order.
+        """
         callbacks = self._handler.callbacks if self._handler is not None else []
-        printers = [i for i, cb in enumerate(callbacks) if isinstance(cb, (ProgressCallback, PrinterCallback))]
-        mine = [i for i, cb in enumerate(callbacks) if cb is self]
-        if printers and mine and mine[0] > printers[0]:
-            callbacks.insert(printers[0], callbacks.pop(mine[0]))
+        mine = next((i for i, cb in enumerate(callbacks) if cb is self), None)
+        if mine is None:
+            return
+        first = 0  # the first place after the Trainer's flow callback and reporting integrations
+        while first < mine and _is_the_trainers_own(callbacks[first]):
+            first += 1
+        if first < mine:
+            callbacks.insert(first, callbacks.pop(mine))
 
     def on_init_end(self, args, state, control, **kwargs):
         self._take_over_integrations()
@@ -234,7 +248,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
-        self._log_before_the_printers()
+        self._log_first()
         resume = self._resume_state(state)
         if self._opened_by_evaluate and resume is None and self.run is not None and not self.run.finished:
             # trainer.evaluate() before train() opened the runs at progress 0: training goes on in them.

@@ -36,7 +36,8 @@ def test_a_log_file_gets_plain_lines_at_a_modest_rate_with_samples_tokens_epoch_
 
 def test_max_steps_gives_an_eta_at_the_observed_step_rate_and_the_nearest_target_wins():
     out = io.StringIO()
-    with ProgressDisplay(targets={"max_steps": (400, "ba"), "stop_at": "10Mtok"}, file=out, every_seconds=50) as display:
+    targets = {"max_steps": (400, "ba"), "stop_at": "10Mtok"}
+    with ProgressDisplay(targets=targets, file=out, every_seconds=50) as display:
         for progress in steady_run(100, steps_per_s=2):
             display.update(progress)
     last = out.getvalue().splitlines()[-1]
@@ -49,7 +50,8 @@ def test_a_wall_clock_target_counts_down_and_a_run_without_tokens_shows_samples_
     display = ProgressDisplay(targets="2min", file=out, every_seconds=0)
     display.update(Progress(step=0, samples=0, wall_clock=0.0))
     display.update(Progress(step=5, samples=80, epoch=0.5, wall_clock=30.0))
-    assert out.getvalue().splitlines()[-1] == "step 5 | 80 samples | epoch 0.50 | 2.67 samples/s | 25% of 2 min | ETA 0:01:30"
+    assert out.getvalue().splitlines()[-1] == ("step 5 | 80 samples | epoch 0.50 | 2.67 samples/s | 25% of 2 min "
+                                               "| ETA 0:01:30")
 
 
 def test_without_a_target_there_is_no_eta(capsys):
@@ -71,7 +73,8 @@ def test_every_field_of_the_line_is_a_number_and_its_unit_and_the_eta_names_its_
     display = ProgressDisplay(targets={"stop_at": "2Btok", "max_steps": (3000, "ba")})
     display.update(Progress(step=0, samples=0, tokens=0, epoch=0.0, wall_clock=0.0))
     text = display.describe(Progress(step=21, samples=332, tokens=13_600, epoch=2.34, wall_clock=18.5))
-    assert text == "step 21 | 332 samples | 13.6k tokens | epoch 2.34 | 735 tok/s | 1% of 3k steps (max_steps) | ETA 0:43:44"
+    assert text == ("step 21 | 332 samples | 13.6k tokens | epoch 2.34 | 735 tok/s | 1% of 3k steps (max_steps) "
+                    "| ETA 0:43:44")
     fields = text.split(" | ")
     assert all(FIELD.match(f) for f in fields), [f for f in fields if not FIELD.match(f)]
     assert "ba" not in text.split()  # steps are called steps
@@ -91,7 +94,8 @@ def test_on_a_terminal_our_fields_go_on_the_trainers_own_bar_one_bar_one_eta():
     trainer_bar.close()
     last = re.split(r"[\r\n]", out.getvalue().rstrip())[-1]
     assert re.fullmatch(r" 50%\|\S+\s*\| 200/400 steps \[\d\d:\d\d, 3.2k samples \| 200k tokens \| epoch 0.50 "
-                        r"\| 2k tok/s \| 50% of 400 steps \(max_steps\) \| ETA 0:01:40\]", last.replace("\x1b[A", "")), last
+                        r"\| 2k tok/s \| 50% of 400 steps \(max_steps\) \| ETA 0:01:40\]",
+                        last.replace("\x1b[A", "")), last
     assert last.count("ETA") == 1 and "<" not in last  # tqdm's own time-left is not shown beside ours
 
 

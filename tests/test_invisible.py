@@ -8,6 +8,7 @@ generator there would shift every later draw and change the weights.
 """
 from __future__ import annotations
 
+import copy
 import random
 import shutil
 
@@ -42,6 +43,20 @@ class CorruptingCollator:
         return batch
 
 
+class OpenEarly:
+    """Waits at step 2 until the tracking runs are open, so their opening lands mid-training whatever the timing."""
+
+    def __new__(cls, callback):
+        from transformers import TrainerCallback
+
+        class _OpenEarly(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 2:
+                    callback.run.run_ids
+
+        return _OpenEarly()
+
+
 def model_with_dropout():
     model = tiny.tiny_model()
     for layer in model.model.layers:
@@ -63,7 +78,7 @@ def train(workdir, corpus, name, *, callback=None, steps=8, save_steps=0, resume
                              report_to="none", use_cpu=True, disable_tqdm=True, **kwargs)
     trainer = Trainer(model=model_with_dropout(), args=args, train_dataset=data,
                       data_collator=(collator or CorruptingCollator)(tokenizer), processing_class=tokenizer,
-                      callbacks=[callback] if callback else [])
+                      callbacks=[callback, OpenEarly(callback)] if callback else [])
     trainer.train(resume_from_checkpoint=resume)
     if callback is not None:
         callback.run.finish()  # every row delivered: MLflow and W&B have done all they will do
@@ -116,8 +131,12 @@ def test_a_resumed_trainer_run_is_bit_identical_with_and_without_the_callback(wo
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "progress/step")) > 0
 
 
-def plain_loop(corpus, run=None, steps=10):
-    """A seeded loop drawing from random, numpy.random and torch in the loop; returns its final weights."""
+def plain_loop(corpus, run=None, steps=10, save_at=None, resume=None):
+    """A seeded loop drawing from random, numpy.random and torch in the loop; returns (final weights, checkpoint).
+
+    ``save_at``: the step whose checkpoint (model, optimizer, every generator, the run's state) is returned;
+    ``resume``: such a checkpoint to go on from (the generators restored as a loop's own checkpoint would).
+    """
     from torch.utils.data import DataLoader
 
     random.seed(3)
@@ -129,7 +148,14 @@ def plain_loop(corpus, run=None, steps=10):
     model = model_with_dropout()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    step = 0
+    step, checkpoint = 0, None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(copy.deepcopy(resume["optimizer"]))  # Adam updates its moments in place
+        random.setstate(resume["random"])
+        np.random.set_state(resume["numpy"])
+        torch.set_rng_state(resume["torch"])
+        step = resume["step"]
     while step < steps:
         for batch in (run.iterate(loader) if run is not None else loader):
             noise = float(np.random.rand()) * 0.01 + random.random() * 0.01
@@ -140,19 +166,26 @@ def plain_loop(corpus, run=None, steps=10):
             step += 1
             if run is not None:
                 run.log({"loss": loss.detach()})
+                if step == 2:  # the runs are open by now, mid-training (as when a user prints where they are)
+                    run.run_ids
+            if step == save_at:
+                checkpoint = {"model": copy.deepcopy(model.state_dict()), "step": step,
+                              "optimizer": copy.deepcopy(optimizer.state_dict()), "random": random.getstate(),
+                              "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                              "stream_metrics": run.state_dict() if run is not None else None}
             if step == steps:
                 break
     if run is not None:
         run.finish()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, checkpoint
 
 
 def test_the_plain_loop_is_bit_identical_with_and_without_a_run(workdir, corpus, mlflow_uri):
     import stream_metrics
 
-    without = plain_loop(corpus)
+    without, _ = plain_loop(corpus)
     run = stream_metrics.init(backend=["mlflow", "wandb"], pad_token_id=0, mlflow={"tracking_uri": mlflow_uri})
-    with_run = plain_loop(corpus, run)
+    with_run, _ = plain_loop(corpus, run)
     assert_bit_identical(without, with_run)
     client = MlflowClient(mlflow_uri)
     [stored] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
@@ -172,3 +205,48 @@ def test_two_unnamed_runs_get_different_names_even_with_the_trainers_seed_fixed(
     runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     names = [r.info.run_name for r in runs]
     assert len(names) == 2 and all(names) and names[0] != names[1], names
+
+
+def test_a_resumed_plain_loop_is_bit_identical_with_and_without_a_run(workdir, corpus, mlflow_uri):
+    import stream_metrics
+
+    def a_run(resume=None):
+        return stream_metrics.init(backend=["mlflow", "wandb"], pad_token_id=0, resume=resume,
+                                   mlflow={"tracking_uri": mlflow_uri})
+
+    _, checkpoint = plain_loop(corpus, a_run(), steps=10, save_at=5)
+    without, _ = plain_loop(corpus, steps=10, resume=checkpoint)
+    with_run, _ = plain_loop(corpus, a_run(checkpoint["stream_metrics"]), steps=10, resume=checkpoint)
+    assert_bit_identical(without, with_run)
+    client = MlflowClient(mlflow_uri)
+    [stored] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])  # the same run
+    assert max(m.value for m in client.get_metric_history(stored.info.run_id, "progress/step")) == 10
+
+
+def global_generators():
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state()
+
+
+def test_a_whole_run_leaves_every_global_generator_where_it_was(workdir, mlflow_uri):
+    """The direct check: open runs in both backends, log, finish; not one draw from random, numpy or torch."""
+    import stream_metrics
+
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    before = global_generators()
+    for _ in range(2):  # two unnamed runs: each gets a name of its own
+        with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:
+            for i in range(30):
+                run.update(samples=4, tokens=100)
+                run.log({"loss": 1.0 / (i + 1)})
+    after = global_generators()
+    assert after[0] == before[0], "something drew from Python's global random"
+    assert after[1] == before[1], "something drew from numpy's global generator"
+    assert torch.equal(after[2], before[2]), "something drew from torch's global generator"
+    import mlflow.telemetry.client as telemetry
+
+    assert telemetry.random is not random  # its rollout draw, on its own thread, uses our generator
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert len({r.info.run_name for r in runs}) == 2

@@ -331,7 +331,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if self.run is None:
             return
         self._step(state)
-        self._apply_schedules(control)
+        self._apply_schedules(control, state.global_step)
         self._take_state("step_end", control)
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -424,7 +424,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                 log.info("stream_metrics: %s", line)
 
     # ------------------------------------------------------------------ schedules and display
-    def _apply_schedules(self, control) -> None:
+    def _apply_schedules(self, control, step: int) -> None:
         """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed.
 
         No collective on most steps: from the last synced Progress (every row brings one, identical on
@@ -438,9 +438,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             if self.display is not None and self.display.ready() and distributed.world_size() == 1:
                 self._show(self.run.progress)
             return
-        step = self.run._step_override  # state.global_step, set by _step() just before
         plans = self._schedule_plans()
-        last = self.run._progress  # the latest sync: a row, a checkpoint's state, or this method's
+        last = self.run.last_progress  # the latest sync: a row, a checkpoint's state, or this method's
         for _, _, look in plans:
             look.observe(last, clock=last.step)
         synced = any(look.near(target, step) for _, target, look in plans)

@@ -48,18 +48,24 @@ def main(argv=None) -> int:
 
     with stream_metrics.init(backend=args.backend, gradient_accumulation_steps=args.grad_accum, config=config,
                              project=args.experiment, pad_token_id=tokenizer.pad_token_id) as run:
-        micro_batches = 0
+        steps = 0
         for _ in range(args.passes):
+            in_window = 0
             for batch in run.iterate(loader):  # counts samples and tokens; sees the pass end
                 loss = model(**batch).loss / args.grad_accum
                 loss.backward()
-                micro_batches += 1
-                if micro_batches % args.grad_accum:
+                in_window += 1
+                if in_window < args.grad_accum:
                     continue
+                in_window, steps = 0, steps + 1
                 optimizer.step()
                 optimizer.zero_grad()
-                if (micro_batches // args.grad_accum) % args.log_every == 0:
+                if steps % args.log_every == 0:
                     run.log({"train/loss": loss.detach() * args.grad_accum})  # a device scalar: read at the row
+            if in_window:  # a window the pass end cut short still makes a step, as progress/step counts it
+                steps += 1
+                optimizer.step()
+                optimizer.zero_grad()
         p = run.log({"train/loss": loss.detach() * args.grad_accum})
         where = run.where()
     print(f"\nTrained {p.step} steps on {p.samples} samples and {p.tokens} tokens "

@@ -115,7 +115,9 @@ def assert_conformant(*args) -> None:
 
 def _dumped_rows(*args) -> list[dict]:
     code, out = check_run(*args, "--dump")
-    assert code == 0, f"stream-metrics check {' '.join(map(str, args))} --dump exited {code}:\n{out}"
+    # Reading is what counts here (exit 2: the run could not be read); whether the run conforms is
+    # assert_conformant's question, asked by the tests that mean it (some store hand-made runs).
+    assert code in (0, 1), f"stream-metrics check {' '.join(map(str, args))} --dump exited {code}:\n{out}"
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows, f"no rows stored ({' '.join(map(str, args))}):\n{out}"
     return rows

@@ -251,7 +251,7 @@ def test_replay_still_takes_the_old_option_name(capsys, workdir, mlflow_uri):
 
     run_id = train(32, "mlflow", mlflow_uri)["mlflow"]
     spill = workdir / "spill.jsonl"
-    row = {"metrics": {"eval/loss": 0.5}, "timestamp_ms": 1_000, "step": 384}
+    row = {"metrics": {"eval/loss": 0.5, "progress/samples": 384}, "timestamp_ms": 1_000, "seq": 1}
     spill.write_text("\n".join(json.dumps(r) for r in [{"header": {"backend": "mlflow", "run_id": run_id}}, row]))
     assert main(["replay", str(spill), "--tracking-uri", mlflow_uri]) == 0  # hidden, still accepted
     assert [m.step for m in MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run_id, "eval/loss")] == [384]

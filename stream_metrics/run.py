@@ -252,8 +252,7 @@ class Run:
             loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
             epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source,
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
-            flops=base.flops if self._flops is None else (base.flops or 0) + self._flops.total(
-                ranks, [w for _, w in weights]))
+            flops=base.flops if self._flops is None else (base.flops or 0) + self._flops.total(ranks, weights))
         return self._progress
 
     @property

@@ -119,10 +119,10 @@ class UserCalls(TrainerCallback):
 
 def wandb_artifacts(folder) -> list[tuple[str, str]]:
     """(name, type) of every artifact the run's transaction log holds."""
-    from stream_metrics.compare import _wandb_records, wandb_files
+    from stream_metrics.compare import wandb_records, wandb_files
 
     [path] = wandb_files(folder)
-    return [(r.artifact.name, r.artifact.type) for r in _wandb_records(path) if r.WhichOneof("record_type") == "artifact"]
+    return [(r.artifact.name, r.artifact.type) for r in wandb_records(path) if r.WhichOneof("record_type") == "artifact"]
 
 
 @pytest.mark.slow

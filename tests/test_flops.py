@@ -200,7 +200,7 @@ def test_compare_puts_mlflow_and_wandb_runs_on_the_flops_axis(workdir, corpus):
     assert small.tags["x_axis"] == schema.FLOPS and small.rows[-1][schema.FLOPS] == float(totals["small"])
     [log] = glob.glob(str(workdir / "wandb" / "**" / "*.wandb"), recursive=True)[:1]
     defined = {(r.metric.name or r.metric.glob_name): r.metric.step_metric
-               for r in sm_compare._wandb_records(log) if r.WhichOneof("record_type") == "metric"}
+               for r in sm_compare.wandb_records(log) if r.WhichOneof("record_type") == "metric"}
     assert defined[schema.FLOPS] == "" and defined["*"] == defined[schema.SAMPLES] == schema.FLOPS
 
 

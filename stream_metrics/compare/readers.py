@@ -240,7 +240,7 @@ SETTLE_SECONDS = 10.0
 def _settled_records(path: str) -> list:
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
-        records = list(_wandb_records(path))
+        records = list(wandb_records(path))
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline \
                 or time.time() - os.path.getmtime(path) > 60:
             return records  # complete, or a run still going or killed: read as it is
@@ -262,7 +262,7 @@ def _items(items) -> dict:
     return out
 
 
-def _wandb_records(path: str):
+def wandb_records(path: str):
     """The records of a .wandb file: a LevelDB-style log of 32 KiB blocks holding protobuf records."""
     try:
         from wandb.proto import wandb_internal_pb2 as pb

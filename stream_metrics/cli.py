@@ -178,7 +178,8 @@ def _replay(args) -> int:
     except Exception as exc:  # the backend is still away, or the run is gone: say so in one sentence
         from .redact import redact_uri
 
-        raise comparing.CompareError(f"could not replay {args.file} ({redact_uri(f'{type(exc).__name__}: {exc}')[:300]}); "
+        reason = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
+        raise comparing.CompareError(f"could not replay {args.file} ({reason}); "
                                      "the file is kept: try again once the backend is reachable") from None
     print(f"sent {sent} row(s) from {args.file}")
     return 0

@@ -493,7 +493,7 @@ class Run:
     # ------------------------------------------------------------------ the end
     def where(self) -> list[str]:
         """Where each backend's run is, and how to look at it."""
-        self.run_ids  # wait for the runs to open
+        _ = self.run_ids  # waits for the runs to open
         return [d.backend.where() for d in self._deliveries if d.backend.run_id]
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -114,10 +114,11 @@ class Lookahead:
     Every rank holds the same synced Progress (each row's collective hands it to all of them) and the
     same clock (the Trainer's optimizer step; in a plain loop, how many times the schedule was asked).
     From the syncs it sees, ``observe`` keeps the pace: the largest increase per tick between two syncs,
-    over the last ``PACE_WINDOW`` intervals (trusted once ``PACE_MIN`` are seen). ``near(target, clock)`` is True when the last synced
-    position plus ``MARGIN`` times that pace for every tick since could reach ``target``; only then do
-    the ranks sync to decide. The inputs are identical on every rank, so is the answer. Near a boundary
-    the ranks sync at every step, so it fires at the first step at or past it, as with a sync per step.
+    over the last ``PACE_WINDOW`` intervals (trusted once ``PACE_MIN`` are seen). ``near(target, clock)``
+    is True when the last synced position plus ``MARGIN`` times that pace for every tick since could
+    reach ``target``; only then do the ranks sync to decide. The inputs are identical on every rank, so
+    is the answer. Near a boundary the ranks sync at every step, so it fires at the first step at or
+    past it, as with a sync per step.
     Before any pace is known, and for epoch estimates that can jump, it answers True (sync).
 
     >>> from stream_metrics import Progress

@@ -122,7 +122,8 @@ def wandb_artifacts(folder) -> list[tuple[str, str]]:
     from stream_metrics.compare import wandb_records, wandb_files
 
     [path] = wandb_files(folder)
-    return [(r.artifact.name, r.artifact.type) for r in wandb_records(path) if r.WhichOneof("record_type") == "artifact"]
+    return [(r.artifact.name, r.artifact.type) for r in wandb_records(path)
+            if r.WhichOneof("record_type") == "artifact"]
 
 
 @pytest.mark.slow

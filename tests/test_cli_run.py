@@ -6,7 +6,6 @@ sitecustomize already on the path still runs; processes that build no Trainer im
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -100,7 +100,7 @@ def test_explicit_counts_override_what_the_batch_says():
 
 def test_gradient_accumulation_makes_one_step_of_n_updates():
     with stream_metrics.init(backend="none", gradient_accumulation_steps=4) as run:
-        for i in range(10):
+        for _i in range(10):
             run.update(samples=2, tokens=10)
         p = run.progress
         assert (p.step, p.samples, p.tokens) == (2, 20, 100)
@@ -361,7 +361,7 @@ def read_rows(run, dataset, rows, batch_size=10):
     run.watch(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda b: {"n": [x["n"] for x in b]})
     seen = []
-    for i, batch in enumerate(loader):
+    for _i, batch in enumerate(loader):
         run.update(samples=len(batch["n"]))
         p = run.progress
         seen.append((p.samples, p.epoch, p.epoch_source))

@@ -313,7 +313,8 @@ def test_a_call_made_on_rank_0_alone_stops_every_rank_with_a_clear_error(workdir
 
 @pytest.mark.parametrize("sizes, counted, rows_counted, tag", [
     # accelerate's mesh order puts tp (then sp, cp) fastest: ranks 0 and 1 share a batch.
-    ({"dp_shard_size": 2, "tp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1], "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
+    ({"dp_shard_size": 2, "tp_size": 2}, [1, 0, 1, 0], [1, 1, 1, 1],
+     "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
     # Sliced: every rank's counts are added, and the rows only by each CP group's first rank.
     ({"dp_shard_size": 2, "sp_size": 2}, [1, 1, 1, 1], [1, 0, 1, 0],
      "2 (detected: ParallelismConfig(dp_shard=2, sp=2); context parallel 2, sliced)"),

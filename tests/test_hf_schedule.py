@@ -119,7 +119,8 @@ def test_an_interval_smaller_than_a_step_fires_once_per_step_and_counts_every_bo
     assert callback.run.schedule("5sp", name="eval_every").boundaries == counts[steps][0] // 5
 
 
-@pytest.mark.parametrize("options, target", [({"stop_at": "80sp"}, "80 samples (stop_at)"), ({}, "5 steps (max_steps)")])
+@pytest.mark.parametrize("options, target", [({"stop_at": "80sp"}, "80 samples (stop_at)"),
+                                             ({}, "5 steps (max_steps)")])
 def test_progress_lines_in_a_log_file(workdir, corpus, capsys, options, target):
     # stderr is captured, so not a terminal: plain lines, the first at step 1 and the last at the end.
     train(workdir, corpus, steps=5 if not options else 1000, progress=True, **options)

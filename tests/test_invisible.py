@@ -52,7 +52,7 @@ class OpenEarly:
         class _OpenEarly(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == 2:
-                    callback.run.run_ids
+                    _ = callback.run.run_ids
 
         return _OpenEarly()
 
@@ -167,7 +167,7 @@ def plain_loop(corpus, run=None, steps=10, save_at=None, resume=None):
             if run is not None:
                 run.log({"loss": loss.detach()})
                 if step == 2:  # the runs are open by now, mid-training (as when a user prints where they are)
-                    run.run_ids
+                    _ = run.run_ids
             if step == save_at:
                 checkpoint = {"model": copy.deepcopy(model.state_dict()), "step": step,
                               "optimizer": copy.deepcopy(optimizer.state_dict()), "random": random.getstate(),

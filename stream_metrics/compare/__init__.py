@@ -13,12 +13,12 @@ readers.py reads the stores, align.py lines the runs up, render.py writes tables
 (the HTML page is page.html). The command line (cli.py) is a thin layer over these functions.
 """
 from .align import DEFAULT_METRIC, Comparison, Line, amounts_on, compare, interpolate, smoothed
-from .readers import (CompareError, RunHistory, default_mlflow_uri, mlflow_store, read_runs, read_wandb_run, wandb_files,
-                      wandb_records)
+from .readers import (CompareError, RunHistory, default_mlflow_uri, mlflow_store, read_runs, read_wandb_run,
+                      wandb_files, wandb_records)
 from .render import (PLOT_INSTALL, describe, html_data, number, read_html_data, table_markdown, table_text, write_csv,
                      write_html, write_png)
 
 __all__ = ["DEFAULT_METRIC", "PLOT_INSTALL", "CompareError", "Comparison", "Line", "RunHistory", "amounts_on",
-           "compare", "default_mlflow_uri", "describe", "html_data", "interpolate", "mlflow_store", "number", "read_html_data",
-           "read_runs", "read_wandb_run", "smoothed", "table_markdown", "table_text", "wandb_files", "wandb_records", "write_csv",
-           "write_html", "write_png"]
+           "compare", "default_mlflow_uri", "describe", "html_data", "interpolate", "mlflow_store", "number",
+           "read_html_data", "read_runs", "read_wandb_run", "smoothed", "table_markdown", "table_text", "wandb_files",
+           "wandb_records", "write_csv", "write_html", "write_png"]

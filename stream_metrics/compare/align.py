@@ -2,6 +2,8 @@
 and values at equal amounts (linear between stored rows)."""
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass, field
 
 from .. import schema
@@ -128,9 +130,7 @@ def interpolate(x: list, y: list, at: float) -> float | None:
     """
     if not x or at < x[0] or at > x[-1]:
         return None
-    for i, xi in enumerate(x):
-        if xi >= at:
-            break
+    i = bisect.bisect_left(x, at)  # the first stored point at or past ``at`` (x never goes down)
     if x[i] == at:
         while i + 1 < len(x) and x[i + 1] == at:
             i += 1

@@ -181,7 +181,8 @@ class _MlflowReader:
         tags = {k[len(schema.TAG_PREFIX):]: v for k, v in run.data.tags.items() if k.startswith(schema.TAG_PREFIX)}
         steps = sorted(latest)
         return RunHistory(run_id=run_id, name=run.info.run_name or "", backend="mlflow",
-                          where=redact_uri(self.uri), rows=[{k: v for k, (_, v) in latest[step].items()} for step in steps],
+                          where=redact_uri(self.uri),
+                          rows=[{k: v for k, (_, v) in latest[step].items()} for step in steps],
                           tags=tags, steps=steps)
 
 

@@ -464,7 +464,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def _schedule_plans(self) -> list:
         """(name, next target, Lookahead) for each schedule set; lookaheads last as long as the run."""
         if getattr(self, "_lookaheads", None) is None or self._lookaheads[0] is not self.run:
-            self._lookaheads = (self.run, {})
+            self._lookaheads: tuple = (self.run, {})
         looks = self._lookaheads[1]
         plans = []
         for name, amount in (("eval_every", self.eval_every), ("save_every", self.save_every)):

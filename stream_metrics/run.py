@@ -271,7 +271,7 @@ class Run:
                                           "so this row is not stored; log before finishing, or start a new run")
             return self._last
         # Tensor metrics are read in the row's one host sync, with the counts (main process only).
-        pending = []
+        pending: list = []
         metrics = clean_metrics(metrics or {}, self._keys, pending) if self._deliveries else {}
         progress = self._sync("log", pending)
         row = progress.axes()
@@ -656,7 +656,7 @@ def _check_count(name: str, value) -> Count:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and (
             not math.isfinite(value) or not value.is_integer())) or value < 0:
         raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
-    return int(value)
+    return int(value)  # type: ignore[call-overload]  # a whole numbers.Real, checked above
 
 
 def init(backend="mlflow", x_axis: str = "samples", dataset_size=None, gradient_accumulation_steps: int = 1,

@@ -67,6 +67,7 @@ class MLflowBackend(Backend):
             self._continue(self.run_id)
         self.set_tags(info.tags)
         self._log_params(flat_params(info.config))
+        assert self.run_id is not None  # set above, or start() raised
         return self.run_id
 
     def _continue(self, run_id: str) -> None:
@@ -105,7 +106,8 @@ class MLflowBackend(Backend):
 
         # Whole rows per call (a row of more than the limit alone, in parts), so stored_seq moves
         # row by row and a retry after a failed call sends only what is not stored.
-        batch, last = [], None
+        batch: list = []
+        last = None
         for row in self.unstored(rows):
             step = self._step(row)
             metrics = [Metric(key, float(value), row.timestamp_ms, step) for key, value in row.metrics.items()]

@@ -117,7 +117,8 @@ def replay(path: str, tracking_uri: str | None = None) -> int:
     spill = SpillFile(backend)
     spill.path = path
 
-    sent, pending, finished = 0, [], False
+    sent, finished = 0, False
+    pending: list = []
 
     def send_pending():
         nonlocal sent

@@ -372,7 +372,9 @@ def read_rows(run, dataset, rows, batch_size=10):
 
 @pytest.mark.parametrize("step", ["batched map", "batch", "filter"])
 def test_a_resizing_step_makes_the_files_metadata_and_shard_position_unusable(workdir, step):
-    pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")
+    if step == "batch" and not hasattr(datasets.IterableDataset, "batch"):
+        pytest.skip(f"datasets {datasets.__version__} has no IterableDataset.batch()")
     ds = parquet_stream(workdir / "data")  # 300 rows in three files: the footers say 300
     ds = {"batched map": lambda: ds.map(four_of_each, batched=True, batch_size=7),
           "batch": lambda: ds.batch(batch_size=3),
@@ -387,10 +389,13 @@ def test_a_resizing_step_makes_the_files_metadata_and_shard_position_unusable(wo
 
 
 def test_a_one_for_one_map_keeps_the_files_metadata(workdir):
-    pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")
     ds = parquet_stream(workdir / "data").map(lambda row: {"n": row["n"] * 2})
     with stream_metrics.init(backend="none") as run:
         seen = read_rows(run, ds, 150)
+    if int(datasets.__version__.split(".")[0]) < 3 and seen[-1] == (150, 0.0, "none"):
+        # datasets 2.x's map iterable does not say that it is one-for-one: when in doubt, none (SCHEMA 2).
+        return
     assert seen[-1] == (150, 0.5, "metadata")
 
 

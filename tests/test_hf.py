@@ -235,8 +235,9 @@ def test_the_trainers_printed_log_lines_show_our_epoch_samples_and_tokens(workdi
         samples, tokens, passes = truth[step]
         assert (line["samples"], line["tokens"]) == (samples, tokens)
         if step > 9:  # the first pass has ended (at step 9): the estimate is exact from the data
-            assert line["epoch"] == f"{samples / pass_size:.4g}"
-    assert printed[-1]["epoch"] == "2"  # two full passes (the Trainer's own epoch says 1.5 here)
+            # transformers 5 prints "1.338"; 4.x prints the float itself
+            assert float(line["epoch"]) == pytest.approx(samples / pass_size, rel=1e-3)
+    assert float(printed[-1]["epoch"]) == 2.0  # two full passes (the Trainer's own epoch says 1.5 here)
     training = [entry for entry in seen if "loss" in entry]
     assert [e["samples"] for e in training] == [truth[s][0] for s in range(3, 19, 3)]
     assert training[-1]["epoch"] == pytest.approx(2.0)

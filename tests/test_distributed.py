@@ -270,6 +270,9 @@ def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
     assert (final["samples"], final["tokens"], final["loss_tokens"], final["step"]) == \
         (truth["samples"], truth["tokens"], truth["tokens"], truth["steps"])
     assert (final["epoch"], final["epoch_source"]) == (1.0, "pass")  # the pass holds each example once
+    # FLOPs count each batch once too (10 per token of its shape): the first rank of each pair's share.
+    readers = [r for r in reports if r["stage"] == 0 and r["peer"] == 0]
+    assert final["flops"] == 10 * sum(r["fed"] for r in readers)
     assert_one_collective_per_row(reports)
     assert [r["distinct_devices"] for r in reports] == [4] * 4
     if layout == "tp-mesh":  # the whole mesh given where mesh["dp"] was meant: refused, saying what to pass
@@ -292,6 +295,7 @@ def test_pure_data_parallelism_on_four_ranks_adds_every_rank(workdir, mlflow_uri
     final = reports[0]["rows"][-1]
     assert (final["samples"], final["tokens"], final["step"], final["epoch"]) == \
         (truth["samples"], truth["tokens"], truth["steps"], 1.0)
+    assert final["flops"] == 10 * sum(r["fed"] for r in reports)  # every rank's own batches: all added
     assert_one_collective_per_row(reports)
     assert reports[0]["tag"] == "4 (every rank)"
 

@@ -48,7 +48,7 @@ args = parser.parse_args()
 
 calls = common.count_collectives()
 rank, world = common.setup()
-options, shares_batch, stage = {}, None, 0
+options, shares_batch, stage, peer = {}, None, 0, 0
 if args.layout == "dp":
     data_index = rank
 elif args.layout.startswith("accelerate"):
@@ -86,7 +86,8 @@ loader = DataLoader(texts, batch_size=args.batch_size, collate_fn=common.collate
 iterations = common.most_over_ranks(len(loader)) + 1
 backend = {"backend": ["mlflow"], "mlflow": {"tracking_uri": args.mlflow_uri, "experiment": "layouts"}} \
     if args.mlflow_uri else {"backend": "none"}
-run = stream_metrics.init(**backend, gradient_accumulation_steps=2, **options)
+# FLOPs at a fixed 10 per token of the batch's shape, so the test can check them from the data it fed.
+run = stream_metrics.init(**backend, gradient_accumulation_steps=2, flops_per_token=10, **options)
 
 
 def what_this_rank_sees(batch: dict) -> dict:
@@ -106,13 +107,15 @@ def what_this_rank_sees(batch: dict) -> dict:
     return batch
 
 
-rows, marks = [], len(calls)
+rows, marks, fed = [], len(calls), 0  # fed: tokens in the shapes of the batches this rank read (padding too)
 between, at_rows = [], []
 # The ranks that read the data see their pass end (the epoch); a later pipeline stage only gets activations.
 batches = iter(loader) if stage == 1 else run.iterate(loader, count=False)
 for i, batch in enumerate(common.lockstep(batches, iterations), start=1):
     if batch is not None:
         run.update(what_this_rank_sees(batch))
+        if stage == 0:
+            fed += int(batch["attention_mask"].sum()) if args.layout == "cp-packed" else batch["input_ids"].numel()
     if i % args.log_every == 0 or i == iterations:
         between.append(calls[marks:])
         marks = len(calls)
@@ -123,6 +126,6 @@ state = run.state_dict()
 common.report(args.out, rank, {"rows": rows, "state": state, "between_rows": between, "at_rows": at_rows,
                                "tag": run.layout.describe(), "distinct_devices": run.layout.distinct_devices,
                                "run_ids": run.run_ids, "data_index": data_index, "stage": stage,
-                               "whole_mesh_refused": refused})
+                               "whole_mesh_refused": refused, "peer": peer, "fed": fed})
 run.finish()
 common.teardown()

@@ -69,14 +69,15 @@ def make_active(run) -> list:
     return started
 
 
-def end_active(started: list) -> None:
-    """Pop the active runs ``make_active`` set (the runs themselves are ended by stream_metrics)."""
+def end_active(started: list, status: str = "FINISHED") -> None:
+    """Pop the active runs ``make_active`` set, with the status stream_metrics closed them with (left
+    active, MLflow's own exit hook would mark a crashed run FINISHED)."""
     for name, restore in started:
         if name == "mlflow" and "mlflow" in sys.modules:
             import mlflow
 
             if mlflow.active_run() is not None:
-                mlflow.end_run()
+                mlflow.end_run(status=status)
             if restore is not None:
                 uri, variable = restore
                 mlflow.set_tracking_uri(uri)  # None unsets MLFLOW_TRACKING_URI too

@@ -263,6 +263,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)
         self._active = conventions.make_active(self.run)  # user's wandb.log / mlflow.log_* land in our runs
+        self.run.at_finish(lambda status, active=self._active: conventions.end_active(active, status))
         if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._begin_display(args, state)
@@ -418,8 +419,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.saved_state = self.run.state_dict()  # every rank ends here: what a later evaluate() goes on from
         self._end_display()
         if self.finish_on_train_end:
-            self.run.finish()
-            conventions.end_active(self._active)
+            self.run.finish()  # and pops the active runs (at_finish)
             for line in self.run.where():
                 log.info("stream_metrics: %s", line)
 

@@ -95,6 +95,7 @@ class Run:
         self._deliveries = [Delivery(b, **({"buffer_rows": buffer_rows} if buffer_rows else {}))
                             for b in backends]
         self._run_ids: dict[str, str] = {}
+        self._at_finish: list = []  # at_finish(): called with the status, however the run ends
         self._started = self._finished = False
         self._step_override = None
         self._reset_session(Progress(), rows=0, batches=0)
@@ -534,6 +535,11 @@ class Run:
         for message in close_all(self._deliveries, status, self.flush_timeout if timeout is None else timeout):
             if message:
                 log.warning(message)
+        for fn in self._at_finish:
+            try:
+                fn(status)
+            except Exception:  # an integration's clean-up never stops the close
+                log.exception("stream_metrics: a clean-up at finish failed")
         lifecycle.closed(self)
 
     def __enter__(self) -> "Run":
@@ -582,6 +588,11 @@ class Run:
             if d.backend.run_id is not None:
                 opened.append(d.backend)
         return opened
+
+    def at_finish(self, fn) -> None:
+        """Call ``fn(status)`` once the runs are closed, however the run ends (``finish()``, the
+        interpreter's exit, an uncaught exception, a signal): integrations undo what they set up."""
+        self._at_finish.append(fn)
 
     @property
     def last_progress(self) -> Progress:

@@ -10,10 +10,14 @@
 
 The Hugging Face Trainer: ``callbacks=[stream_metrics.hf.StreamMetricsCallback()]``.
 
-Layout, in the order data flows: counting.py (batch -> counts), progress.py (the record),
-epoch.py (the epoch estimate), distributed.py (the row's one collective), schema.py (every key
-and tag), sanitize.py and redact.py (what may be stored), backends/ (MLflow, W&B, delivery),
-run.py (the plain-loop helper), hf.py (the Trainer callback), cli.py (the command line).
+Zero code: ``stream_metrics.autolog()``, or ``stream-metrics run -- COMMAND``.
+
+Layout, in the order data flows: counting.py (batch -> counts), flops.py (batch -> FLOPs),
+progress.py (the record), epoch.py (the epoch estimate), layout.py and distributed.py (which ranks
+add up, and the row's one collective), schema.py (every key and tag), sanitize.py and redact.py
+(what may be stored), backends/ (MLflow, W&B, delivery, spill), lifecycle.py (however the process
+ends), run.py (the plain-loop helper), hf.py and autolog.py (the Trainer), check.py, compare/ and
+cli.py (the command line).
 Only torch is needed to import this package; each backend and integration imports its library
 when it is used.
 """

@@ -15,16 +15,35 @@ import torch
 import torch.distributed as dist
 
 
+_AVAILABLE = dist.is_available()
+# (the default process group, this rank in it, its size): read once per group, since a row asks
+# several times. Keyed on the group itself, so a group created after import (stream_metrics
+# started first) or destroyed and made again is read afresh.
+_group = (None, 0, 1)
+
+
+def _from_group():
+    global _group
+    world = dist.distributed_c10d.GroupMember.WORLD if _AVAILABLE else None
+    if world is None:
+        return None
+    if world is not _group[0]:
+        _group = (world, dist.get_rank(), dist.get_world_size())
+    return _group
+
+
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return _from_group() is not None
 
 
 def rank() -> int:
-    return dist.get_rank() if _active() else int(os.environ.get("RANK", "0"))
+    group = _from_group()
+    return group[1] if group is not None else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _active() else int(os.environ.get("WORLD_SIZE", "1"))
+    group = _from_group()
+    return group[2] if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
@@ -92,18 +111,20 @@ def gather(fields: dict, pending=()) -> list[dict]:
     (floats by their bits), so counts are exact and no device needs float64.
     """
     names, n = list(fields), len(fields)
-    if not (_active() and world_size() > 1):
-        # One process: only the device values need reading, all of them in one stack.
+    group = _from_group()
+    if group is None or group[2] == 1:
+        # One process: only the device values need reading, all of them in one stack; host
+        # numbers are taken as they are (what the bits' round trip gives: an int, or a float64).
         values = list(fields.values()) + [p.tensor for p in pending]
-        device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-        slots = [_slot(v, device) for v in values]
-        bits = [s for s, _ in slots]
-        on_device = [i for i, s in enumerate(bits) if isinstance(s, torch.Tensor)]
+        on_device = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
         if on_device:
-            read = torch.stack([bits[i] for i in on_device]).tolist()  # host sync: the row's one wait
-            for i, b in zip(on_device, read):
-                bits[i] = b
-        decoded = [_read(b, kind) for b, (_, kind) in zip(bits, slots)]
+            device = values[on_device[0]].device
+            slots = [_slot(values[i], device) for i in on_device]
+            read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
+            for i, b, (_, kind) in zip(on_device, read, slots):
+                values[i] = _read(b, kind)
+        decoded = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral)
+                   else float(v) for v in values]
         ranks = [dict(zip(names, decoded[:n]))]
         mine = decoded[n:]
     else:

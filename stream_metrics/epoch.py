@@ -124,6 +124,9 @@ class DatasetProbe:
     is_loader: bool = False
     metadata: int | None = None
     metadata_files: int = -1
+    # A stream with no length whose steps keep its rows one for one: only then is the shard position
+    # read at rows. Decided once, since a dataset's chain of steps never changes (map() makes a new one).
+    positioned: bool = False
 
     @classmethod
     def of(cls, dataset) -> "DatasetProbe":
@@ -145,13 +148,13 @@ class DatasetProbe:
             warn_once("datasets-state", "this version of datasets has no IterableDataset.state_dict(), so the "
                                         "'shards' epoch source is unavailable; upgrade datasets to 2.20 or newer")
         probe.dataset = inner
+        # A position in the files' rows is not a position in the examples once a step resized them.
+        probe.positioned = probe.length is None and not resized(inner)
         return probe
 
     def local(self, rows: int, batches: int) -> dict:
         """This rank's numbers for the row's collective (-1 where unknown)."""
-        # A position in the files' rows is not a position in the examples once a step resized them.
-        pos = (shard_position(self.dataset) if self.dataset is not None and self.length is None
-               and not resized(self.dataset) else None)
+        pos = shard_position(self.dataset) if self.positioned else None
         return {
             "sized_units": (batches if self.is_loader else rows) if self.length else -1,
             "sized_length": self.length or -1,

@@ -234,7 +234,7 @@ class Run:
             **self.layout.fields(), "call": _CALLS[call], "call_seq": self._calls,
             **(self._flops.local() if self._flops is not None else {}),
         }
-        ranks = [{k: (int(v) if float(v).is_integer() else v) for k, v in r.items()}
+        ranks = [{k: (v if type(v) is int else int(v) if float(v).is_integer() else v) for k, v in r.items()}
                  for r in distributed.gather(fields, pending)]
         _check_same_call(ranks)
         # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.

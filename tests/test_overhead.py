@@ -142,3 +142,65 @@ def test_the_mlflow_sender_process_prototype_stores_every_row(workdir, monkeypat
     with pytest.raises(RuntimeError, match="sender process"):
         backend.log_rows([Row({"loss": 1.0}, 0, 1)])
     backend._stop_child()
+
+
+class Calls(Backend):
+    """Keeps each log_rows call's rows, to see how the sender batched them."""
+
+    name = "mlflow"
+    max_rows_per_call = 4
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self, info):
+        self.run_id = "calls"
+        return self.run_id
+
+    def log_rows(self, rows):
+        self.calls.append([row.seq for row in rows])
+        self.stored_seq = rows[-1].seq
+
+    def finish(self, status):
+        pass
+
+
+def _wait_for(predicate, seconds=30.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < end:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_the_sender_is_woken_only_when_it_has_work_yet_every_row_goes_out(monkeypatch):
+    # submit() no longer wakes the sender at every row (it lingers, batching rows, and would take the
+    # GIL at each one): rows must still go out at the end of the window, at once when a batch is
+    # full, and at once on flush() and close(), which lifecycle.py relies on at exit and on signals.
+    from stream_metrics.backends import delivery as delivery_module
+    from stream_metrics.backends.base import Row
+    from stream_metrics.backends.delivery import Delivery
+
+    backend = Calls()
+    d = Delivery(backend)
+    d.submit("start", None)
+    assert d.flush(30)
+    monkeypatch.setattr(delivery_module, "LINGER_SECONDS", 0.2)
+    rows = [Row({"loss": 1.0}, 0) for _ in range(3)]
+    for row in rows:
+        d.submit("rows", row)
+    assert _wait_for(lambda: d.delivered_rows == 3)  # the window ended, no flush
+    assert backend.calls == [[r.seq for r in rows]]  # in one call
+
+    monkeypatch.setattr(delivery_module, "LINGER_SECONDS", 3600.0)  # only a wake-up sends them now
+    full = [Row({"loss": 1.0}, 0) for _ in range(4)]
+    for row in full:
+        d.submit("rows", row)
+    assert _wait_for(lambda: d.delivered_rows == 7)  # a full batch goes out without waiting for the window
+    assert backend.calls[-1] == [r.seq for r in full]
+    last = Row({"loss": 1.0}, 0)
+    d.submit("rows", last)
+    assert d.flush(30) and backend.calls[-1] == [last.seq]
+    d.submit("rows", Row({"loss": 1.0}, 0))
+    assert d.close("FINISHED", 30) is None and d.delivered_rows == 9

@@ -51,6 +51,8 @@ class Delivery:
         self._in_flight = 0          # operations at the head of the queue being sent right now
         self._sending_since = None   # when the call in flight started
         self._retry_now = False      # flush() asks a backing-off sender to try again at once
+        self._idle = False           # the sender waits for the queue to fill, with no deadline
+        self._lingering = False      # the sender waits (until its deadline) for a batch to fill
         self._failures = 0
         self._failing_since = None
         self._last_error = None
@@ -72,7 +74,11 @@ class Delivery:
                     # In chunks of a tenth of the buffer, so the file is opened once per many rows.
                     self._spill_oldest(self._held_rows - self.buffer_rows + self.buffer_rows // 10)
             self._warn_if_stalled()
-            self._lock.notify_all()
+            # Wake the sender only when it has something to do now: a notify per row would wake a
+            # lingering sender every row, to take the GIL from the training thread and wait again.
+            # Lingering, it wakes at its deadline by itself; backing off, new rows must not cut it short.
+            if self._idle or kind != "rows" or (self._lingering and self._held_rows >= self.backend.max_rows_per_call):
+                self._lock.notify_all()
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name=f"stream_metrics-{self.backend.name}",
                                             daemon=True)
@@ -161,7 +167,9 @@ class Delivery:
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
+                    self._idle = True
                     self._lock.wait()
+                self._idle = False
                 if self._closing:
                     return
                 kind, payload = self._queue[0]
@@ -215,12 +223,16 @@ class Delivery:
     def _linger(self) -> None:
         # With the lock held: let a few more rows arrive, so they go out in one call.
         deadline = time.monotonic() + LINGER_SECONDS
-        while (not self._closing and not self._retry_now and self._failing_since is None
-               and self._held_rows < self.backend.max_rows_per_call):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._lock.wait(left)
+        self._lingering = True
+        try:
+            while (not self._closing and not self._retry_now and self._failing_since is None
+                   and self._held_rows < self.backend.max_rows_per_call):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._lock.wait(left)
+        finally:
+            self._lingering = False
 
     def _send(self, kind, payload, batch) -> None:
         if kind == "rows":

@@ -268,7 +268,8 @@ class Delivery:
         # With the lock held. The operations being sent stay at the head of the queue.
         items = list(self._queue)
         head, rest = items[:self._in_flight], items[self._in_flight:]
-        spilled, kept = [], []
+        spilled: list = []
+        kept: list = []
         for kind, payload in rest:
             if kind == "rows" and len(spilled) < count:
                 spilled.append((kind, payload))

@@ -30,7 +30,7 @@ COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all
                "scatter", "scatter_object_list", "send", "recv", "isend", "irecv", "batch_isend_irecv")
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
 # Our callback's methods, innermost first wins: which one a call was made for.
-CALLERS = ("_apply_schedules", "_snapshot", "on_log", "on_train_begin", "on_train_end", "on_epoch_end")
+CALLERS = ("_apply_schedules", "_take_state", "on_log", "on_train_begin", "on_train_end", "on_epoch_end")
 trainer = None
 phase = "train"
 calls: list[dict] = []

@@ -253,7 +253,7 @@ class Run:
             epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source,
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
             flops=base.flops if self._flops is None else (base.flops or 0) + self._flops.total(
-                ranks, [w for _, w in weights]))
+                ranks, weights))
         return self._progress
 
     @property

@@ -38,7 +38,7 @@ class MLflowProcessBackend(MLflowBackend):
     def log_rows(self, rows: list[Row]) -> None:
         child = self._ensure_child()
         try:
-            child.stdin.write(json.dumps([[r.metrics, r.timestamp_ms, r.step] for r in rows]) + "\n")
+            child.stdin.write(json.dumps([[r.metrics, r.timestamp_ms, self._step(r)] for r in rows]) + "\n")
             child.stdin.flush()
             answer = child.stdout.readline()  # waits in a system call: the GIL is free meanwhile
         except (BrokenPipeError, OSError) as exc:

@@ -235,8 +235,6 @@ def bench_trainer(cfg, workdir) -> dict:
             print(f"    trainer {kind} repeat {repeat}: {results[kind][-1]['per_step_ms']:.1f} ms/step", flush=True)
     per_step = {k: [r["per_step_ms"] for r in v] for k, v in results.items()}
     # Ratios per repeat (the runs of one repeat ran back to back), then the median of those.
-    b_a = median([b / a for a, b in zip(per_step["a"], per_step["b"])])
-    b_c = median([b / c for c, b in zip(per_step["c"], per_step["b"])])
     ratios = {f"{x}_{y}": [p / q for p, q in zip(per_step[x], per_step[y])]
               for x, y in (("b", "a"), ("b", "c"), ("d", "a"), ("e", "a"), ("e", "c"))}
     cpu = {k: [r["cpu_per_step_ms"] for r in v] for k, v in results.items()}
@@ -278,12 +276,12 @@ def bench_plain(cfg, mlflow_uri) -> dict:
                 run = stream_metrics.init(backend=backend, pad_token_id=0, flush_timeout=120,
                                           mlflow={"tracking_uri": mlflow_uri, "experiment": "bench_plain"},
                                           wandb={"project": "bench_plain"})
-            for i in range(5):  # the first row opens the runs in the background: not timed
+            for _ in range(5):  # the first row opens the runs in the background: not timed
                 run.update(batch)
                 run.log({"loss": train_step().detach(), "learning_rate": 3e-4})
             run.flush()
         t, cpu0 = time.perf_counter(), time.process_time()
-        for i in range(cfg.plain_steps):
+        for _ in range(cfg.plain_steps):
             loss = train_step()
             if run is not None:
                 run.update(batch)

@@ -6,7 +6,6 @@ that only the main process creates runs even when stream_metrics starts first.
 """
 from __future__ import annotations
 
-import functools
 import numbers
 import os
 import struct
@@ -49,13 +48,6 @@ def world_size() -> int:
 def is_main() -> bool:
     return rank() == 0
 
-
-def main_process_only(fn):
-    """Run ``fn`` on the main process; elsewhere return None. Backends are touched through this only."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if is_main() else None
-    return wrapper
 
 
 def _collective_device() -> torch.device:

@@ -7,34 +7,10 @@ exists (instrumentation: the real collective still runs), in both places it can 
 from __future__ import annotations
 
 import argparse
-import functools
-
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 import common
 
-COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_reduce_coalesced",
-               "all_to_all", "all_to_all_single", "barrier", "broadcast", "broadcast_object_list", "gather",
-               "gather_object", "monitored_barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
-               "scatter", "scatter_object_list", "send", "recv", "isend", "irecv", "batch_isend_irecv")
-calls: list[str] = []
-
-
-def counted(name, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        return fn(*args, **kwargs)
-    return wrapper
-
-
-for name in COLLECTIVES:
-    if hasattr(c10d, name):
-        wrapped = counted(name, getattr(c10d, name))
-        setattr(c10d, name, wrapped)
-        if hasattr(dist, name):
-            setattr(dist, name, wrapped)
+calls = common.count_collectives()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

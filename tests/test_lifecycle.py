@@ -56,7 +56,16 @@ def start(workdir, body: str, uri: str, backends=("mlflow", "wandb"), **env) -> 
     script = workdir / "train.py"
     script.write_text(PRELUDE.format(uri=uri, backends=list(backends)) + textwrap.dedent(body))
     return subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=child_env(**env),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    # A suite started in the background (`cmd &` in a script, some CI runners) has SIGINT and SIGQUIT
+    # ignored, and a child inherits that: Python then never turns Ctrl-C into KeyboardInterrupt, and we
+    # rightly leave an ignored signal ignored. The child starts as a program run from a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:

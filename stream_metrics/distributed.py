@@ -15,39 +15,25 @@ import torch.distributed as dist
 
 
 _AVAILABLE = dist.is_available()
-# (the default process group, this rank in it, its size): read once per group, since a row asks
-# several times. Keyed on the group itself, so a group created after import (stream_metrics
-# started first) or destroyed and made again is read afresh.
-_group = (None, 0, 1)
-
-
-def _from_group():
-    global _group
-    world = dist.distributed_c10d.GroupMember.WORLD if _AVAILABLE else None
-    if world is None:
-        return None
-    if world is not _group[0]:
-        _group = (world, dist.get_rank(), dist.get_world_size())
-    return _group
 
 
 def _active() -> bool:
-    return _from_group() is not None
+    # Asked afresh each time (about a microsecond): a cached reference to the process group would
+    # keep it alive past destroy_process_group(), and a gloo group destroyed at interpreter exit
+    # aborts the process ("terminate called without an active exception").
+    return _AVAILABLE and dist.is_initialized()
 
 
 def rank() -> int:
-    group = _from_group()
-    return group[1] if group is not None else int(os.environ.get("RANK", "0"))
+    return dist.get_rank() if _active() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    group = _from_group()
-    return group[2] if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    return dist.get_world_size() if _active() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
     return rank() == 0
-
 
 
 def _collective_device() -> torch.device:
@@ -103,8 +89,7 @@ def gather(fields: dict, pending=()) -> list[dict]:
     (floats by their bits), so counts are exact and no device needs float64.
     """
     names, n = list(fields), len(fields)
-    group = _from_group()
-    if group is None or group[2] == 1:
+    if not _active() or world_size() == 1:
         # One process: only the device values need reading, all of them in one stack; host
         # numbers are taken as they are (what the bits' round trip gives: an int, or a float64).
         values = list(fields.values()) + [p.tensor for p in pending]

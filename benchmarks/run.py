@@ -86,12 +86,10 @@ def mlflow_in_a_process(on: bool):
         run_module.create = original
 
 
-# ---------------------------------------------------------------------------------------------- 1. update()
-def bench_update(cfg) -> dict:
+def tiny_training_step(batch: dict):
+    """The tiny model, and one optimizer step of it on ``batch`` as a function returning the loss."""
     import tiny
 
-    batch = realistic_batch()
-    forms = {"dict": batch, "tuple": (batch["input_ids"], batch["attention_mask"], batch["labels"])}
     model = tiny.tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -100,6 +98,17 @@ def bench_update(cfg) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        return loss
+
+    return model, train_step
+
+
+# ---------------------------------------------------------------------------------------------- 1. update()
+def bench_update(cfg) -> dict:
+
+    batch = realistic_batch()
+    forms = {"dict": batch, "tuple": (batch["input_ids"], batch["attention_mask"], batch["labels"])}
+    model, train_step = tiny_training_step(batch)
 
     run = stream_metrics.init(backend="none", pad_token_id=0)
     for _ in range(3):
@@ -250,18 +259,9 @@ def bench_trainer(cfg, workdir) -> dict:
 def bench_plain(cfg, mlflow_uri) -> dict:
     """A plain training loop of the tiny model, a row every step: bare, ours with backend "none", ours with
     MLflow + W&B; interleaved, order rotated each repeat; log() timed in the loop (rows paced like training)."""
-    import tiny
 
     batch = {k: v[:, :cfg.plain_seq] for k, v in realistic_batch().items()}
-    model = tiny.tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def train_step():
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss
+    model, train_step = tiny_training_step(batch)
 
     for _ in range(5):
         train_step()

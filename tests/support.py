@@ -12,6 +12,16 @@ import urllib.request
 import torch
 
 
+def wait_for(condition, seconds: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a bounded loop); its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return bool(condition())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

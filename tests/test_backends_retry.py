@@ -65,7 +65,7 @@ def label_config():
 
 
 def test_duplicate_parameter_names_and_a_failure_after_create_run_give_one_run_with_every_parameter(mlflow_uri):
-    backend = MLflowBackend(tracking_uri=mlflow_uri, experiment="retry")
+    backend = MLflowBackend(tracking_uri=mlflow_uri, experiment="retry", sender="thread")  # faults injected here
     backend.client = Flaky(backend.client, "log_batch", failing={1, 3})  # the tags, then the first params
     delivery = Delivery(backend)
     with pytest.warns(UserWarning, match="parameter 'model.label2id"):
@@ -91,7 +91,7 @@ def test_a_failed_metrics_call_is_retried_without_a_second_copy(mlflow_uri, monk
     from stream_metrics.backends import mlflow as mlflow_backend
 
     monkeypatch.setattr(mlflow_backend, "_MAX_METRICS", 10)  # two rows a log_batch call
-    backend = MLflowBackend(tracking_uri=mlflow_uri, experiment="retry")
+    backend = MLflowBackend(tracking_uri=mlflow_uri, experiment="retry", sender="thread")  # faults injected here
     delivery = Delivery(backend)
     delivery.submit("start", info("mlflow"))
     assert delivery.flush(60)
@@ -147,7 +147,7 @@ def test_the_spill_at_close_holds_only_rows_not_stored_and_replay_stores_each_po
 
 
 def test_a_replay_cut_short_and_run_again_sends_only_the_rest(mlflow_uri, workdir):
-    backend = MLflowBackend(tracking_uri=mlflow_uri, experiment="retry")
+    backend = MLflowBackend(tracking_uri=mlflow_uri, experiment="retry", sender="thread")  # faults injected here
     delivery = Delivery(backend, spill_dir=str(workdir / "undelivered"))
     delivery.submit("start", info("mlflow"))
     assert delivery.flush(60)

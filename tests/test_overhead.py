@@ -9,11 +9,11 @@ import gc
 import sys
 import tracemalloc
 
-import pytest
 import torch
 
 import stream_metrics
 from stream_metrics.backends.base import Backend
+from support import wait_for
 
 MB = 2 ** 20
 
@@ -118,32 +118,6 @@ def test_delivered_rows_are_let_go(monkeypatch):
         assert grown < 1 * MB, f"10k delivered rows kept {grown / MB:.2f} MB"
 
 
-def test_the_mlflow_sender_process_prototype_stores_every_row(workdir, monkeypatch):
-    # backends/process.py: the rows' SQLAlchemy work in a child process (benchmarks/README.md says why).
-    from mlflow import MlflowClient
-
-    from stream_metrics.backends.base import Row
-    from stream_metrics.backends.process import MLflowProcessBackend
-
-    uri = f"sqlite:///{workdir}/mlflow.db"
-    monkeypatch.setattr(sys.modules["stream_metrics.run"], "create",
-                        lambda name, options: MLflowProcessBackend(**options))
-    with stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": uri}) as run:
-        for i in range(1, 251):
-            run.update(samples=4, tokens=100)
-            run.log({"loss": 1.0 / i})
-        run_id = run.run_ids["mlflow"]
-        backend = run._deliveries[0].backend
-    history = MlflowClient(uri).get_metric_history(run_id, "loss")
-    assert sorted((m.step, m.value) for m in history) == [(4 * i, 1.0 / i) for i in range(1, 251)]
-    assert backend._child is None  # finish() ended the child
-
-    backend.run_id = "no-such-run"  # the child's failure comes back as an exception, for delivery to retry
-    with pytest.raises(RuntimeError, match="sender process"):
-        backend.log_rows([Row({"loss": 1.0}, 0, 1)])
-    backend._stop_child()
-
-
 class Calls(Backend):
     """Keeps each log_rows call's rows, to see how the sender batched them."""
 
@@ -165,15 +139,6 @@ class Calls(Backend):
         pass
 
 
-def _wait_for(predicate, seconds=30.0):
-    import time
-
-    end = time.monotonic() + seconds
-    while not predicate() and time.monotonic() < end:
-        time.sleep(0.01)
-    return predicate()
-
-
 def test_the_sender_is_woken_only_when_it_has_work_yet_every_row_goes_out(monkeypatch):
     # submit() no longer wakes the sender at every row (it lingers, batching rows, and would take the
     # GIL at each one): rows must still go out at the end of the window, at once when a batch is
@@ -190,14 +155,14 @@ def test_the_sender_is_woken_only_when_it_has_work_yet_every_row_goes_out(monkey
     rows = [Row({"loss": 1.0}, 0) for _ in range(3)]
     for row in rows:
         d.submit("rows", row)
-    assert _wait_for(lambda: d.delivered_rows == 3)  # the window ended, no flush
+    assert wait_for(lambda: d.delivered_rows == 3)  # the window ended, no flush
     assert backend.calls == [[r.seq for r in rows]]  # in one call
 
     monkeypatch.setattr(delivery_module, "LINGER_SECONDS", 3600.0)  # only a wake-up sends them now
     full = [Row({"loss": 1.0}, 0) for _ in range(4)]
     for row in full:
         d.submit("rows", row)
-    assert _wait_for(lambda: d.delivered_rows == 7)  # a full batch goes out without waiting for the window
+    assert wait_for(lambda: d.delivered_rows == 7)  # a full batch goes out without waiting for the window
     assert backend.calls[-1] == [r.seq for r in full]
     last = Row({"loss": 1.0}, 0)
     d.submit("rows", last)

@@ -21,7 +21,7 @@ import torch
 import stream_metrics
 from stream_metrics.backends import delivery, spill
 from conftest import assert_conformant, wandb_run_dirs
-from support import free_port
+from support import free_port, wait_for
 
 BIN = os.path.dirname(sys.executable)
 
@@ -57,15 +57,6 @@ def history(url, run_id, key="loss"):
 
 def messages(caplog, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "stream_metrics" and text in r.getMessage()]
-
-
-def wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def spill_files(workdir) -> list[str]:

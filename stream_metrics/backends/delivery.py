@@ -45,17 +45,17 @@ class Delivery:
         self.spill = SpillFile(backend, spill_dir)
         self._queue: collections.deque = collections.deque()  # (kind, payload), oldest first
         self._lock = threading.Condition()
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._closing = False
         self._held_rows = 0          # "rows" operations in the queue
         self._in_flight = 0          # operations at the head of the queue being sent right now
-        self._sending_since = None   # when the call in flight started
+        self._sending_since: float | None = None   # when the call in flight started
         self._retry_now = False      # flush() asks a backing-off sender to try again at once
         self._idle = False           # the sender waits for the queue to fill, with no deadline
         self._lingering = False      # the sender waits (until its deadline) for a batch to fill
         self._failures = 0
-        self._failing_since = None
-        self._last_error = None
+        self._failing_since: float | None = None
+        self._last_error: str | None = None
         self._next_warning = 0.0
         self._start_info: RunInfo | None = None
         self._finish_queued = False
@@ -80,9 +80,9 @@ class Delivery:
             if self._idle or kind != "rows" or (self._lingering and self._held_rows >= self.backend.max_rows_per_call):
                 self._lock.notify_all()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=f"stream_metrics-{self.backend.name}",
-                                            daemon=True)
-            self._thread.start()
+            thread = self._thread = threading.Thread(target=self._work, name=f"stream_metrics-{self.backend.name}",
+                                                     daemon=True)
+            thread.start()
 
     @property
     def spilled_rows(self) -> int:

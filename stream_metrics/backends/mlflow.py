@@ -10,6 +10,7 @@ and rows count as stored call by call (MLflow also keeps one copy of identical p
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -19,6 +20,8 @@ from ..redact import flat_params, redact_uri
 from ..sanitize import KeyMap
 from .base import Backend, Row, RunInfo
 
+log = logging.getLogger("stream_metrics")
+
 _MAX_PARAMS = 100  # MLflow's limits per log_batch call
 _MAX_METRICS = 1000
 _MAX_PARAM_LENGTH = 6000
@@ -27,7 +30,11 @@ _MAX_PARAM_LENGTH = 6000
 class MLflowBackend(Backend):
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None):
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None, sender: str = "process"):
+        if sender not in ("process", "thread"):
+            raise ValueError(f"mlflow={{'sender': {sender!r}}}: use 'process' (the rows are written by a child "
+                             "process, off the training process's GIL; the default) or 'thread'")
+        self.sender = sender
         try:
             import mlflow
             from mlflow import MlflowClient
@@ -40,8 +47,10 @@ class MLflowBackend(Backend):
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        # The sender process may have started in another folder: a relative store path is taken from here.
+        self._sender_uri = _absolute_store(self.tracking_uri)
         invisible.keep_mlflow_off_the_global_random()  # its own draws never consume the training's random
-        self.run_id = None
+        self.run_id: str | None = None
         self.step_key = schema.SAMPLES  # the row's axis whose value is its MLflow step (RunInfo's mlflow_step tag)
         self._reopened = False  # the run was there before start(): its stored params are read once
         self._logged_params: dict[str, str] = {}
@@ -50,6 +59,8 @@ class MLflowBackend(Backend):
         self._param_names = KeyMap(what="parameter")
 
     def start(self, info: RunInfo) -> str:
+        if self.sender == "process":
+            self._start_sender()  # MLflow's import in the child overlaps the opening of the run
         self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
                                         allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
         if self.run_id is None:
@@ -90,8 +101,12 @@ class MLflowBackend(Backend):
         names = list(fresh)
         for i in range(0, len(names), _MAX_PARAMS):
             chunk = names[i:i + _MAX_PARAMS]
-            self.client.log_batch(self.run_id, params=[Param(n, fresh[n]) for n in chunk])
+            self.client.log_batch(self._id(), params=[Param(n, fresh[n]) for n in chunk])
             self._logged_params.update((n, fresh[n]) for n in chunk)  # only once stored
+
+    def _id(self) -> str:
+        assert self.run_id is not None, "the run is opened (start) before anything is logged to it"
+        return self.run_id
 
     def _step(self, row: Row) -> int:
         step = row.metrics.get(self.step_key)
@@ -102,12 +117,15 @@ class MLflowBackend(Backend):
         return int(step)
 
     def log_rows(self, rows: list[Row]) -> None:
+        if self.sender == "process":
+            self._log_rows_in_child(rows)
+            return
         from mlflow.entities import Metric
 
         # Whole rows per call (a row of more than the limit alone, in parts), so stored_seq moves
         # row by row and a retry after a failed call sends only what is not stored.
         batch: list = []
-        last = None
+        last = 0
         for row in self.unstored(rows):
             step = self._step(row)
             metrics = [Metric(key, float(value), row.timestamp_ms, step) for key, value in row.metrics.items()]
@@ -119,22 +137,52 @@ class MLflowBackend(Backend):
         if batch:
             self._log_metrics(batch, last)
 
+    def _start_sender(self):
+        from .process import SenderProcess
+
+        try:
+            return SenderProcess.shared()
+        except OSError as exc:  # no child process here (a sandbox, an odd interpreter): a thread does it
+            log.warning("stream_metrics: cannot start MLflow's sender process (%s); its rows are written by a "
+                        "thread of the training process instead", exc)
+            self.sender = "thread"
+            return None
+
+    def _log_rows_in_child(self, rows: list[Row]) -> None:
+        from .process import SenderError
+
+        sender = self._start_sender()
+        if sender is None:
+            self.log_rows(rows)
+            return
+        unstored = [[row.metrics, row.timestamp_ms, self._step(row), row.seq] for row in self.unstored(rows)]
+        if not unstored:
+            return
+        try:
+            stored = sender.call(self._sender_uri, self._id(), unstored, _MAX_METRICS)
+        except SenderError as exc:
+            if exc.stored is not None:
+                self.stored_seq = exc.stored
+            raise
+        if stored is not None:
+            self.stored_seq = stored
+
     def _log_metrics(self, metrics: list, seq: int) -> None:
         for i in range(0, len(metrics), _MAX_METRICS):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS])
+            self.client.log_batch(self._id(), metrics=metrics[i:i + _MAX_METRICS])
         self.stored_seq = seq
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(schema.tag_name(k), str(v)) for k, v in tags.items()])
+        self.client.log_batch(self._id(), tags=[RunTag(schema.tag_name(k), str(v)) for k, v in tags.items()])
 
     def log_summary(self, metrics: dict, row: Row) -> None:
         # MLflow has no summary: the figures are logged once, in a row with every axis.
         self.log_rows([Row({**row.metrics, **metrics}, row.timestamp_ms, row.seq)])
 
     def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status, end_time=int(time.time() * 1000))
+        self.client.set_terminated(self._id(), status=status, end_time=int(time.time() * 1000))
 
     def where(self) -> str:
         uri = redact_uri(self.tracking_uri)
@@ -149,7 +197,7 @@ class MLflowBackend(Backend):
     def for_replay(cls, target: dict, options: dict) -> "MLflowBackend":
         # The file's URI has no password: the environment's, with its credentials, comes first.
         uri = options.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or target.get("tracking_uri")
-        return cls(tracking_uri=uri)
+        return cls(tracking_uri=uri, sender="thread")  # a replay has no training to keep the GIL for
 
     def reopen(self, info: RunInfo) -> None:
         if not info.run_id:
@@ -159,6 +207,18 @@ class MLflowBackend(Backend):
         self.run_id = info.run_id  # continue it as it is: its status changes only with a "finish" op
         self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
                                         allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
+
+
+def _absolute_store(uri: str) -> str:
+    """``uri`` with a relative SQLite or file store path made absolute from the working folder."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme):]
+            if path and not path.startswith("/") and ":memory:" not in path:
+                return scheme + os.path.abspath(path)
+    if uri and "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return os.path.abspath(uri)  # a bare folder: MLflow's file store
+    return uri
 
 
 def default_tracking_uri() -> str:

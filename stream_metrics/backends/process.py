@@ -1,101 +1,174 @@
-"""A prototype (not wired into ``create`` yet): MLflow's metric writes in a child process, off the GIL.
+"""MLflow's rows written by a child process, so the training process's GIL stays with training.
 
-Why: profiled with both backends on and a row every ~10 ms step, MLflow's SQLAlchemy store spends
-about 0.8 ms of CPU per row (some 11 metrics) in our sender thread, inside the training process,
-mostly in Python, so it holds the GIL the training thread needs (W&B: about 0.1 ms per row). The
-figures are in benchmarks/README.md ("Where the time goes").
+Why: MLflow's client spends about 0.8 ms of CPU per row (SQLAlchemy for a SQLite store, HTTP and
+JSON for a server), mostly in Python. In a thread of the training process that work holds the GIL
+the training thread needs, and a training step waits for it (benchmarks/README.md, "Where the
+time goes"). In a child process it runs on another core.
 
-How: the run stays in the training process (``start``, tags, params, ``finish`` go through the
-parent's client as before, so the run is the one MLflow's own calls see there); only the bulk, the
-rows, goes to a child process with its own ``MlflowClient``. The child is a fresh interpreter
-(``python -c``), not ``multiprocessing``, whose spawn would re-run an unguarded training script.
-The tracking URI (which may hold credentials) is passed on the child's stdin, never on its command
-line. A failure in the child comes back as an exception from ``log_rows``, so delivery's retries,
-buffer and spill file work as for the in-process backend; a child that died is started again.
+What stays in the training process: opening the run, its tags and parameters, and its end go
+through the training process's own ``MlflowClient`` as before, so the run is the process's active
+run and a user's own ``mlflow.log_*`` calls land in it. Only the rows go to the child, as JSON
+lines on a pipe; the sender thread waits for the answer in a system call, without the GIL.
 
-    >>> from stream_metrics.backends.process import MLflowProcessBackend   # doctest: +SKIP
-    >>> backend = MLflowProcessBackend(tracking_uri="sqlite:///mlflow.db")  # doctest: +SKIP
+One child serves every MLflow run of the training process (it starts on first use, in the
+background, while training goes on; MLflow's import costs a second or two of CPU, once). It is a
+fresh interpreter (``python -c``), not ``multiprocessing``, whose spawn would re-run an unguarded
+training script; it imports MLflow from the training process's ``sys.path`` and nothing of
+stream_metrics. The tracking URI (which may hold credentials) goes on its stdin, never on its
+command line. A failure in the child comes back as an exception from ``log_rows``, with the rows
+stored before it, so delivery's retries, buffer and spill file work as they do in a thread; a
+child that died is started again at the next call. The child ends when the training process does.
 """
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
+import logging
+import os
 import subprocess
 import sys
+import threading
 
-from .base import Row
-from .mlflow import MLflowBackend
+log = logging.getLogger("stream_metrics")
 
-_CHILD = "from stream_metrics.backends.process import serve; serve()"
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mlflow_child.py")
+_ENVIRONMENT = ("MLFLOW_", "DATABRICKS_")  # the variables MLflow's client reads
+_LAUNCH = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
-class MLflowProcessBackend(MLflowBackend):
-    """The MLflow backend, with ``log_rows`` done by a child process (one JSON line each way per call)."""
+class SenderError(RuntimeError):
+    """A call the child could not complete; ``stored`` is the seq of the last row it stored, or None."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None):
-        super().__init__(tracking_uri=tracking_uri, experiment=experiment)
-        self._child = None
+    def __init__(self, message: str, stored: int | None = None):
+        super().__init__(message)
+        self.stored = stored
 
-    def log_rows(self, rows: list[Row]) -> None:
-        child = self._ensure_child()
+
+class SenderProcess:
+    """The child process and the thread that reads its answers; ``call`` is safe from any thread."""
+
+    _shared: "SenderProcess | None" = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> "SenderProcess":
+        """This process's sender, started now if there is none (or it died)."""
+        with cls._shared_lock:
+            sender = cls._shared
+            if sender is None or not sender.alive():
+                sender = cls._shared = cls()
+            return sender
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        # Its own session: a Ctrl-C or a signal to the terminal's process group is for the training
+        # process, whose handler still delivers rows through this child before the process ends.
+        self.child = subprocess.Popen([sys.executable, "-c", _LAUNCH, _CHILD], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        assert self.child.stdin is not None and self.child.stdout is not None
+        self._stdin, self._stdout = self.child.stdin, self.child.stdout
+        self._write_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list] = {}  # id -> [threading.Event, answer]
+        self._waiting_lock = threading.Lock()
+        self._stopped: str | None = None
+        self._environment = {k: v for k, v in os.environ.items() if k.startswith(_ENVIRONMENT)}  # the child's
+        self._write({"sys_path": sys.path})
+        self._reader = threading.Thread(target=self._read, name="stream_metrics-mlflow-answers", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self._stopped is None and self.child.poll() is None
+
+    def call(self, uri: str, run_id: str, rows: list, per_call: int) -> int | None:
+        """Store ``rows`` ([metrics, timestamp_ms, step, seq] each) in ``run_id``; the last seq stored.
+
+        Waits for the answer however long the child takes (as a call to MLflow in a thread would);
+        delivery warns about a call that stalls, and gives up on it when the run must end.
+        """
+        slot: list = [threading.Event(), None]
+        request_id = next(self._ids)
+        with self._waiting_lock:
+            if self._stopped is not None:
+                raise SenderError(self._stopped)
+            self._waiting[request_id] = slot
+        request = {"id": request_id, "uri": uri, "run_id": run_id, "per_call": per_call, "rows": rows}
+        # MLflow's client reads its settings (retries, timeouts, tokens) from the environment at each
+        # call: the child follows the training process's, as it is now.
+        environment = {k: v for k, v in os.environ.items() if k.startswith(_ENVIRONMENT)}
+        if environment != self._environment:
+            request["environment"] = self._environment = environment
         try:
-            child.stdin.write(json.dumps([[r.metrics, r.timestamp_ms, self._step(r)] for r in rows]) + "\n")
-            child.stdin.flush()
-            answer = child.stdout.readline()  # waits in a system call: the GIL is free meanwhile
-        except (BrokenPipeError, OSError) as exc:
-            self._stop_child()
-            raise RuntimeError(f"the MLflow sender process stopped ({exc})") from None
-        if not answer:
-            self._stop_child()
-            raise RuntimeError("the MLflow sender process stopped without answering")
-        error = json.loads(answer)
-        if error is not None:
-            raise RuntimeError(f"MLflow (sender process): {error}")
+            self._write(request)
+        except (OSError, ValueError) as exc:  # a closed pipe: the child is gone
+            self._stop(f"the MLflow sender process stopped ({exc})")
+        slot[0].wait()
+        answer = slot[1]
+        if answer.get("error") is not None:
+            raise SenderError(f"MLflow (sender process): {answer['error']}", answer.get("stored"))
+        return answer.get("stored")
 
-    def finish(self, status: str) -> None:
-        self._stop_child()  # every row it was given has been answered: nothing is left in it
-        super().finish(status)
+    def _write(self, message: dict) -> None:
+        line = json.dumps(message) + "\n"
+        with self._write_lock:
+            self._stdin.write(line)
+            self._stdin.flush()
 
-    def _ensure_child(self):
-        if self._child is None or self._child.poll() is not None:
-            self._child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True, bufsize=1)
-            self._child.stdin.write(json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id,
-                                                "per_call": self.max_rows_per_call}) + "\n")
-            self._child.stdin.flush()
-        return self._child
-
-    def _stop_child(self) -> None:
-        child, self._child = self._child, None
-        if child is not None:
-            try:
-                child.stdin.close()  # end of input: the child returns
-                child.wait(timeout=30)
-            except Exception:
-                child.kill()
-
-
-def serve() -> None:
-    """The child: read the target, then one JSON list of rows per line; answer null or the error text."""
-    import os
-
-    # Answers go to the real stdout; anything MLflow prints goes to stderr instead of into them.
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    target = json.loads(sys.stdin.readline())
-    client = MlflowClient(tracking_uri=target["tracking_uri"])
-    for line in sys.stdin:
+    def _read(self) -> None:
         try:
-            metrics = [Metric(key, float(value), timestamp_ms, step)
-                       for row_metrics, timestamp_ms, step in json.loads(line)
-                       for key, value in row_metrics.items()]
-            for i in range(0, len(metrics), target["per_call"]):
-                client.log_batch(target["run_id"], metrics=metrics[i:i + target["per_call"]])
-            answer = None
-        except Exception as exc:  # sent back: the parent's delivery retries and reports
-            answer = f"{type(exc).__name__}: {exc}"[:500]
-        answers.write(json.dumps(answer) + "\n")
-        answers.flush()
+            for line in self._stdout:
+                answer = json.loads(line)
+                with self._waiting_lock:
+                    slot = self._waiting.pop(answer.get("id"), None)
+                if slot is not None:
+                    slot[1] = answer
+                    slot[0].set()
+        except (OSError, ValueError):
+            pass
+        self._stop("the MLflow sender process stopped" + (f" (exit status {self.child.poll()})"
+                                                           if self.child.poll() is not None else ""))
+
+    def _stop(self, why: str) -> None:
+        with self._waiting_lock:
+            if self._stopped is None:
+                self._stopped = why
+            waiting, self._waiting = self._waiting, {}
+        for slot in waiting.values():
+            slot[1] = {"error": why, "stored": None}
+            slot[0].set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the child end: at once where a call is still unanswered (the run's end gave up on it and
+        saved its rows), else once it has exited, killed after ``timeout`` seconds."""
+        with self._waiting_lock:
+            abandoned = bool(self._waiting)
+        try:
+            self._stdin.close()
+            if abandoned:
+                self.child.kill()
+            self.child.wait(timeout=timeout)
+        except Exception:
+            self.child.kill()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # atexit runs after lifecycle.py's exit hook (threading's), which finished the open runs.
+    sender = SenderProcess._shared
+    if sender is not None and sender.owner == os.getpid():
+        sender.close()
+
+
+def _forget_in_child() -> None:
+    # A forked DataLoader worker must never write into its parent's pipe.
+    SenderProcess._shared = None
+    SenderProcess._shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

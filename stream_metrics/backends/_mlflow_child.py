@@ -1,0 +1,126 @@
+"""The MLflow sender process's program (process.py starts it): rows in on stdin, answers out on stdout.
+
+It imports nothing of stream_metrics (whose package imports torch): only MLflow, from the training
+process's own ``sys.path``, sent in the first line. Protocol, one JSON text per line:
+
+- in, first: ``{"sys_path": [...]}``;
+- in, then: ``{"id": n, "uri": ..., "run_id": ..., "per_call": 1000,
+  "rows": [[metrics, timestamp_ms, step, seq], ...]}``, with ``"environment"`` where MLflow's
+  variables changed;
+- out: ``{"id": n, "stored": seq or null, "error": text or null}``; ``stored`` is the last row stored,
+  also when a later call failed, so a retry sends only the rest.
+
+Each tracking URI has its own thread and client here, so a server that hangs holds back its own
+rows only. The process ends when its stdin closes (the training process ended or let it go), once
+every request it has read is answered; it ignores SIGINT (a Ctrl-C is for the training process,
+which finishes its runs through this process) and SIGTERM (the training process's handler
+delivers its rows through it first; it then ends with its stdin).
+"""
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+FINAL_SECONDS = 30.0
+ENVIRONMENT = ("MLFLOW_", "DATABRICKS_")  # the variables MLflow's client reads (process.py sends them)
+
+
+def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    answers = sys.stdout
+    sys.stdout = sys.stderr  # anything MLflow prints goes to stderr, never into the answers
+    hello = json.loads(sys.stdin.readline() or "{}")
+    if hello.get("sys_path"):
+        sys.path[:] = hello["sys_path"]
+    write_lock = threading.Lock()
+
+    def answer(request_id, stored, error) -> None:
+        line = json.dumps({"id": request_id, "stored": stored, "error": error}) + "\n"
+        with write_lock:
+            answers.write(line)
+            answers.flush()
+
+    workers: dict = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "environment" in request:  # MLflow's settings as the training process has them now
+            for name in [n for n in os.environ if n.startswith(ENVIRONMENT) and n not in request["environment"]]:
+                del os.environ[name]
+            os.environ.update(request["environment"])
+        uri = request["uri"]
+        if uri not in workers:
+            inbox: queue.Queue = queue.Queue()
+            thread = threading.Thread(target=serve_uri, args=(uri, inbox, answer), daemon=True)
+            thread.start()
+            workers[uri] = (inbox, thread)
+        workers[uri][0].put(request)
+    # The training process let go: answer what was read, for a bounded time (a server that hangs
+    # would otherwise keep this process for minutes); the training process kept every unanswered row.
+    deadline = time.monotonic() + FINAL_SECONDS
+    for inbox, _ in workers.values():
+        inbox.put(None)
+    for _, thread in workers.values():
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def serve_uri(uri: str, inbox: "queue.Queue", answer) -> None:
+    client = None
+    while True:
+        request = inbox.get()
+        if request is None:
+            return
+        stored, error = None, None
+        try:
+            if client is None:
+                from mlflow import MlflowClient
+
+                client = MlflowClient(tracking_uri=uri)
+            stored = log_rows(client, request["run_id"], request["rows"], int(request["per_call"]))
+        except _Partial as partial:
+            stored, error = partial.stored, partial.error
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        answer(request["id"], stored, error)
+
+
+class _Partial(Exception):
+    def __init__(self, stored, error):
+        super().__init__(error)
+        self.stored, self.error = stored, error
+
+
+def log_rows(client, run_id: str, rows: list, per_call: int):
+    """Whole rows per ``log_batch`` call (a row longer than ``per_call`` alone, in parts), as MLflowBackend does."""
+    from mlflow.entities import Metric
+
+    stored = None
+    batch: list = []
+    last = None
+
+    def send() -> None:
+        nonlocal stored
+        try:
+            for i in range(0, len(batch), per_call):
+                client.log_batch(run_id, metrics=batch[i:i + per_call])
+        except Exception as exc:
+            raise _Partial(stored, f"{type(exc).__name__}: {exc}"[:500]) from None
+        stored = last
+
+    for metrics, timestamp_ms, step, seq in rows:
+        points = [Metric(key, float(value), int(timestamp_ms), int(step)) for key, value in metrics.items()]
+        if batch and len(batch) + len(points) > per_call:
+            send()
+            batch = []
+        batch.extend(points)
+        last = seq
+    if batch:
+        send()
+    return stored
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""MLflow's rows are written by a child process (backends/process.py): checked on a real child,
+real SQLite stores and a real unreachable server, with real signals; what MLflow stored is read back."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+import stream_metrics
+from stream_metrics import schema
+from stream_metrics.backends.process import SenderError, SenderProcess
+
+from conftest import ROOT
+from support import wait_for
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((p.step, p.value) for p in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie of ours is gone too
+        return f.read().split(")")[-1].split()[0] == "Z"
+
+
+def test_rows_are_stored_by_a_child_process_each_exactly_once(mlflow_uri):
+    sizes = [3, 1, 4, 1, 5, 9, 2, 6]  # ground truth: the running sums below
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+    for i, n in enumerate(sizes):
+        run.update(samples=n, tokens=10 * n)
+        run.log({"loss": 1.0 / (i + 1)})
+    run.finish()
+    run_id = run.run_ids["mlflow"]
+    sums = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    assert history(mlflow_uri, run_id, "loss") == [(s, pytest.approx(1.0 / (i + 1))) for i, s in enumerate(sums)]
+    assert [v for _, v in history(mlflow_uri, run_id, schema.TOKENS)] == [10.0 * s for s in sums]
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+
+    sender = SenderProcess.shared()
+    assert sender.pid != os.getpid()
+    with open(f"/proc/{sender.pid}/cmdline") as f:
+        assert "_mlflow_child.py" in f.read()
+
+
+def test_a_killed_sender_is_started_again_and_no_row_is_lost_or_stored_twice(mlflow_uri, caplog):
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}, flush_timeout=120)
+    for _ in range(5):
+        run.update(samples=2)
+        run.log({"loss": 1.0})
+    assert run.flush()
+    first = SenderProcess.shared().pid
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: gone(first), 10)
+    for _ in range(5):
+        run.update(samples=2)
+        run.log({"loss": 2.0})
+    run.finish()
+    assert SenderProcess.shared().pid != first
+    assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == (
+        [(2 * i, 1.0) for i in range(1, 6)] + [(2 * i, 2.0) for i in range(6, 11)])
+
+
+def test_a_failure_in_the_child_comes_back_as_an_error_with_what_was_stored(mlflow_uri):
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+    run.update(samples=1)
+    run.log({"loss": 1.0})
+    run.finish()
+    rows = [[{"loss": float(i)}, 1000 + i, i, i] for i in range(1, 4)]
+    sender = SenderProcess.shared()
+    assert sender.call(mlflow_uri, run.run_ids["mlflow"], rows, 1) == 3  # a call per row: all three stored
+    with pytest.raises(SenderError, match="sender process") as failed:
+        sender.call(mlflow_uri, "f" * 32, rows, 1)  # no such run: nothing stored
+    assert failed.value.stored is None
+    assert [v for _, v in history(mlflow_uri, run.run_ids["mlflow"], "loss")] == [1.0, 1.0, 2.0, 3.0]
+
+
+def test_mlflow_settings_changed_after_the_sender_started_reach_it(monkeypatch):
+    from support import free_port
+
+    sender = SenderProcess.shared()  # started with the settings of whatever came first
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    started = time.monotonic()
+    with pytest.raises(SenderError, match="MLflow \\(sender process\\)"):
+        sender.call(f"http://127.0.0.1:{free_port()}", "0" * 32, [[{"a": 1.0}, 1, 1, 1]], 1000)
+    assert time.monotonic() - started < 20  # not MLflow's default retries, which take minutes
+
+
+def test_a_relative_sqlite_store_is_the_one_in_the_folder_where_the_run_started(workdir):
+    (workdir / "elsewhere").mkdir()
+    sender = SenderProcess.shared()
+    os.chdir(workdir / "elsewhere")  # the sender started in another folder (an earlier test's, or /)
+    try:
+        run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": "sqlite:///relative.db"})
+        run.update(samples=3)
+        run.log({"loss": 0.5})
+        run.finish()
+    finally:
+        os.chdir(workdir)
+    assert sender.alive()
+    uri = f"sqlite:///{workdir}/elsewhere/relative.db"
+    assert history(uri, run.run_ids["mlflow"], "loss") == [(3, 0.5)]
+    assert not (workdir / "relative.db").exists()
+
+
+def test_sender_thread_writes_from_the_training_process_and_a_bad_sender_is_named(mlflow_uri):
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "sender": "thread"})
+    run.update(samples=4)
+    run.log({"loss": 0.25})
+    run.finish()
+    assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == [(4, 0.25)]
+    with pytest.raises(ValueError, match="'process'.*'thread'"):
+        stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "sender": "subprocess"})
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_never_writes_into_its_parents_sender():
+    SenderProcess.shared()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker, say
+        os.write(write, b"none" if SenderProcess._shared is None else b"inherited")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 20) == b"none"
+    assert SenderProcess.shared().alive()
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import stream_metrics
+    from stream_metrics.backends.process import SenderProcess
+
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": sys.argv[1]})
+    for _ in range(5):
+        run.update(samples=2)
+        run.log({"loss": 1.0})
+    run.flush()
+    try:  # the pid is printed inside: the test's Ctrl-C may come at once
+        print(SenderProcess.shared().pid, flush=True)
+        time.sleep(120)
+    except KeyboardInterrupt:  # a Ctrl-C the script catches: it logs on, then finishes
+        for _ in range(3):
+            run.update(samples=2)
+            run.log({"loss": 2.0})
+        run.finish()
+        print(run.run_ids["mlflow"], flush=True)
+""")
+
+
+def start_script(mlflow_uri, workdir):
+    path = workdir / "train.py"
+    path.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Its own process group, like a terminal's foreground job; SIGINT as a terminal leaves it.
+    child = subprocess.Popen([sys.executable, str(path), mlflow_uri], stdout=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    sender_pid = int(child.stdout.readline())
+    return child, sender_pid
+
+
+def test_a_ctrl_c_to_the_terminals_group_reaches_the_script_not_the_sender(mlflow_uri, workdir):
+    child, sender_pid = start_script(mlflow_uri, workdir)
+    try:
+        os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        out, _ = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    run_id = out.split()[-1]
+    assert history(mlflow_uri, run_id, "loss") == [(2 * i, 1.0) for i in range(1, 6)] + [
+        (2 * i, 2.0) for i in range(6, 9)]
+    assert wait_for(lambda: gone(sender_pid), 30)  # and it ends with the script
+
+
+def test_the_sender_ends_when_the_training_process_is_killed(mlflow_uri, workdir):
+    child, sender_pid = start_script(mlflow_uri, workdir)
+    assert not gone(sender_pid)
+    child.kill()
+    child.wait(30)
+    assert wait_for(lambda: gone(sender_pid), 30)

@@ -13,9 +13,14 @@ True
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
+from ._checks import warn_once
 from .amount import Amount, as_amount
-from .counting import warn_once
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .tally import Tally
 
 
 class Every:
@@ -188,3 +193,51 @@ class Lookahead:
 def next_boundary(every: Every):
     """The next multiple of the interval that ``every`` has not counted yet, in its unit."""
     return (every.boundaries + 1) * every.amount.value
+
+
+class Schedules:
+    """The schedules a Run keeps by name (``Run.schedule``, ``Run.due``; in its ``state_dict()``), and
+    the ``Lookahead`` that lets ``due()`` skip the ranks' sync when no boundary can be near."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Every] = {}
+        self._lookaheads: dict[str, tuple[Progress, Lookahead]] = {}  # name -> (session's base, Lookahead)
+
+    def get(self, every: Any, name: str | None, session: Progress) -> Every:
+        """The ``Every`` kept under ``name`` (default: the amount's text); one new to this session
+        (or changed across a resume) counts from ``session``, the totals the session started from."""
+        new = Every(every, after=session)
+        name = str(new.amount) if name is None else name
+        kept = self.kept.get(name)
+        if kept is None or kept.amount != new.amount:
+            kept = self.kept[name] = new
+        return kept
+
+    def due(self, every: Any, progress: Progress | None, tally: Tally) -> bool:
+        """``Run.due``: from ``progress`` where given; else from ``tally``'s latest sync, syncing near a boundary."""
+        schedule = self.get(every, None, tally.base)
+        if progress is not None:
+            return schedule.crossed(progress) > 0
+        look = self._lookahead(str(schedule.amount), schedule.amount, tally.base)
+        # The clock is this schedule's calls, the same on every rank; a sync seen now (a row) was made
+        # after the previous call.
+        look.observe(tally.latest, clock=look.calls)
+        look.calls += 1
+        if look.near(next_boundary(schedule), look.calls):
+            return schedule.crossed(tally.sync("progress")) > 0
+        return schedule.crossed(tally.latest) > 0  # below the boundary: 0 (warns where an axis is missing)
+
+    def _lookahead(self, name: str, amount: Amount, session: Progress) -> Lookahead:
+        kept_session, look = self._lookaheads.get(name, (None, None))
+        if look is None or kept_session is not session or look.amount != amount:  # new, or after a resume
+            look = Lookahead(amount)
+            self._lookaheads[name] = (session, look)
+        return look
+
+    def state_dict(self) -> dict:
+        return {name: every.state_dict() for name, every in self.kept.items()}
+
+    @staticmethod
+    def read_state(state: Any) -> dict[str, Every]:
+        """The schedules ``state_dict()`` saved (or None), to put in ``kept`` once the state is all read."""
+        return {str(name): Every.from_state_dict(s) for name, s in dict(state or {}).items()}

@@ -28,12 +28,12 @@ What it does, and why this way:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
 import weakref
+from types import FrameType
 
 import torch
 
@@ -51,7 +51,7 @@ from .autolog import paused as autolog_paused
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
-from .schedule import Every, Lookahead, Until, next_boundary
+from .schedule import Every, StepSchedules
 
 log = logging.getLogger("stream_metrics")
 
@@ -92,7 +92,7 @@ def _handler_from_stack() -> CallbackHandler | None:
     callbacks out (so every metric is logged once) and finding the Trainer's progress bar. Its
     ``call_event`` is a few frames up, as ``self``; None when it is not (then nothing is taken over).
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             return None
@@ -176,6 +176,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             Every(self.eval_every)  # more than 0
         if self.save_every is not None:
             Every(self.save_every)
+        self._schedules = StepSchedules(self.eval_every, self.save_every, self.stop_at)
         self.show_progress = progress
         self.rewrite_logs = rewrite_logs
         self.display: ProgressDisplay | None = None
@@ -263,7 +264,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)
         self._active = conventions.make_active(self.run)  # user's wandb.log / mlflow.log_* land in our runs
-        self.run.at_finish(lambda status, active=self._active: conventions.end_active(active, status))
+        active = self._active
+        self.run.at_finish(lambda status: conventions.end_active(active, status))
         if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._begin_display(args, state)
@@ -312,9 +314,11 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.run.update(kwargs if kwargs else (args[0] if args else None))
 
     def _step(self, state) -> None:
-        self.run.set_step(state.global_step)
+        run = self.run
+        assert run is not None  # called once a run is made
+        run.set_step(state.global_step)
         if self._sized:
-            self.run.set_epoch(state.epoch or 0.0)
+            run.set_epoch(state.epoch or 0.0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._batches_this_epoch = 0
@@ -425,61 +429,28 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ schedules and display
     def _apply_schedules(self, control, step: int) -> None:
-        """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed.
-
-        No collective on most steps: from the last synced Progress (every row brings one, identical on
-        every rank) and the pace seen between syncs, a ``Lookahead`` tells when a boundary may be near;
-        only then do the ranks sync (one collective) and decide from that Progress. The clock is the
-        optimizer step, the same on every rank, so every rank syncs at the same steps and sets the same flags.
-        """
-        if not (self.eval_every or self.save_every or self.stop_at):
+        """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed
+        (schedule.StepSchedules: the ranks sync only near a boundary, all at the same step)."""
+        run = self.run
+        assert run is not None  # on_step_end checked
+        if not self._schedules:
             # Without a schedule the ranks meet at rows only (on_log shows those); a lone process may
             # read its counts for the display. (display.ready() differs between ranks: never a collective.)
             if self.display is not None and self.display.ready() and distributed.world_size() == 1:
-                self._show(self.run.progress)
+                self._show(run.progress)
             return
-        plans = self._schedule_plans()
-        last = self.run.last_progress  # the latest sync: a row, a checkpoint's state, or this method's
-        for _, _, look in plans:
-            look.observe(last, clock=last.step)
-        synced = any(look.near(target, step) for _, target, look in plans)
-        if synced:
-            progress = self.run.progress  # near a boundary: every rank syncs here, at the same step
-        else:
-            # Below every target by the lookahead: nothing can fire (Every/Until still warn about
-            # an axis that is missing). Steps are known exactly without a sync.
-            progress = dataclasses.replace(last, step=step)
-        if self.eval_every and self.run.schedule(self.eval_every, name="eval_every").crossed(progress):
+        evaluate, save, stop, synced = self._schedules.decide(run, step)
+        if evaluate:
             control.should_evaluate = True
-        if self.save_every and self.run.schedule(self.save_every, name="save_every").crossed(progress):
+        if save:
             control.should_save = True
-        if self.stop_at and Until(self.stop_at).reached(progress):
+        if stop:
             control.should_training_stop = True
             control.should_save = True  # the final checkpoint, at the amount
-        if synced:
-            self._show(progress)
+        if synced is not None:
+            self._show(synced)
         elif self.display is not None and self.display.ready() and distributed.world_size() == 1:
-            self._show(self.run.progress)
-
-    def _schedule_plans(self) -> list:
-        """(name, next target, Lookahead) for each schedule set; lookaheads last as long as the run."""
-        if getattr(self, "_lookaheads", None) is None or self._lookaheads[0] is not self.run:
-            self._lookaheads: tuple = (self.run, {})
-        looks = self._lookaheads[1]
-        plans = []
-        for name, amount in (("eval_every", self.eval_every), ("save_every", self.save_every)):
-            if amount:
-                every = self.run.schedule(amount, name=name)
-                look = looks.get(name)
-                if look is None or look.amount != every.amount:
-                    look = looks[name] = Lookahead(every.amount, clock_is_step=True)
-                plans.append((name, next_boundary(every), look))
-        if self.stop_at:
-            look = looks.get("stop_at")
-            if look is None or str(look.amount) != self.stop_at:
-                look = looks["stop_at"] = Lookahead(self.stop_at, clock_is_step=True)
-            plans.append(("stop_at", look.amount.value, look))
-        return plans
+            self._show(run.progress)
 
     def _begin_display(self, args, state) -> None:
         show = (not args.disable_tqdm) if self.show_progress is None else self.show_progress

@@ -88,8 +88,7 @@ class Run:
         # Backends exist on the main process only; the others count and join the row's collective.
         options = {"mlflow": mlflow or {}, "wandb": wandb or {}}
         backends = [create(n, options[n]) for n in names] if distributed.is_main() else []
-        self._deliveries = [Delivery(b, **({"buffer_rows": buffer_rows} if buffer_rows else {}))
-                            for b in backends]
+        self._deliveries = [Delivery(b, buffer_rows=buffer_rows) if buffer_rows else Delivery(b) for b in backends]
         self._run_ids: dict[str, str] = {}
         self._at_finish: list[Callable[[str], Any]] = []  # at_finish(): called with the status, however the run ends
         self._started = self._finished = False

@@ -12,6 +12,7 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from .amount import Amount, as_amount
 from .progress import Progress
 
 if TYPE_CHECKING:
+    from .run import Run
     from .tally import Tally
 
 
@@ -140,14 +142,14 @@ class Lookahead:
         self.amount: Amount = as_amount(amount)
         # The Trainer's clock is the optimizer step itself: a schedule in steps needs no sync at all.
         self.exact = clock_is_step and self.amount.field == "step"
-        self.position = None       # at the last sync seen, in the amount's unit (None: axis unknown)
-        self.clock = None          # the clock at that sync
-        self.source = None         # the epoch estimate's source at that sync
-        self.samples = 0           # samples at that sync
-        self.paces: list = []      # increase per tick, for each of the latest intervals
-        self.calls = 0             # a clock for callers that count their own calls (Run.due)
-        self._seen = None          # the Progress last observed (a new object at every sync)
-        self._target = None        # the target last asked about (to notice one reached unforeseen)
+        self.position: int | float | None = None  # at the last sync seen, in the amount's unit (None: unknown)
+        self.clock: int | None = None       # the clock at that sync
+        self.source: str | None = None      # the epoch estimate's source at that sync
+        self.samples = 0                    # samples at that sync
+        self.paces: list[float] = []        # increase per tick, for each of the latest intervals
+        self.calls = 0                      # a clock for callers that count their own calls (Run.due)
+        self._seen: Progress | None = None  # the Progress last observed (a new object at every sync)
+        self._target: int | float | None = None  # the target last asked about (to notice one reached unforeseen)
 
     def observe(self, progress, clock: int) -> None:
         """Take in a synced ``progress`` (the same on every rank), made at ``clock``. Seen before: nothing."""
@@ -241,3 +243,56 @@ class Schedules:
     def read_state(state: Any) -> dict[str, Every]:
         """The schedules ``state_dict()`` saved (or None), to put in ``kept`` once the state is all read."""
         return {str(name): Every.from_state_dict(s) for name, s in dict(state or {}).items()}
+
+
+class StepSchedules:
+    """``eval_every`` / ``save_every`` / ``stop_at`` where the clock is the optimizer step (the Trainer).
+
+    No collective on most steps: from the last synced Progress (every row brings one, identical on
+    every rank) and the pace seen between syncs, a ``Lookahead`` per schedule tells when a boundary
+    may be near; only then do the ranks sync (one collective) and decide from that Progress. The
+    clock is the optimizer step, the same on every rank, so every rank syncs at the same steps and
+    decides the same. The ``Every`` schedules are the run's (``Run.schedule``: kept in its state).
+    """
+
+    def __init__(self, eval_every: str | None = None, save_every: str | None = None, stop_at: str | None = None):
+        self.eval_every, self.save_every, self.stop_at = eval_every, save_every, stop_at
+        self._looks: tuple[Run | None, dict[str, Lookahead]] = (None, {})  # lookaheads last as long as the run
+
+    def __bool__(self) -> bool:
+        return bool(self.eval_every or self.save_every or self.stop_at)
+
+    def decide(self, run: Run, step: int) -> tuple[bool, bool, bool, Progress | None]:
+        """(evaluate, save, stop) at ``step``, and the Progress the ranks synced for it (None: no sync)."""
+        plans = self._plans(run)
+        last = run.last_progress  # the latest sync: a row, a checkpoint's state, or this method's
+        for _, look in plans:
+            look.observe(last, clock=last.step)
+        synced = any(look.near(target, step) for target, look in plans)
+        # Below every target by the lookahead, nothing can fire (Every/Until still warn about an axis
+        # that is missing); steps are known exactly without a sync.
+        progress = run.progress if synced else dataclasses.replace(last, step=step)
+        evaluate = bool(self.eval_every and run.schedule(self.eval_every, name="eval_every").crossed(progress))
+        save = bool(self.save_every and run.schedule(self.save_every, name="save_every").crossed(progress))
+        stop = bool(self.stop_at and Until(self.stop_at).reached(progress))
+        return evaluate, save, stop, (progress if synced else None)
+
+    def _plans(self, run: Run) -> list[tuple[int | float, Lookahead]]:
+        """(next target, Lookahead) for each schedule set."""
+        if self._looks[0] is not run:
+            self._looks = (run, {})
+        looks = self._looks[1]
+        plans = []
+        for name, amount in (("eval_every", self.eval_every), ("save_every", self.save_every)):
+            if amount:
+                every = run.schedule(amount, name=name)
+                look = looks.get(name)
+                if look is None or look.amount != every.amount:
+                    look = looks[name] = Lookahead(every.amount, clock_is_step=True)
+                plans.append((next_boundary(every), look))
+        if self.stop_at:
+            look = looks.get("stop_at")
+            if look is None or str(look.amount) != self.stop_at:
+                look = looks["stop_at"] = Lookahead(self.stop_at, clock_is_step=True)
+            plans.append((look.amount.value, look))
+        return plans

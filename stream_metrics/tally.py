@@ -59,8 +59,8 @@ class Tally:
         self.flops = flops.FlopCount(self.flop_formula) if self.flop_formula else None
         self.rows = self.micro_batches = self.steps = self.in_window = 0
         self.has_tokens = self.has_loss_tokens = False
-        self.passes, self.first_pass, self.pass_start = 0, None, Total()
-        self.first_pass: Total | None
+        self.passes, self.pass_start = 0, Total()
+        self.first_pass: Total | None = None  # the samples at the first pass's end
         self.t0 = time.monotonic()
         self.latest = base
 
@@ -140,7 +140,8 @@ class Tally:
         now = time.monotonic()
         self.calls += 1
         base = self.base
-        in_pass = self.samples.value() if self.passes == 0 else self.samples.value() - self.pass_start.value()
+        in_pass: Count | float = (self.samples.value() if self.passes == 0
+                                  else self.samples.value() - self.pass_start.value())
         if self.passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
             # The restored samples were all in the first pass, read by the data-parallel ranks.
             in_pass = in_pass + base.samples / self.layout.data_parallel_size

@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import weakref
-from types import FrameType
 
 import torch
 
@@ -41,66 +39,22 @@ from ._checks import missing_extra
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState, ProgressCallback
+    from transformers.trainer_callback import CallbackHandler, ExportableState, ProgressCallback
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
 from . import conventions, distributed, flops, schema
 from .amount import as_amount
-from .autolog import paused as autolog_paused
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
 from .schedule import Every, StepSchedules
+from .takeover import TakenOver, auto_backends, handler_from_stack, is_the_trainers_own, replaced_by
 
 log = logging.getLogger("stream_metrics")
 
 # Beside the checkpoints: the wall-clock of the latest row, so a resume after a crash never goes back.
 PROGRESS_FILE = "stream_metrics_progress.json"
-# The Trainer's built-in integrations that would log the same metrics a second time.
-_INTEGRATIONS = {"WandbCallback": "wandb", "MLflowCallback": "mlflow"}
-
-
-class _TakenOver(TrainerCallback):
-    """Stands where a built-in integration stood (keeps the handler's list length), doing only what
-    users set it to do besides metrics: WANDB_LOG_MODEL, HF_MLFLOW_LOG_ARTIFACTS (conventions.py)."""
-
-    def __init__(self, original):
-        self.original = original
-        self.kept = conventions.kept_duties(original)
-        if self.kept:
-            conventions.artifacts_only(original)
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.kept:
-            self.original.on_save(args, state, control, **kwargs)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.kept:  # before StreamMetricsCallback's own on_train_end: the run is still open
-            with autolog_paused():  # W&B builds a Trainer only to save the model: no callback for it
-                self.original.on_train_end(args, state, control, **kwargs)
-
-    def __repr__(self):
-        return f"<{type(self.original).__name__} replaced by StreamMetricsCallback>"
-
-
-def _handler_from_stack() -> CallbackHandler | None:
-    """The Trainer's CallbackHandler, found by walking up from the event being handled.
-
-    Why: nothing public gives a callback its handler or its Trainer (events pass the model,
-    optimizer and loaders only), and two things need the handler: taking the built-in W&B/MLflow
-    callbacks out (so every metric is logged once) and finding the Trainer's progress bar. Its
-    ``call_event`` is a few frames up, as ``self``; None when it is not (then nothing is taken over).
-    """
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
 
 
 def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCallback") -> None:
@@ -111,26 +65,6 @@ def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCall
     options that are not JSON). Sharing the attributes keeps one callback, whichever object is asked.
     """
     callback.__dict__ = original.__dict__
-
-
-def _is_the_trainers_own(callback) -> bool:
-    """The Trainer's flow callback and the reporting integrations ``report_to`` adds (they come first)."""
-    return isinstance(callback, (DefaultFlowCallback, _TakenOver)) or \
-        type(callback).__module__.startswith("transformers.integrations")
-
-
-def _auto_backends(taken_over: list[str], report_to) -> list[str]:
-    names = list(taken_over) or [n for n in schema.BACKENDS if n in (report_to or [])]
-    if names:
-        return names
-    import importlib.util
-
-    if importlib.util.find_spec("mlflow"):
-        names.append("mlflow")
-    if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_MODE") in ("offline", "dryrun")
-                                              or os.environ.get("WANDB_API_KEY")):
-        names.append("wandb")
-    return names
 
 
 class StreamMetricsCallback(TrainerCallback, ExportableState):
@@ -209,14 +143,14 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ taking over
     def _take_over_integrations(self) -> None:
-        handler = _handler_from_stack()
+        handler = handler_from_stack()
         if handler is None:
             return
         self._handler = handler
         for i, cb in enumerate(handler.callbacks):
-            name = _INTEGRATIONS.get(type(cb).__name__)
+            name = replaced_by(cb)
             if name:
-                handler.callbacks[i] = taken = _TakenOver(cb)  # replaced in place: the handler is iterating
+                handler.callbacks[i] = taken = TakenOver(cb)  # replaced in place: the handler is iterating
                 if name not in self._taken_over:
                     self._taken_over.append(name)
                 log.info("stream_metrics: the Trainer's %s is replaced by StreamMetricsCallback, which logs "
@@ -237,7 +171,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if mine is None:
             return
         first = 0  # the first place after the Trainer's flow callback and reporting integrations
-        while first < mine and _is_the_trainers_own(callbacks[first]):
+        while first < mine and is_the_trainers_own(callbacks[first]):
             first += 1
         if first < mine:
             callbacks.insert(first, callbacks.pop(mine))
@@ -289,7 +223,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if backend is None:
             backend = self.backend
             if backend == "auto":
-                backend = _auto_backends(self._taken_over, args.report_to if args is not None else None)
+                backend = auto_backends(self._taken_over, args.report_to if args is not None else None)
         return Run(backend=backend, x_axis=self.x_axis, dataset_size=self.dataset_size, dataset=dataset,
                    resume=resume, **options)
 

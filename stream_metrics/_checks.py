@@ -47,9 +47,11 @@ def whole_number(name: str, value: Any, *, minimum: int = 0, hint: str = "") -> 
     return whole
 
 
-def non_negative(name: str, value: Any, *, unit: str = "", hint: str = "") -> float:
-    """``value`` where it is a finite number >= 0 (``unit`` names what it counts, e.g. "seconds")."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+def non_negative(name: str, value: Any, *, unit: str = "", hint: str = "", infinite: bool = False) -> float:
+    """``value`` where it is a finite number >= 0 (``unit`` names what it counts, e.g. "seconds");
+    ``infinite``: ``math.inf`` is allowed too (a timeout that waits for ever)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0 or (
+            math.isinf(value) and not infinite):
         what = f"a number of {unit}" if unit else "a number"
         raise ValueError(f"{name}={value!r} must be {what} >= 0" + (f": {hint}" if hint else ""))
     return float(value)

@@ -129,8 +129,9 @@ def _with_callback(signature, trainer, args, kwargs):
     if any(isinstance(cb, StreamMetricsCallback)
            or (isinstance(cb, type) and issubclass(cb, StreamMetricsCallback)) for cb in given):
         return args, kwargs
-    callback = StreamMetricsCallback(**_options)
+    options = _options or {}
+    callback = StreamMetricsCallback(**options)
     log.info("stream_metrics: autolog gives %s a StreamMetricsCallback(%s)", type(trainer).__name__,
-             ", ".join(f"{k}={v!r}" for k, v in _options.items()))
+             ", ".join(f"{k}={v!r}" for k, v in options.items()))
     bound.arguments["callbacks"] = [callback, *given]  # a new list: the caller's is left as it was
     return bound.args[1:], bound.kwargs

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from . import distributed
 from .amount import SUFFIXES, Amount, as_amount
+from .progress import Progress
 
 
 class ProgressDisplay:
@@ -45,9 +47,11 @@ class ProgressDisplay:
         self.desc = desc
         self.enabled = distributed.is_main()
         self.redraw_seconds = 0.5  # a bar redraws at most twice a second
-        self._first = self._latest = self._printed = None
-        self._shown_at = None  # time.monotonic() of the last line or redraw
-        self._bar = None
+        self._first: Progress | None = None
+        self._latest: Progress | None = None
+        self._printed: Progress | None = None
+        self._shown_at: float | None = None  # time.monotonic() of the last line or redraw
+        self._bar: Any = None  # our own tqdm bar, where we draw one
         self._borrowed = bar if callable(bar) or bar is None else (lambda: bar)
 
     # ------------------------------------------------------------------ what is shown

@@ -38,7 +38,7 @@ def check_dataset_size(dataset_size):
     if dataset_size is None:
         return None
     bad = (isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Real)
-           or not math.isfinite(dataset_size) or dataset_size <= 0 or int(dataset_size) != dataset_size)
+           or not math.isfinite(dataset_size) or dataset_size <= 0 or math.floor(dataset_size) != dataset_size)
     if bad:
         raise ValueError(f"dataset_size={dataset_size!r} must be a positive whole number of training examples "
                          "(or None when unknown: stream_metrics then measures it when a pass ends)")
@@ -227,8 +227,9 @@ class EpochEstimator:
             size = sum({r["metadata_files"]: r["metadata"] for r in ranks}.values())  # one per file list
             return samples / size, "metadata"
         sizes = [_shard_size(r) for r in ranks]
-        if passes == 0 and all(s is not None for s in sizes):
-            return samples / sum(sizes), "shards"
+        known = [s for s in sizes if s is not None]
+        if passes == 0 and len(known) == len(sizes):
+            return samples / sum(known), "shards"
         return float(passes), "none"
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -91,13 +92,14 @@ class FlopFormula:
             warn_once("flops-skipped", f"FLOPs leave out the weights of {len(skipped)} modules that are not linear "
                                        f"layers (e.g. {skipped[0]!r}: convolutions, mixture-of-experts); pass "
                                        "flops_per_token= to init() or the callback for an exact figure")
-        config = getattr(model, "config", None)
+        config: Any = getattr(model, "config", None)
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         layers = getattr(config, "num_hidden_layers", None)
         heads = getattr(config, "num_attention_heads", None)
         head_dim = getattr(config, "head_dim", None)
-        if head_dim is None and heads and getattr(config, "hidden_size", None):
-            head_dim = config.hidden_size // heads
+        hidden = getattr(config, "hidden_size", None)
+        if head_dim is None and heads and hidden:
+            head_dim = hidden // heads
         per_token = 6 * trained + 4 * frozen
         method = "model weights: 6 x trained + 4 x frozen matmul weights per token"
         if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(head_dim, int)):
@@ -258,7 +260,7 @@ def named_peak(device_name: str, precision: str) -> Peak | None:
     (989500000000000.0, None)
     """
     entry = next((e for pattern, e in _DEVICE_NAMES if re.search(pattern, device_name.lower())), None)
-    figure = PEAK_FLOPS.get(entry, {}).get(precision)
+    figure = PEAK_FLOPS.get(entry, {}).get(precision) if entry is not None else None
     return None if figure is None else Peak(figure, f"{entry} {precision}, data sheet; device {device_name!r}")
 
 

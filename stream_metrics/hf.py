@@ -28,11 +28,9 @@ What it does, and why this way:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import sys
 import weakref
 
 import torch
@@ -41,66 +39,22 @@ from ._checks import missing_extra
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState, ProgressCallback
+    from transformers.trainer_callback import CallbackHandler, ExportableState, ProgressCallback
 except ImportError as exc:  # one sentence naming the extra to install
     raise missing_extra(exc, "transformers", "hf", "stream_metrics.hf") from None
 
 from . import conventions, distributed, flops, schema
 from .amount import as_amount
-from .autolog import paused as autolog_paused
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
-from .schedule import Every, Lookahead, Until, next_boundary
+from .schedule import Every, StepSchedules
+from .takeover import TakenOver, auto_backends, handler_from_stack, is_the_trainers_own, replaced_by
 
 log = logging.getLogger("stream_metrics")
 
 # Beside the checkpoints: the wall-clock of the latest row, so a resume after a crash never goes back.
 PROGRESS_FILE = "stream_metrics_progress.json"
-# The Trainer's built-in integrations that would log the same metrics a second time.
-_INTEGRATIONS = {"WandbCallback": "wandb", "MLflowCallback": "mlflow"}
-
-
-class _TakenOver(TrainerCallback):
-    """Stands where a built-in integration stood (keeps the handler's list length), doing only what
-    users set it to do besides metrics: WANDB_LOG_MODEL, HF_MLFLOW_LOG_ARTIFACTS (conventions.py)."""
-
-    def __init__(self, original):
-        self.original = original
-        self.kept = conventions.kept_duties(original)
-        if self.kept:
-            conventions.artifacts_only(original)
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.kept:
-            self.original.on_save(args, state, control, **kwargs)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.kept:  # before StreamMetricsCallback's own on_train_end: the run is still open
-            with autolog_paused():  # W&B builds a Trainer only to save the model: no callback for it
-                self.original.on_train_end(args, state, control, **kwargs)
-
-    def __repr__(self):
-        return f"<{type(self.original).__name__} replaced by StreamMetricsCallback>"
-
-
-def _handler_from_stack() -> CallbackHandler | None:
-    """The Trainer's CallbackHandler, found by walking up from the event being handled.
-
-    Why: nothing public gives a callback its handler or its Trainer (events pass the model,
-    optimizer and loaders only), and two things need the handler: taking the built-in W&B/MLflow
-    callbacks out (so every metric is logged once) and finding the Trainer's progress bar. Its
-    ``call_event`` is a few frames up, as ``self``; None when it is not (then nothing is taken over).
-    """
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
 
 
 def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCallback") -> None:
@@ -111,26 +65,6 @@ def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCall
     options that are not JSON). Sharing the attributes keeps one callback, whichever object is asked.
     """
     callback.__dict__ = original.__dict__
-
-
-def _is_the_trainers_own(callback) -> bool:
-    """The Trainer's flow callback and the reporting integrations ``report_to`` adds (they come first)."""
-    return isinstance(callback, (DefaultFlowCallback, _TakenOver)) or \
-        type(callback).__module__.startswith("transformers.integrations")
-
-
-def _auto_backends(taken_over: list[str], report_to) -> list[str]:
-    names = list(taken_over) or [n for n in schema.BACKENDS if n in (report_to or [])]
-    if names:
-        return names
-    import importlib.util
-
-    if importlib.util.find_spec("mlflow"):
-        names.append("mlflow")
-    if importlib.util.find_spec("wandb") and (os.environ.get("WANDB_MODE") in ("offline", "dryrun")
-                                              or os.environ.get("WANDB_API_KEY")):
-        names.append("wandb")
-    return names
 
 
 class StreamMetricsCallback(TrainerCallback, ExportableState):
@@ -176,6 +110,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             Every(self.eval_every)  # more than 0
         if self.save_every is not None:
             Every(self.save_every)
+        self._schedules = StepSchedules(self.eval_every, self.save_every, self.stop_at)
         self.show_progress = progress
         self.rewrite_logs = rewrite_logs
         self.display: ProgressDisplay | None = None
@@ -208,14 +143,14 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ taking over
     def _take_over_integrations(self) -> None:
-        handler = _handler_from_stack()
+        handler = handler_from_stack()
         if handler is None:
             return
         self._handler = handler
         for i, cb in enumerate(handler.callbacks):
-            name = _INTEGRATIONS.get(type(cb).__name__)
+            name = replaced_by(cb)
             if name:
-                handler.callbacks[i] = taken = _TakenOver(cb)  # replaced in place: the handler is iterating
+                handler.callbacks[i] = taken = TakenOver(cb)  # replaced in place: the handler is iterating
                 if name not in self._taken_over:
                     self._taken_over.append(name)
                 log.info("stream_metrics: the Trainer's %s is replaced by StreamMetricsCallback, which logs "
@@ -236,7 +171,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if mine is None:
             return
         first = 0  # the first place after the Trainer's flow callback and reporting integrations
-        while first < mine and _is_the_trainers_own(callbacks[first]):
+        while first < mine and is_the_trainers_own(callbacks[first]):
             first += 1
         if first < mine:
             callbacks.insert(first, callbacks.pop(mine))
@@ -263,7 +198,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)
         self._active = conventions.make_active(self.run)  # user's wandb.log / mlflow.log_* land in our runs
-        self.run.at_finish(lambda status, active=self._active: conventions.end_active(active, status))
+        active = self._active
+        self.run.at_finish(lambda status: conventions.end_active(active, status))
         if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         self._begin_display(args, state)
@@ -287,7 +223,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if backend is None:
             backend = self.backend
             if backend == "auto":
-                backend = _auto_backends(self._taken_over, args.report_to if args is not None else None)
+                backend = auto_backends(self._taken_over, args.report_to if args is not None else None)
         return Run(backend=backend, x_axis=self.x_axis, dataset_size=self.dataset_size, dataset=dataset,
                    resume=resume, **options)
 
@@ -312,9 +248,11 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.run.update(kwargs if kwargs else (args[0] if args else None))
 
     def _step(self, state) -> None:
-        self.run.set_step(state.global_step)
+        run = self.run
+        assert run is not None  # called once a run is made
+        run.set_step(state.global_step)
         if self._sized:
-            self.run.set_epoch(state.epoch or 0.0)
+            run.set_epoch(state.epoch or 0.0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._batches_this_epoch = 0
@@ -425,61 +363,28 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ schedules and display
     def _apply_schedules(self, control, step: int) -> None:
-        """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed.
-
-        No collective on most steps: from the last synced Progress (every row brings one, identical on
-        every rank) and the pace seen between syncs, a ``Lookahead`` tells when a boundary may be near;
-        only then do the ranks sync (one collective) and decide from that Progress. The clock is the
-        optimizer step, the same on every rank, so every rank syncs at the same steps and sets the same flags.
-        """
-        if not (self.eval_every or self.save_every or self.stop_at):
+        """eval_every / save_every / stop_at: set the Trainer's control flags when an amount is crossed
+        (schedule.StepSchedules: the ranks sync only near a boundary, all at the same step)."""
+        run = self.run
+        assert run is not None  # on_step_end checked
+        if not self._schedules:
             # Without a schedule the ranks meet at rows only (on_log shows those); a lone process may
             # read its counts for the display. (display.ready() differs between ranks: never a collective.)
             if self.display is not None and self.display.ready() and distributed.world_size() == 1:
-                self._show(self.run.progress)
+                self._show(run.progress)
             return
-        plans = self._schedule_plans()
-        last = self.run.last_progress  # the latest sync: a row, a checkpoint's state, or this method's
-        for _, _, look in plans:
-            look.observe(last, clock=last.step)
-        synced = any(look.near(target, step) for _, target, look in plans)
-        if synced:
-            progress = self.run.progress  # near a boundary: every rank syncs here, at the same step
-        else:
-            # Below every target by the lookahead: nothing can fire (Every/Until still warn about
-            # an axis that is missing). Steps are known exactly without a sync.
-            progress = dataclasses.replace(last, step=step)
-        if self.eval_every and self.run.schedule(self.eval_every, name="eval_every").crossed(progress):
+        evaluate, save, stop, synced = self._schedules.decide(run, step)
+        if evaluate:
             control.should_evaluate = True
-        if self.save_every and self.run.schedule(self.save_every, name="save_every").crossed(progress):
+        if save:
             control.should_save = True
-        if self.stop_at and Until(self.stop_at).reached(progress):
+        if stop:
             control.should_training_stop = True
             control.should_save = True  # the final checkpoint, at the amount
-        if synced:
-            self._show(progress)
+        if synced is not None:
+            self._show(synced)
         elif self.display is not None and self.display.ready() and distributed.world_size() == 1:
-            self._show(self.run.progress)
-
-    def _schedule_plans(self) -> list:
-        """(name, next target, Lookahead) for each schedule set; lookaheads last as long as the run."""
-        if getattr(self, "_lookaheads", None) is None or self._lookaheads[0] is not self.run:
-            self._lookaheads: tuple = (self.run, {})
-        looks = self._lookaheads[1]
-        plans = []
-        for name, amount in (("eval_every", self.eval_every), ("save_every", self.save_every)):
-            if amount:
-                every = self.run.schedule(amount, name=name)
-                look = looks.get(name)
-                if look is None or look.amount != every.amount:
-                    look = looks[name] = Lookahead(every.amount, clock_is_step=True)
-                plans.append((name, next_boundary(every), look))
-        if self.stop_at:
-            look = looks.get("stop_at")
-            if look is None or str(look.amount) != self.stop_at:
-                look = looks["stop_at"] = Lookahead(self.stop_at, clock_is_step=True)
-            plans.append(("stop_at", look.amount.value, look))
-        return plans
+            self._show(run.progress)
 
     def _begin_display(self, args, state) -> None:
         show = (not args.disable_tqdm) if self.show_progress is None else self.show_progress

@@ -53,4 +53,4 @@ def keep_mlflow_off_the_global_random() -> None:
         # Only the name that is the global module is replaced: a module-level ``random`` MLflow
         # uses only for draws, now answered by our generator with the same methods.
         if module is not None and getattr(module, "random", None) is random:
-            module.random = _PRIVATE
+            module.__dict__["random"] = _PRIVATE

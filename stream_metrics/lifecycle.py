@@ -26,7 +26,9 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .run import Run
@@ -39,7 +41,8 @@ SIGNALS = ("SIGTERM", "SIGINT")
 
 _open: dict[int, "Run"] = {}  # id -> run: strong references, so a dropped run is still finished
 _lock = threading.RLock()
-_previous: dict[int, object] = {}  # signal number -> the handler ours replaced
+# signal number -> the handler ours replaced
+_previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
 
 def opened(run: "Run") -> None:

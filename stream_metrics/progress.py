@@ -1,11 +1,16 @@
-"""The progress record: how much training data a run has seen, as one immutable value."""
+"""The progress record: how much training data a run has seen, as one immutable value; and the
+progress file, where the wall-clock of the latest row is kept beside the checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import weakref
 from dataclasses import dataclass
 
 from . import schema
+from ._checks import warn_once
 
 
 @dataclass(frozen=True)
@@ -72,3 +77,51 @@ class Progress:
         if out.epoch_source not in schema.EPOCH_SOURCES:
             raise ValueError(f"progress epoch_source={out.epoch_source!r} is not one of {schema.EPOCH_SOURCES}")
         return dataclasses.replace(out, epoch=float(out.epoch), wall_clock=float(out.wall_clock))
+
+
+class ProgressFile:
+    """The wall-clock of the latest row, beside the checkpoints (``progress_file=``): a run resumed
+    from an older checkpoint (after a crash) goes on from here, so wall_clock never goes back.
+
+    Written at every row, so it must be cheap: one ``os.pwrite`` at offset 0 into a file kept open,
+    padded with spaces to a width that never shrinks, so the file always holds one whole JSON text
+    (a write of a few hundred bytes to a regular file is not cut short by the process being killed).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None  # opened at the first write
+        self.width = 0
+        self._ids: dict | None = None
+        self._head = b""
+
+    def write(self, run_ids: dict, wall_clock: float) -> None:
+        try:
+            self._write(run_ids, wall_clock)
+        except OSError as exc:
+            warn_once("progress-file", f"cannot write {self.path} ({exc}); a resumed run's "
+                                       "wall_clock goes on from its checkpoint")
+
+    def _write(self, run_ids: dict, wall_clock: float) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            weakref.finalize(self, os.close, self.fd)
+            self.width = os.fstat(self.fd).st_size  # cover whatever an earlier run left there
+        if run_ids != self._ids:  # the ids change once or twice a run: encode them then only
+            self._ids = dict(run_ids)
+            self._head = b'{"run_ids": ' + json.dumps(run_ids).encode() + b', "wall_clock": '
+        text = self._head + repr(float(wall_clock)).encode() + b"}"
+        if len(text) > self.width:
+            self.width = len(text) + 64
+        os.pwrite(self.fd, text.ljust(self.width), 0)
+
+    def wall_clock_at_last_row(self, run_ids: dict) -> float:
+        """The wall-clock the file holds where it was written by the same runs (``run_ids``), else 0."""
+        try:
+            with open(self.path) as f:
+                last = json.load(f)
+        except (OSError, ValueError, TypeError):
+            return 0.0
+        same_run = run_ids and all(last.get("run_ids", {}).get(k) == v for k, v in run_ids.items())
+        wall = last.get("wall_clock")
+        return float(wall) if same_run and isinstance(wall, (int, float)) and math.isfinite(wall) else 0.0

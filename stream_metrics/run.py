@@ -6,25 +6,22 @@ backends (each in its own thread).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import logging
-import math
-import numbers
 import time
-import weakref
-
-import torch
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from . import distributed, flops, layout as layouts, lifecycle, schema
+from ._checks import non_negative, warn_once, whole_number
 from .backends import RunInfo, backend_names, create
-from .backends.base import Row
+from .backends.base import Backend, Row
 from .backends.delivery import Delivery, close_all
-from .counting import BatchError, Count, Total, read_batch, warn_once
 from .epoch import DatasetProbe, EpochEstimator
-from .progress import Progress
+from .progress import Progress, ProgressFile
 from .redact import redact_config
 from .sanitize import KeyMap, clean_metrics, resolve
+from .schedule import Every, Schedules
+from .tally import Tally
 from .version import __version__
 
 log = logging.getLogger("stream_metrics")
@@ -66,13 +63,10 @@ class Run:
                        or layout or layouts.detect() or layouts.Layout.every_rank())
         self.x_axis = schema.axis_key(x_axis)
         self.mlflow_step = schema.axis_key(mlflow_step, allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
-        if (isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int)
-                or gradient_accumulation_steps < 1):
-            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be a whole "
-                             "number >= 1: the micro-batches that make one optimizer step")
-        if isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float)) or flush_timeout < 0:
-            raise ValueError(f"flush_timeout={flush_timeout!r} must be a number of seconds >= 0")
-        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.gradient_accumulation_steps = whole_number(
+            "gradient_accumulation_steps", gradient_accumulation_steps, minimum=1,
+            hint="the micro-batches that make one optimizer step")
+        self.flush_timeout = non_negative("flush_timeout", flush_timeout, unit="seconds", infinite=True)
         # FLOPs (flops.py): the formula from the model or flops_per_token; the peak behind throughput/mfu.
         self.flop_formula = flops.formula_for(model, flops_per_token)
         self.peak = flops.resolve_peak(peak_flops, model, precision) if self.flop_formula else None
@@ -81,9 +75,11 @@ class Run:
                              "flops_per_token= to init()")
         self.pad_token_id = pad_token_id
         self.estimator = EpochEstimator(dataset_size)
-        self.probe = DatasetProbe.of(dataset)
-        self.flush_timeout = flush_timeout
+        # The counts and the row's one gather (tally.py).
+        self.tally = Tally(self.layout, self.gradient_accumulation_steps, pad_token_id, self.flop_formula,
+                           self.estimator, DatasetProbe.of(dataset))
         self.progress_file = progress_file
+        self._progress_out = ProgressFile(progress_file) if progress_file else None
         self.name, self.project = name, project
         self.config = redact_config(config)
         self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
@@ -92,78 +88,29 @@ class Run:
         # Backends exist on the main process only; the others count and join the row's collective.
         options = {"mlflow": mlflow or {}, "wandb": wandb or {}}
         backends = [create(n, options[n]) for n in names] if distributed.is_main() else []
-        self._deliveries = [Delivery(b, **({"buffer_rows": buffer_rows} if buffer_rows else {}))
-                            for b in backends]
+        self._deliveries = [Delivery(b, buffer_rows=buffer_rows) if buffer_rows else Delivery(b) for b in backends]
         self._run_ids: dict[str, str] = {}
-        self._at_finish: list = []  # at_finish(): called with the status, however the run ends
+        self._at_finish: list[Callable[[str], Any]] = []  # at_finish(): called with the status, however the run ends
         self._started = self._finished = False
-        self._step_override = None
-        self._reset_session(Progress(), rows=0, batches=0)
+        self._epoch_source: str | None = None  # the one the backends were told
+        self._schedules = Schedules()  # name -> Every, kept in state_dict()
+        self._last = self.tally.latest  # the progress of the last row stored
         if resume is not None:
             self.load_state_dict(resume)
         if self._deliveries:
             lifecycle.opened(self)  # finished however the process ends (lifecycle.py)
 
-    # ------------------------------------------------------------------ counting (hot path)
-    def _reset_session(self, base: Progress, rows: int, batches: int) -> None:
-        self._base, self._base_rows, self._base_batches = base, rows, batches
-        self._samples, self._tokens, self._loss_tokens = Total(), Total(), Total()
-        self._flops = flops.FlopCount(self.flop_formula) if self.flop_formula else None
-        self._rows = self._micro_batches = self._steps = self._in_window = 0
-        self._has_tokens = self._has_loss_tokens = False
-        self._passes, self._first_pass, self._pass_start = 0, None, Total()
-        self._t0 = time.monotonic()
-        self._last = base
-        self._progress = base
-
-    def update(self, batch=None, *, samples=None, tokens=None, loss_tokens=None) -> None:
+    # ------------------------------------------------------------------ counting (tally.py)
+    def update(self, batch: Any = None, *, samples: Any = None, tokens: Any = None, loss_tokens: Any = None) -> None:
         """Account for one micro-batch; explicit counts override what is read from ``batch``.
 
         Costs no host-device synchronisation: device counts are summed on the device and read
         when a row is written. Every ``gradient_accumulation_steps`` calls make one step, and a
         pass's end (``iterate``, ``end_pass``) closes a window it cut short, as optimizers step there.
         """
-        # Explicit counts are checked first: a bad one is a clear error at once, not hours later.
-        samples, tokens, loss_tokens = (None if value is None else _check_count(name, value) for name, value in
-                                        (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)))
-        counts = None
-        if batch is not None:
-            try:
-                counts = read_batch(batch, self.pad_token_id)
-            except BatchError as exc:
-                if samples is None:
-                    warn_once("batch:" + exc.what, f"{exc}; this batch is not counted")
-                    self._micro_batch_done()  # it was still trained on: the optimizer's steps go on
-                    return
-        elif samples is None:
-            raise TypeError("update() needs a batch or samples=")
-        if counts is not None:
-            samples = counts.samples if samples is None else samples
-            tokens = counts.tokens if tokens is None else tokens
-            loss_tokens = counts.loss_tokens if loss_tokens is None else loss_tokens
-        # Sliced context parallelism: every rank of the group holds the same rows (the group's first
-        # rank counts them), while example starts read from position_ids are split between the ranks.
-        from_starts = counts is not None and samples is counts.samples and isinstance(samples, torch.Tensor)
-        self._samples.add(samples if from_starts or not self.layout.rows_counted_elsewhere else 0)
-        if self._flops is not None:
-            self._flops.add(batch, tokens)
-        self._rows += counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
-        if tokens is not None:
-            self._tokens.add(tokens)
-            self._has_tokens = True
-        if loss_tokens is not None:
-            self._loss_tokens.add(loss_tokens)
-            self._has_loss_tokens = True
-        self._micro_batch_done()
+        self.tally.update(batch, samples=samples, tokens=tokens, loss_tokens=loss_tokens)
 
-    def _micro_batch_done(self) -> None:
-        self._micro_batches += 1
-        self._in_window += 1
-        if self._in_window == self.gradient_accumulation_steps:
-            self._steps += 1
-            self._in_window = 0
-
-    def iterate(self, loader, *, count: bool = True):
+    def iterate(self, loader: Iterable, *, count: bool = True) -> Iterator:
         """Yield the batches of one pass over ``loader``, counting each; the pass's end is seen.
 
         >>> for batch in run.iterate(loader):   # doctest: +SKIP
@@ -172,14 +119,19 @@ class Run:
         self.watch(loader)
         for batch in loader:
             if count:
-                self.update(batch)
+                self.tally.update(batch)
             yield batch
         self.end_pass()
 
-    def watch(self, dataset) -> None:
+    @property
+    def probe(self) -> DatasetProbe:
+        """What this rank can tell about the dataset it reads (epoch.py)."""
+        return self.tally.probe
+
+    def watch(self, dataset: Any) -> None:
         """Use ``dataset`` (a dataset or loader) for the epoch estimate, and expect pass ends."""
-        if self.probe.dataset is None:
-            self.probe = DatasetProbe.of(dataset)
+        if self.tally.probe.dataset is None:
+            self.tally.probe = DatasetProbe.of(dataset)
         self.estimator.watching = True
 
     def end_pass(self) -> None:
@@ -188,78 +140,14 @@ class Run:
         A gradient-accumulation window the pass's end cut short makes its step here, as the Trainer
         and accelerate step at the end of the data.
         """
-        if self._in_window:
-            self._steps += 1
-            self._in_window = 0
-        self._passes += 1
-        if self._first_pass is None:
-            self._first_pass = self._samples.snapshot()
-        self._pass_start = self._samples.snapshot()
+        self.tally.end_pass()
         self.estimator.watching = True
 
     # ------------------------------------------------------------------ rows
-    _calls = 0  # collectives this Run has joined: each rank's count rides in the gather
-
-    def _sync(self, call: str = "log", pending=()) -> Progress:
-        """Bring every rank's counts together: the one collective and host sync of a row.
-
-        ``pending``: this rank's tensor metrics (``sanitize.Pending``), read in the same sync.
-
-        ``call`` (``"log"``, ``"progress"``, ``"state_dict"``, ``"summary"``) and this rank's count of
-        calls go with the gather, so a call that only some ranks make (``if rank == 0:
-        run.state_dict()``) stops every rank with a clear error instead of pairing with another
-        rank's next row and mixing up their counts.
-        """
-        now = time.monotonic()
-        self._calls += 1
-        base = self._base
-        in_pass = self._samples.value() if self._passes == 0 else _minus(self._samples, self._pass_start)
-        if self._passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
-            # The restored samples were all in the first pass, read by the data-parallel ranks.
-            in_pass = in_pass + base.samples / self.layout.data_parallel_size
-        main = distributed.is_main()
-        fields = {
-            "samples": self._samples.value(),
-            "tokens": self._tokens.value(),
-            "loss_tokens": self._loss_tokens.value(),
-            "has_tokens": int(self._has_tokens),
-            "has_loss_tokens": int(self._has_loss_tokens),
-            "steps": self._steps,
-            "wall_clock": base.wall_clock + (now - self._t0),
-            "passes": self._passes,
-            "first_pass_samples": self._first_pass.value() if self._first_pass is not None else -1,
-            "samples_in_pass": in_pass,
-            **self.probe.local(rows=self._rows + (self._base_rows if main else 0),
-                               batches=self._micro_batches + (self._base_batches if main else 0)),
-            **self.layout.fields(), "call": _CALLS[call], "call_seq": self._calls,
-            **(self._flops.local() if self._flops is not None else {}),
-        }
-        ranks = [{k: (v if type(v) is int else int(v) if float(v).is_integer() else v) for k, v in r.items()}
-                 for r in distributed.gather(fields, pending)]
-        _check_same_call(ranks)
-        # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
-        weights = layouts.weights(ranks)
-        samples = base.samples + sum(w * r["samples"] for r, w in zip(ranks, weights))
-        tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
-        loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
-        reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
-        has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
-        has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
-        step = self._step_override if self._step_override is not None else base.step + max(r["steps"] for r in ranks)
-        epoch, source = self.estimator.estimate(samples, reading)
-        self._progress = Progress(
-            step=int(step), samples=int(samples),
-            tokens=int((base.tokens or 0) + tokens) if has_tokens else None,
-            loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
-            epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source,
-            # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
-            flops=base.flops if self._flops is None else (base.flops or 0) + self._flops.total(ranks, weights))
-        return self._progress
-
     @property
     def progress(self) -> Progress:
         """The axes as of now (brings the ranks together, like a row: call it on every rank)."""
-        return self._sync("progress")
+        return self.tally.sync("progress")
 
     def log(self, metrics: dict | None = None) -> Progress:
         """Write one row: ``metrics`` plus every progress axis. Call it on every rank.
@@ -274,7 +162,7 @@ class Run:
         # Tensor metrics are read in the row's one host sync, with the counts (main process only).
         pending: list = []
         metrics = clean_metrics(metrics or {}, self._keys, pending) if self._deliveries else {}
-        progress = self._sync("log", pending)
+        progress = self.tally.sync("log", pending)
         row = progress.axes()
         if not self._deliveries:
             self._last = progress
@@ -292,39 +180,14 @@ class Run:
         row.update(resolve(metrics, pending))
         self._last = progress
         self._submit_row(row, progress)
-        if self.progress_file:
-            self._write_progress_file(progress)
+        if self._progress_out is not None:
+            self._progress_out.write({d.backend.name: d.backend.run_id for d in self._deliveries if d.backend.run_id},
+                                     progress.wall_clock)
         return progress
-
-    def _write_progress_file(self, progress: Progress) -> None:
-        # The wall-clock of the latest row, beside the checkpoints: a run resumed from an older
-        # checkpoint (after a crash) goes on from here, so wall_clock never goes back. Every row, so
-        # it must be cheap: one pwrite at offset 0 into a file kept open, padded with spaces to a
-        # width that never shrinks, so the file always holds one whole JSON text (a write of a few
-        # hundred bytes to a regular file is not cut short by the process being killed).
-        ids = {d.backend.name: d.backend.run_id for d in self._deliveries if d.backend.run_id}
-        writer = self.__dict__.get("_progress_writer")
-        try:
-            if writer is None:
-                writer = self._progress_writer = _ProgressFile(self.progress_file)
-            writer.write(ids, progress.wall_clock)
-        except OSError as exc:
-            warn_once("progress-file", f"cannot write {self.progress_file} ({exc}); a resumed run's "
-                                       "wall_clock goes on from its checkpoint")
-
-    def _wall_clock_at_last_row(self, run_ids: dict) -> float:
-        try:
-            with open(self.progress_file) as f:
-                last = json.load(f)
-        except (OSError, ValueError, TypeError):
-            return 0.0
-        same_run = run_ids and all(last.get("run_ids", {}).get(k) == v for k, v in run_ids.items())
-        wall = last.get("wall_clock")
-        return float(wall) if same_run and isinstance(wall, (int, float)) and math.isfinite(wall) else 0.0
 
     def summary(self, metrics: dict) -> None:
         """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
-        progress = self._sync("summary")
+        progress = self.tally.sync("summary")
         self._last = progress  # a stored row with every axis (on every rank): finish() need not write it again
         if self._deliveries:
             self._start()
@@ -346,7 +209,7 @@ class Run:
 
     def _tags(self, backend_name: str) -> dict:
         tags = {schema.TAG_VERSION: __version__, schema.TAG_X_AXIS: self.x_axis,
-                schema.TAG_EPOCH_SOURCE: self._progress.epoch_source,
+                schema.TAG_EPOCH_SOURCE: self.tally.latest.epoch_source,
                 schema.TAG_DATA_PARALLEL: self.layout.describe()}
         if backend_name == "mlflow":
             tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
@@ -354,8 +217,6 @@ class Run:
             tags[schema.TAG_FLOPS_METHOD] = self.flop_formula.method
             tags[schema.TAG_PEAK_FLOPS] = str(self.peak) if self.peak else "unknown: throughput/mfu is not logged"
         return tags
-
-    _epoch_source = None
 
     def _set_epoch_source(self, source: str) -> None:
         self._epoch_source = source
@@ -366,7 +227,7 @@ class Run:
         if self._started:
             return
         self._started = True
-        self._epoch_source = self._progress.epoch_source
+        self._epoch_source = self.tally.latest.epoch_source
         for d in self._deliveries:
             info = RunInfo(name=self.name, project=self.project, run_id=self._run_ids.get(d.backend.name),
                            config=self.config, tags=self._tags(d.backend.name), x_axis=self.x_axis,
@@ -392,14 +253,14 @@ class Run:
         >>> if torch.distributed.get_rank() == 0:   # doctest: +SKIP
         ...     json.dump(state, open("stream_metrics.json", "w"))
         """
-        progress = self._sync("state_dict")
+        progress = self.tally.sync("state_dict")
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "library_version": __version__,
             "progress": progress.to_dict(),
-            "rows": self._base_rows + self._rows, "batches": self._base_batches + self._micro_batches,
+            "rows": self.tally.rows_total, "batches": self.tally.batches_total,
             "epoch": self.estimator.state_dict(),
             "run_ids": self.run_ids if distributed.is_main() else dict(self._run_ids),
-            "schedules": self._schedules_state(),
+            "schedules": self._schedules.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -415,21 +276,21 @@ class Run:
             rows, batches = int(state.get("rows", 0)), int(state.get("batches", 0))
             run_ids = {str(k): str(v) for k, v in dict(state.get("run_ids") or {}).items()}
             self.estimator.load_state_dict(dict(state.get("epoch") or {}), base.samples)
-            schedules = self._load_schedules(state.get("schedules"))
+            schedules = Schedules.read_state(state.get("schedules"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"corrupt stream_metrics state dict: {exc}") from None
         if self._started and run_ids != {k: v for k, v in self._run_ids.items() if k in run_ids}:
             raise ValueError("load_state_dict() must come before the first log(): the tracking runs are open")
         self._run_ids.update(run_ids)
-        if self.progress_file:
-            base = dataclasses.replace(base, wall_clock=max(base.wall_clock, self._wall_clock_at_last_row(run_ids)))
-        self._reset_session(base, rows, batches)
-        self._schedules = schedules
+        if self._progress_out is not None:
+            wall_clock = self._progress_out.wall_clock_at_last_row(run_ids)
+            base = dataclasses.replace(base, wall_clock=max(base.wall_clock, wall_clock))
+        self.tally.reset(base, rows, batches)
+        self._last = base
+        self._schedules.kept = schedules
 
     # ------------------------------------------------------------------ schedules (schedule.py)
-    _schedules: dict | None = None  # name -> Every, made on first use; kept in state_dict()
-
-    def due(self, every, progress: Progress | None = None) -> bool:
+    def due(self, every: Any, progress: Progress | None = None) -> bool:
         """True once each time the run crosses a multiple of ``every`` (``"1Mtok"``, ``"500ksp"``, ``"30min"``).
 
         A call that jumps over several multiples answers True once. The answer is a pure function of
@@ -441,55 +302,15 @@ class Run:
         >>> if run.due("1Mtok", run.log({"loss": loss})):   # doctest: +SKIP
         ...     evaluate()
         """
-        schedule = self.schedule(every)
-        if progress is not None:
-            return schedule.crossed(progress) > 0
-        look = self._lookahead(str(schedule.amount), schedule.amount)
-        # The clock is this schedule's calls, the same on every rank; a sync seen now (a row) was made
-        # after the previous call.
-        look.observe(self._progress, clock=look.calls)
-        look.calls += 1
-        from .schedule import next_boundary
+        return self._schedules.due(every, progress, self.tally)
 
-        if look.near(next_boundary(schedule), look.calls):
-            return schedule.crossed(self._sync("progress")) > 0
-        return schedule.crossed(self._progress) > 0  # below the boundary: 0 (warns where an axis is missing)
-
-    def _lookahead(self, name: str, amount):
-        from .schedule import Lookahead
-
-        looks = self.__dict__.setdefault("_lookaheads", {})  # name -> (session, Lookahead)
-        session, look = looks.get(name, (None, None))
-        if look is None or session is not self._base or look.amount != amount:  # new, or after a resume
-            look = Lookahead(amount)
-            looks[name] = (self._base, look)
-        return look
-
-    def schedule(self, every, name: str | None = None):
+    def schedule(self, every: Any, name: str | None = None) -> Every:
         """The ``Every`` kept under ``name`` (default: the amount's text) and in ``state_dict()``.
 
         A schedule new to this session (or changed across a resume) counts from where the session
         started, so it does not fire for boundaries passed before.
         """
-        from .schedule import Every
-
-        every = Every(every, after=self._base)
-        name = str(every.amount) if name is None else name
-        if self._schedules is None:
-            self._schedules = {}
-        kept = self._schedules.get(name)
-        if kept is None or kept.amount != every.amount:
-            kept = self._schedules[name] = every
-        return kept
-
-    def _schedules_state(self) -> dict:
-        return {name: every.state_dict() for name, every in (self._schedules or {}).items()}
-
-    @staticmethod
-    def _load_schedules(state) -> dict:
-        from .schedule import Every
-
-        return {str(name): Every.from_state_dict(s) for name, s in dict(state or {}).items()}
+        return self._schedules.get(every, name, self.tally.base)
 
     # ------------------------------------------------------------------ the end
     def where(self) -> list[str]:
@@ -519,7 +340,7 @@ class Run:
         # brought together (the Trainer's end does), since finish() starts no collective.
         if self._deliveries:
             try:
-                progress, last = (self._sync() if distributed.world_size() == 1 else self._progress), self._last
+                progress, last = (self.tally.sync() if distributed.world_size() == 1 else self.tally.latest), self._last
                 if (progress.samples, progress.tokens, progress.loss_tokens, progress.step) != (
                         last.samples, last.tokens, last.loss_tokens, last.step):
                     self._submit_row(progress.axes(), progress)
@@ -553,7 +374,7 @@ class Run:
     def set_step(self, step: int) -> None:
         """Rows carry ``step`` as ``progress/step`` from now on: for loops that count optimizer steps
         themselves (the Trainer's ``global_step``), instead of the micro-batches counted here."""
-        self._step_override = int(step)
+        self.tally.step_override = int(step)
 
     def set_epoch(self, epoch: float) -> None:
         """The exact epoch, where the caller knows it (the Trainer on a sized dataset): ``sized`` source."""
@@ -574,7 +395,7 @@ class Run:
         """Whether the tracking runs were opened (by the first row): ``config`` is fixed from then on."""
         return self._started
 
-    def open(self, timeout: float | None = None) -> list:
+    def open(self, timeout: float | None = None) -> list[Backend]:
         """Open the tracking runs now (otherwise they open with the first row) and wait up to
         ``timeout`` seconds (default ``flush_timeout``) for them; returns the backends whose run is
         open, so an integration can make those runs the process's active ones."""
@@ -589,7 +410,7 @@ class Run:
                 opened.append(d.backend)
         return opened
 
-    def at_finish(self, fn) -> None:
+    def at_finish(self, fn: Callable[[str], Any]) -> None:
         """Call ``fn(status)`` once the runs are closed, however the run ends (``finish()``, the
         interpreter's exit, an uncaught exception, a signal): integrations undo what they set up."""
         self._at_finish.append(fn)
@@ -597,77 +418,12 @@ class Run:
     @property
     def last_progress(self) -> Progress:
         """The axes as of the latest time the ranks met (a row, a state, ``progress``): no new sync."""
-        return self._progress
+        return self.tally.latest
 
     @property
     def backends(self) -> list[str]:
         """The backends in use on this process (``[]`` on ranks other than the main one)."""
         return [d.backend.name for d in self._deliveries]
-
-
-# The collectives a Run joins, as sent in the gather (run.progress and due() are the same call).
-_CALLS = {"log": 1, "progress": 2, "state_dict": 3, "summary": 4}
-_CALL_TEXT = {1: "log()", 2: "run.progress (or due())", 3: "state_dict()", 4: "summary()"}
-
-
-def _check_same_call(ranks: list[dict]) -> None:
-    """Every rank must be in the same call: otherwise raise, on every rank alike (they all see this)."""
-    if len({(r["call"], r["call_seq"]) for r in ranks}) == 1:
-        return
-    where = ", ".join(f"rank {i} in {_CALL_TEXT.get(r['call'], '?')} (its call {r['call_seq']})"
-                      for i, r in enumerate(ranks))
-    raise RuntimeError(
-        f"stream_metrics: the ranks met in different calls: {where}. state_dict() and progress bring the "
-        "ranks together: call them on every rank, as log() (e.g. state = run.state_dict() on every rank, "
-        "then save it on rank 0). These counts were not used.")
-
-
-class _ProgressFile:
-    """The progress file, open for the run: ``write`` is one ``os.pwrite`` of a padded JSON text."""
-
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        self._closer = weakref.finalize(self, os.close, self.fd)
-        self.width = os.fstat(self.fd).st_size  # cover whatever an earlier run left there
-        self._ids, self._head = None, b""
-
-    def write(self, run_ids: dict, wall_clock: float) -> None:
-        if run_ids != self._ids:  # the ids change once or twice a run: encode them then only
-            self._ids = dict(run_ids)
-            self._head = b'{"run_ids": ' + json.dumps(run_ids).encode() + b', "wall_clock": '
-        text = self._head + repr(float(wall_clock)).encode() + b"}"
-        if len(text) > self.width:
-            self.width = len(text) + 64
-        os.pwrite(self.fd, text.ljust(self.width), 0)
-
-
-def _minus(total: Total, start: Total):
-    return total.value() - start.value()
-
-
-def _check_count(name: str, value) -> Count:
-    """An explicit count as ``update`` adds it; a clear error for a Python value that is not a count.
-
-    Tensors are taken on their device without reading them (that would wait for the device): a
-    one-element tensor counts, a float or bool one is rounded to int64 there (one warning).
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"update({name}=<tensor of shape {tuple(value.shape)}>): a count must be a number "
-                             "or a one-element tensor; pass its sum (e.g. mask.sum())")
-        value = value.reshape(())
-        if value.dtype != torch.int64:
-            if torch.is_floating_point(value) or value.is_complex():
-                warn_once(f"float-count:{name}", f"update({name}=...) got a {value.dtype} tensor: counts are taken "
-                                                 "as whole numbers, rounded on the device; pass an integer tensor "
-                                                 "(e.g. mask.sum()) to silence this")
-                value = torch.nan_to_num(value.real if value.is_complex() else value, nan=0.0).round()
-            value = value.to(torch.int64)
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and (
-            not math.isfinite(value) or not value.is_integer())) or value < 0:
-        raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
-    return int(value)  # type: ignore[call-overload]  # a whole numbers.Real, checked above
 
 
 def init(backend="mlflow", x_axis: str = "samples", dataset_size=None, gradient_accumulation_steps: int = 1,

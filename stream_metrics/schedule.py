@@ -12,10 +12,17 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING, Any
 
+from ._checks import warn_once
 from .amount import Amount, as_amount
-from .counting import warn_once
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .run import Run
+    from .tally import Tally
 
 
 class Every:
@@ -135,14 +142,14 @@ class Lookahead:
         self.amount: Amount = as_amount(amount)
         # The Trainer's clock is the optimizer step itself: a schedule in steps needs no sync at all.
         self.exact = clock_is_step and self.amount.field == "step"
-        self.position = None       # at the last sync seen, in the amount's unit (None: axis unknown)
-        self.clock = None          # the clock at that sync
-        self.source = None         # the epoch estimate's source at that sync
-        self.samples = 0           # samples at that sync
-        self.paces: list = []      # increase per tick, for each of the latest intervals
-        self.calls = 0             # a clock for callers that count their own calls (Run.due)
-        self._seen = None          # the Progress last observed (a new object at every sync)
-        self._target = None        # the target last asked about (to notice one reached unforeseen)
+        self.position: int | float | None = None  # at the last sync seen, in the amount's unit (None: unknown)
+        self.clock: int | None = None       # the clock at that sync
+        self.source: str | None = None      # the epoch estimate's source at that sync
+        self.samples = 0                    # samples at that sync
+        self.paces: list[float] = []        # increase per tick, for each of the latest intervals
+        self.calls = 0                      # a clock for callers that count their own calls (Run.due)
+        self._seen: Progress | None = None  # the Progress last observed (a new object at every sync)
+        self._target: int | float | None = None  # the target last asked about (to notice one reached unforeseen)
 
     def observe(self, progress, clock: int) -> None:
         """Take in a synced ``progress`` (the same on every rank), made at ``clock``. Seen before: nothing."""
@@ -188,3 +195,104 @@ class Lookahead:
 def next_boundary(every: Every):
     """The next multiple of the interval that ``every`` has not counted yet, in its unit."""
     return (every.boundaries + 1) * every.amount.value
+
+
+class Schedules:
+    """The schedules a Run keeps by name (``Run.schedule``, ``Run.due``; in its ``state_dict()``), and
+    the ``Lookahead`` that lets ``due()`` skip the ranks' sync when no boundary can be near."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Every] = {}
+        self._lookaheads: dict[str, tuple[Progress, Lookahead]] = {}  # name -> (session's base, Lookahead)
+
+    def get(self, every: Any, name: str | None, session: Progress) -> Every:
+        """The ``Every`` kept under ``name`` (default: the amount's text); one new to this session
+        (or changed across a resume) counts from ``session``, the totals the session started from."""
+        new = Every(every, after=session)
+        name = str(new.amount) if name is None else name
+        kept = self.kept.get(name)
+        if kept is None or kept.amount != new.amount:
+            kept = self.kept[name] = new
+        return kept
+
+    def due(self, every: Any, progress: Progress | None, tally: Tally) -> bool:
+        """``Run.due``: from ``progress`` where given; else from ``tally``'s latest sync, syncing near a boundary."""
+        schedule = self.get(every, None, tally.base)
+        if progress is not None:
+            return schedule.crossed(progress) > 0
+        look = self._lookahead(str(schedule.amount), schedule.amount, tally.base)
+        # The clock is this schedule's calls, the same on every rank; a sync seen now (a row) was made
+        # after the previous call.
+        look.observe(tally.latest, clock=look.calls)
+        look.calls += 1
+        if look.near(next_boundary(schedule), look.calls):
+            return schedule.crossed(tally.sync("progress")) > 0
+        return schedule.crossed(tally.latest) > 0  # below the boundary: 0 (warns where an axis is missing)
+
+    def _lookahead(self, name: str, amount: Amount, session: Progress) -> Lookahead:
+        kept_session, look = self._lookaheads.get(name, (None, None))
+        if look is None or kept_session is not session or look.amount != amount:  # new, or after a resume
+            look = Lookahead(amount)
+            self._lookaheads[name] = (session, look)
+        return look
+
+    def state_dict(self) -> dict:
+        return {name: every.state_dict() for name, every in self.kept.items()}
+
+    @staticmethod
+    def read_state(state: Any) -> dict[str, Every]:
+        """The schedules ``state_dict()`` saved (or None), to put in ``kept`` once the state is all read."""
+        return {str(name): Every.from_state_dict(s) for name, s in dict(state or {}).items()}
+
+
+class StepSchedules:
+    """``eval_every`` / ``save_every`` / ``stop_at`` where the clock is the optimizer step (the Trainer).
+
+    No collective on most steps: from the last synced Progress (every row brings one, identical on
+    every rank) and the pace seen between syncs, a ``Lookahead`` per schedule tells when a boundary
+    may be near; only then do the ranks sync (one collective) and decide from that Progress. The
+    clock is the optimizer step, the same on every rank, so every rank syncs at the same steps and
+    decides the same. The ``Every`` schedules are the run's (``Run.schedule``: kept in its state).
+    """
+
+    def __init__(self, eval_every: str | None = None, save_every: str | None = None, stop_at: str | None = None):
+        self.eval_every, self.save_every, self.stop_at = eval_every, save_every, stop_at
+        self._looks: tuple[Run | None, dict[str, Lookahead]] = (None, {})  # lookaheads last as long as the run
+
+    def __bool__(self) -> bool:
+        return bool(self.eval_every or self.save_every or self.stop_at)
+
+    def decide(self, run: Run, step: int) -> tuple[bool, bool, bool, Progress | None]:
+        """(evaluate, save, stop) at ``step``, and the Progress the ranks synced for it (None: no sync)."""
+        plans = self._plans(run)
+        last = run.last_progress  # the latest sync: a row, a checkpoint's state, or this method's
+        for _, look in plans:
+            look.observe(last, clock=last.step)
+        synced = any(look.near(target, step) for target, look in plans)
+        # Below every target by the lookahead, nothing can fire (Every/Until still warn about an axis
+        # that is missing); steps are known exactly without a sync.
+        progress = run.progress if synced else dataclasses.replace(last, step=step)
+        evaluate = bool(self.eval_every and run.schedule(self.eval_every, name="eval_every").crossed(progress))
+        save = bool(self.save_every and run.schedule(self.save_every, name="save_every").crossed(progress))
+        stop = bool(self.stop_at and Until(self.stop_at).reached(progress))
+        return evaluate, save, stop, (progress if synced else None)
+
+    def _plans(self, run: Run) -> list[tuple[int | float, Lookahead]]:
+        """(next target, Lookahead) for each schedule set."""
+        if self._looks[0] is not run:
+            self._looks = (run, {})
+        looks = self._looks[1]
+        plans = []
+        for name, amount in (("eval_every", self.eval_every), ("save_every", self.save_every)):
+            if amount:
+                every = run.schedule(amount, name=name)
+                look = looks.get(name)
+                if look is None or look.amount != every.amount:
+                    look = looks[name] = Lookahead(every.amount, clock_is_step=True)
+                plans.append((next_boundary(every), look))
+        if self.stop_at:
+            look = looks.get("stop_at")
+            if look is None or str(look.amount) != self.stop_at:
+                look = looks["stop_at"] = Lookahead(self.stop_at, clock_is_step=True)
+            plans.append((look.amount.value, look))
+        return plans

@@ -31,7 +31,7 @@ class Mine(TrainerCallback):
 def given_callbacks(trainer) -> list:
     """The handler's callbacks after the Trainer's own defaults and reporting integrations."""
     return [type(cb).__name__ for cb in trainer.callback_handler.callbacks
-            if not type(cb).__module__.startswith("transformers.") and type(cb).__name__ != "_TakenOver"]
+            if not type(cb).__module__.startswith("transformers.") and type(cb).__name__ != "TakenOver"]
 
 
 def build(workdir, callbacks=(), **kwargs):

@@ -206,8 +206,8 @@ def test_steps_in_the_trainer_and_unsteady_epochs():
 def test_run_due_without_a_progress_syncs_only_near_a_boundary(monkeypatch):
     with stream_metrics.init(backend="none") as run:
         syncs = []
-        sync = run._sync
-        monkeypatch.setattr(run, "_sync", lambda *args: syncs.append(1) or sync(*args))
+        sync = run.tally.sync
+        monkeypatch.setattr(run.tally, "sync", lambda *args: syncs.append(1) or sync(*args))
         answers = []
         for i in range(1, 2001):
             run.update(samples=10, tokens=1000)

@@ -76,7 +76,8 @@ class _AfterImport:
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         self.cancel()  # once: the module is loaded once per process
-        spec.loader = _ThenLoader(spec.loader, self.then)
+        # A loader by its methods: importlib.abc is not imported in every process at start-up.
+        spec.loader = _ThenLoader(spec.loader, self.then)  # type: ignore[assignment]
         return spec
 
     def cancel(self) -> None:

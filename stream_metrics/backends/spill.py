@@ -70,6 +70,7 @@ class SpillFile:
         return f"{REPLAY_COMMAND} {self.path}"
 
     def _append(self, lines: list[dict]) -> None:
+        assert self.path is not None  # callers write only to a file that was named
         with open(self.path, "a") as f:
             f.write("".join(json.dumps(line) + "\n" for line in lines))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 from .. import schema
@@ -24,7 +25,7 @@ def _has_credentials() -> bool:
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return host is not None and netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -43,8 +44,8 @@ class WandbBackend(Backend):
         self.mode = mode or os.environ.get("WANDB_MODE") or "online"
         if self.mode in ("dryrun",):
             self.mode = "offline"
-        self.run = None
-        self.run_id = None
+        self.run: Any = None  # the wandb Run, once open
+        self.run_id: str | None = None
         self._owns_run = True
         self._meta: dict = {}
         if wandb.run is None:

@@ -1,0 +1,222 @@
+"""The progress tally: what this rank has counted, and the row's one gather that sums every rank's.
+
+``Tally.update`` is the hot path (every micro-batch): counts are added on the device, no host sync.
+``Tally.sync`` is the one collective and host sync of a row: each rank's fields are gathered, the
+replicas' weighed out (layout.py), the epoch estimated (epoch.py), and one ``Progress`` made.
+
+>>> tally = Tally()
+>>> tally.update(samples=4, tokens=30); tally.update(samples=4, tokens=20)
+>>> p = tally.sync()
+>>> p.samples, p.tokens, p.step
+(8, 50, 2)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from typing import Any
+
+import torch
+
+from . import distributed, flops, layout as layouts
+from ._checks import warn_once
+from .counting import BatchError, Count, Total, read_batch
+from .epoch import DatasetProbe, EpochEstimator
+from .progress import Progress
+
+# The collectives a Run joins, as sent in the gather (run.progress and due() are the same call).
+CALLS = {"log": 1, "progress": 2, "state_dict": 3, "summary": 4}
+_CALL_TEXT = {1: "log()", 2: "run.progress (or due())", 3: "state_dict()", 4: "summary()"}
+
+
+class Tally:
+    """This rank's counts since the session began (``base``: the totals restored from a checkpoint).
+
+    Samples, tokens and loss tokens are device-side totals (counting.Total); rows, micro-batches and
+    optimizer steps are host ints. Every ``gradient_accumulation_steps`` micro-batches make one step;
+    a pass's end (``end_pass``) closes a window it cut short. ``latest`` is the Progress of the
+    latest sync, the same on every rank.
+    """
+
+    def __init__(self, layout: layouts.Layout | None = None, gradient_accumulation_steps: int = 1,
+                 pad_token_id: int | None = None, flop_formula: flops.FlopFormula | None = None,
+                 estimator: EpochEstimator | None = None, probe: DatasetProbe | None = None):
+        self.layout = layout or layouts.Layout.every_rank()
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.pad_token_id = pad_token_id
+        self.flop_formula = flop_formula
+        self.estimator = estimator or EpochEstimator()
+        self.probe = probe or DatasetProbe.of(None)
+        self.step_override: int | None = None  # set_step(): the caller counts optimizer steps
+        self.calls = 0  # collectives joined: each rank's count rides in the gather
+        self.reset(Progress(), rows=0, batches=0)
+
+    def reset(self, base: Progress, rows: int, batches: int) -> None:
+        """Start a session from ``base`` (a checkpoint's totals; ``rows``, ``batches``: its data position)."""
+        self.base, self.base_rows, self.base_batches = base, rows, batches
+        self.samples, self.tokens, self.loss_tokens = Total(), Total(), Total()
+        self.flops = flops.FlopCount(self.flop_formula) if self.flop_formula else None
+        self.rows = self.micro_batches = self.steps = self.in_window = 0
+        self.has_tokens = self.has_loss_tokens = False
+        self.passes, self.pass_start = 0, Total()
+        self.first_pass: Total | None = None  # the samples at the first pass's end
+        self.t0 = time.monotonic()
+        self.latest = base
+
+    # ------------------------------------------------------------------ counting (hot path)
+    def update(self, batch: Any = None, *, samples: Any = None, tokens: Any = None, loss_tokens: Any = None) -> None:
+        """Account for one micro-batch (``Run.update``); explicit counts override what is read."""
+        # Explicit counts are checked first: a bad one is a clear error at once, not hours later.
+        samples, tokens, loss_tokens = (None if value is None else check_count(name, value) for name, value in
+                                        (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)))
+        counts = None
+        if batch is not None:
+            try:
+                counts = read_batch(batch, self.pad_token_id)
+            except BatchError as exc:
+                if samples is None:
+                    warn_once("batch:" + exc.what, f"{exc}; this batch is not counted")
+                    self.micro_batch_done()  # it was still trained on: the optimizer's steps go on
+                    return
+        elif samples is None:
+            raise TypeError("update() needs a batch or samples=")
+        if counts is not None:
+            samples = counts.samples if samples is None else samples
+            tokens = counts.tokens if tokens is None else tokens
+            loss_tokens = counts.loss_tokens if loss_tokens is None else loss_tokens
+        # Sliced context parallelism: every rank of the group holds the same rows (the group's first
+        # rank counts them), while example starts read from position_ids are split between the ranks.
+        from_starts = counts is not None and samples is counts.samples and isinstance(samples, torch.Tensor)
+        self.samples.add(samples if from_starts or not self.layout.rows_counted_elsewhere else 0)
+        if self.flops is not None:
+            self.flops.add(batch, tokens)
+        self.rows += counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
+        if tokens is not None:
+            self.tokens.add(tokens)
+            self.has_tokens = True
+        if loss_tokens is not None:
+            self.loss_tokens.add(loss_tokens)
+            self.has_loss_tokens = True
+        self.micro_batch_done()
+
+    def micro_batch_done(self) -> None:
+        self.micro_batches += 1
+        self.in_window += 1
+        if self.in_window == self.gradient_accumulation_steps:
+            self.steps += 1
+            self.in_window = 0
+
+    def end_pass(self) -> None:
+        """A full pass over the data has ended: a window it cut short makes its step here."""
+        if self.in_window:
+            self.steps += 1
+            self.in_window = 0
+        self.passes += 1
+        if self.first_pass is None:
+            self.first_pass = self.samples.snapshot()
+        self.pass_start = self.samples.snapshot()
+
+    @property
+    def rows_total(self) -> int:
+        """Rows read since the run began (this session's plus the checkpoint's): the data position."""
+        return self.base_rows + self.rows
+
+    @property
+    def batches_total(self) -> int:
+        return self.base_batches + self.micro_batches
+
+    # ------------------------------------------------------------------ the row's one gather
+    def sync(self, call: str = "log", pending: Any = ()) -> Progress:
+        """Bring every rank's counts together: the one collective and host sync of a row.
+
+        ``pending``: this rank's tensor metrics (``sanitize.Pending``), read in the same sync.
+
+        ``call`` (``"log"``, ``"progress"``, ``"state_dict"``, ``"summary"``) and this rank's count of
+        calls go with the gather, so a call that only some ranks make (``if rank == 0:
+        run.state_dict()``) stops every rank with a clear error instead of pairing with another
+        rank's next row and mixing up their counts.
+        """
+        now = time.monotonic()
+        self.calls += 1
+        base = self.base
+        in_pass: Count | float = (self.samples.value() if self.passes == 0
+                                  else self.samples.value() - self.pass_start.value())
+        if self.passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
+            # The restored samples were all in the first pass, read by the data-parallel ranks.
+            in_pass = in_pass + base.samples / self.layout.data_parallel_size
+        main = distributed.is_main()
+        fields = {
+            "samples": self.samples.value(),
+            "tokens": self.tokens.value(),
+            "loss_tokens": self.loss_tokens.value(),
+            "has_tokens": int(self.has_tokens),
+            "has_loss_tokens": int(self.has_loss_tokens),
+            "steps": self.steps,
+            "wall_clock": base.wall_clock + (now - self.t0),
+            "passes": self.passes,
+            "first_pass_samples": self.first_pass.value() if self.first_pass is not None else -1,
+            "samples_in_pass": in_pass,
+            **self.probe.local(rows=self.rows + (self.base_rows if main else 0),
+                               batches=self.micro_batches + (self.base_batches if main else 0)),
+            **self.layout.fields(), "call": CALLS[call], "call_seq": self.calls,
+            **(self.flops.local() if self.flops is not None else {}),
+        }
+        ranks = [{k: (v if type(v) is int else int(v) if float(v).is_integer() else v) for k, v in r.items()}
+                 for r in distributed.gather(fields, pending)]
+        check_same_call(ranks)
+        # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
+        weights = layouts.weights(ranks)
+        samples = base.samples + sum(w * r["samples"] for r, w in zip(ranks, weights))
+        tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
+        loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
+        reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
+        has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
+        has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
+        step = self.step_override if self.step_override is not None else base.step + max(r["steps"] for r in ranks)
+        epoch, source = self.estimator.estimate(samples, reading)
+        self.latest = Progress(
+            step=int(step), samples=int(samples),
+            tokens=int((base.tokens or 0) + tokens) if has_tokens else None,
+            loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
+            epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source,
+            # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
+            flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
+        return self.latest
+
+
+def check_same_call(ranks: list[dict]) -> None:
+    """Every rank must be in the same call: otherwise raise, on every rank alike (they all see this)."""
+    if len({(r["call"], r["call_seq"]) for r in ranks}) == 1:
+        return
+    where = ", ".join(f"rank {i} in {_CALL_TEXT.get(r['call'], '?')} (its call {r['call_seq']})"
+                      for i, r in enumerate(ranks))
+    raise RuntimeError(
+        f"stream_metrics: the ranks met in different calls: {where}. state_dict() and progress bring the "
+        "ranks together: call them on every rank, as log() (e.g. state = run.state_dict() on every rank, "
+        "then save it on rank 0). These counts were not used.")
+
+
+def check_count(name: str, value: Any) -> Count:
+    """An explicit count as ``update`` adds it; a clear error for a Python value that is not a count.
+
+    Tensors are taken on their device without reading them (that would wait for the device): a
+    one-element tensor counts, a float or bool one is rounded to int64 there (one warning).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"update({name}=<tensor of shape {tuple(value.shape)}>): a count must be a number "
+                             "or a one-element tensor; pass its sum (e.g. mask.sum())")
+        value = value.reshape(())
+        if value.dtype != torch.int64:
+            if torch.is_floating_point(value) or value.is_complex():
+                warn_once(f"float-count:{name}", f"update({name}=...) got a {value.dtype} tensor: counts are taken "
+                                                 "as whole numbers, rounded on the device; pass an integer tensor "
+                                                 "(e.g. mask.sum()) to silence this")
+                value = torch.nan_to_num(value.real if value.is_complex() else value, nan=0.0).round()
+            value = value.to(torch.int64)
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and (
+            not math.isfinite(value) or not value.is_integer())) or value < 0:
+        raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
+    return int(value)  # type: ignore[call-overload]  # a whole numbers.Real, checked above

@@ -1,0 +1,132 @@
+"""tally.py on its own: the accumulation window, the pass bookkeeping across a resume, the call check.
+
+Every expected figure is worked out here from the calls the test makes, not read from the library.
+"""
+import math
+
+import pytest
+import torch
+
+import stream_metrics
+from stream_metrics import distributed
+from stream_metrics.epoch import EpochEstimator
+from stream_metrics.progress import Progress
+from stream_metrics.tally import CALLS, Tally, check_count, check_same_call
+
+
+def expected_steps(passes: list[int], open_pass: int, accumulation: int) -> int:
+    """Optimizer steps: every full window, plus one for each window a pass's end cut short."""
+    return sum(math.ceil(n / accumulation) for n in passes) + open_pass // accumulation
+
+
+@pytest.mark.parametrize("accumulation", [1, 3, 4])
+def test_a_window_cut_by_a_pass_end_makes_a_step_and_the_next_pass_starts_a_new_one(accumulation):
+    tally = Tally(gradient_accumulation_steps=accumulation)
+    passes, open_pass = [6, 5], 7
+    for n in passes:
+        for _ in range(n):
+            tally.update(samples=2)
+        tally.end_pass()
+    for _ in range(open_pass):
+        tally.update(samples=2)
+    progress = tally.sync()
+    assert progress.step == expected_steps(passes, open_pass, accumulation)
+    assert progress.samples == 2 * (sum(passes) + open_pass)
+    assert tally.micro_batches == sum(passes) + open_pass
+    assert tally.in_window == open_pass % accumulation
+
+
+def test_a_pass_end_on_a_window_boundary_adds_no_step():
+    tally = Tally(gradient_accumulation_steps=4)
+    for _ in range(8):
+        tally.update(samples=1)
+    tally.end_pass()
+    assert tally.sync().step == 2
+
+
+def test_a_batch_that_cannot_be_read_still_moves_the_window(recwarn):
+    tally = Tally(gradient_accumulation_steps=2)
+    tally.update({"not": "a batch"})  # warned about, not counted: but trained on
+    tally.update(samples=3)
+    progress = tally.sync()
+    assert (progress.samples, progress.step, tally.micro_batches) == (3, 1, 2)
+
+
+def test_samples_in_the_pass_after_a_resume_include_the_restored_ones(monkeypatch):
+    gathered = []
+    gather = distributed.gather
+    monkeypatch.setattr(distributed, "gather", lambda fields, pending=(): gathered.append(fields) or
+                        gather(fields, pending))
+    restored, first, second = 100, 20, 30
+    estimator = EpochEstimator()
+    estimator.load_state_dict({"passes": 0}, restored)
+    tally = Tally(estimator=estimator)
+    tally.reset(Progress(samples=restored, step=7), rows=restored, batches=10)
+    tally.update(samples=first)
+    assert tally.sync().samples == restored + first
+    # Before any pass ends, the restored samples were all in the first pass (one data-parallel rank).
+    assert gathered[-1]["samples_in_pass"] == restored + first
+    tally.end_pass()
+    tally.update(samples=second)
+    progress = tally.sync()
+    assert gathered[-1]["samples_in_pass"] == second
+    assert gathered[-1]["first_pass_samples"] == first  # this session's part of the first pass
+    assert progress.samples == restored + first + second
+    assert progress.step == 7 + 2  # the restored step, and two micro-batches of this session
+    assert progress.epoch == pytest.approx(1 + second / (restored + first))
+    assert progress.epoch_source == "pass"
+    assert (tally.rows_total, tally.batches_total) == (restored + first + second, 10 + 2)
+
+
+def test_a_resumed_run_goes_on_from_the_saved_pass():
+    with stream_metrics.init(backend="none") as run:
+        for _ in range(4):
+            run.update(samples=25)
+        state = run.state_dict()
+    with stream_metrics.init(backend="none", resume=state) as run:
+        run.update(samples=20)
+        run.end_pass()
+        run.update(samples=60)
+        progress = run.log()
+    assert progress.samples == 4 * 25 + 20 + 60
+    assert progress.epoch == pytest.approx(1 + 60 / (4 * 25 + 20))
+
+
+def test_the_ranks_in_different_calls_get_one_error_naming_each_rank_and_its_call():
+    ranks = [{"call": CALLS["log"], "call_seq": 5}, {"call": CALLS["state_dict"], "call_seq": 5},
+             {"call": CALLS["progress"], "call_seq": 4}]
+    with pytest.raises(RuntimeError) as error:
+        check_same_call(ranks)
+    text = str(error.value)
+    assert "rank 0 in log() (its call 5), rank 1 in state_dict() (its call 5), " \
+           "rank 2 in run.progress (or due()) (its call 4)" in text
+    assert "These counts were not used." in text
+    check_same_call([{"call": CALLS["summary"], "call_seq": 2}] * 3)  # the same call: no error
+
+
+def test_every_sync_is_numbered_and_named_in_the_gather(monkeypatch):
+    gathered = []
+    gather = distributed.gather
+    monkeypatch.setattr(distributed, "gather", lambda fields, pending=(): gathered.append(fields) or
+                        gather(fields, pending))
+    tally = Tally()
+    for call in ("log", "progress", "state_dict", "summary"):
+        tally.sync(call)
+    assert [(f["call"], f["call_seq"]) for f in gathered] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+@pytest.mark.parametrize("value, expected", [(3, 3), (3.0, 3), (0, 0)])
+def test_an_explicit_count_is_a_whole_number(value, expected):
+    assert check_count("samples", value) == expected
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, float("nan"), True, "3"])
+def test_anything_else_is_one_clear_error(value):
+    with pytest.raises(ValueError, match=r"^update\(samples="):
+        check_count("samples", value)
+
+
+def test_a_float_tensor_count_is_rounded_on_its_device():
+    with pytest.warns(UserWarning, match="rounded on the device"):
+        count = check_count("loss_tokens", torch.tensor([2.6]))
+    assert count.dtype == torch.int64 and count.shape == () and int(count) == 3

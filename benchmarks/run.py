@@ -144,7 +144,7 @@ def bench_log(cfg, name, backend, options) -> dict:
         run.log(metrics(i))
         burst.append((time.perf_counter_ns() - t) / 1e3)
     delivered = run.flush()
-    rows = sum(d.delivered_rows for d in run._deliveries)
+    rows = sum(d.delivered_rows for d in run.tracking.deliveries)
     run.finish()
     return {"name": name, "median_us": median(paced), "p99_us": percentile(paced, 99), "max_us": max(paced),
             "burst_median_us": median(burst), "burst_p99_us": percentile(burst, 99),
@@ -213,7 +213,7 @@ def bench_trainer(cfg, workdir) -> dict:
         result = {"per_step_ms": (end.t1 - start.t0) / timed_steps * 1e3, "train_s": whole,
                   "cpu_per_step_ms": (end.cpu1 - start.cpu0) / timed_steps * 1e3}
         if kind in ("b", "e"):
-            result["delivered"] = sum(d.delivered_rows for d in ours.run._deliveries)
+            result["delivered"] = sum(d.delivered_rows for d in ours.run.tracking.deliveries)
         del trainer
         gc.collect()
         return result

@@ -278,8 +278,13 @@ class Total:
             self._device_total = None
 
     def value(self) -> Count:
-        """The total: an int, or a 0-d device tensor still being computed (read it at a row only)."""
-        return self.host if self._device_total is None else self._device_total + self.host
+        """The total: an int, or a 0-d device tensor still being computed (read it at a row only).
+
+        The tensor may be the running total itself (no copy, no device op): read it before the next ``add``.
+        """
+        if self._device_total is None:
+            return self.host
+        return self._device_total if self.host == 0 else self._device_total + self.host
 
     def snapshot(self) -> "Total":
         """A copy taken without waiting for the device (used to mark where a pass ended)."""

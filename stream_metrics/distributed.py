@@ -88,34 +88,47 @@ def gather(fields: dict, pending=()) -> list[dict]:
     tensor metrics) are read in the same wait; each gets its ``value``. Everything travels as int64
     (floats by their bits), so counts are exact and no device needs float64.
     """
-    names, n = list(fields), len(fields)
     if not _active() or world_size() == 1:
-        # One process: only the device values need reading, all of them in one stack; host
-        # numbers are taken as they are (what the bits' round trip gives: an int, or a float64).
-        values = list(fields.values()) + [p.tensor for p in pending]
-        on_device = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-        if on_device:
-            device = values[on_device[0]].device
-            slots = [_slot(values[i], device) for i in on_device]
-            read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
-            for i, b, (_, kind) in zip(on_device, read, slots):
-                values[i] = _read(b, kind)
-        decoded = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral)
-                   else float(v) for v in values]
-        ranks = [dict(zip(names, decoded[:n]))]
-        mine = decoded[n:]
-    else:
-        device = _collective_device()
-        slots = [_slot(v, device) for v in fields.values()]
-        # Each rank's kinds travel with its values: a count may be a float on one rank, an int on another.
-        vector = _vector([s for s, _ in slots] + [k for _, k in slots], device)
-        out = [torch.empty_like(vector) for _ in range(world_size())]
-        dist.all_gather(out, vector)  # the row's one collective
-        local = [_slot(p.tensor, device) for p in pending]
-        flat = torch.cat([torch.stack(out).flatten(), _vector([s for s, _ in local], device)]).tolist()  # host sync
-        rows = [flat[r * 2 * n:(r + 1) * 2 * n] for r in range(world_size())]
-        ranks = [dict(zip(names, (_read(b, k) for b, k in zip(row[:n], row[n:])))) for row in rows]
-        mine = [_read(b, kind) for b, (_, kind) in zip(flat[world_size() * 2 * n:], local)]
+        return [read_here(fields, pending)]
+    names, n = list(fields), len(fields)
+    device = _collective_device()
+    slots = [_slot(v, device) for v in fields.values()]
+    # Each rank's kinds travel with its values: a count may be a float on one rank, an int on another.
+    vector = _vector([s for s, _ in slots] + [k for _, k in slots], device)
+    out = [torch.empty_like(vector) for _ in range(world_size())]
+    dist.all_gather(out, vector)  # the row's one collective
+    local = [_slot(p.tensor, device) for p in pending]
+    flat = torch.cat([torch.stack(out).flatten(), _vector([s for s, _ in local], device)]).tolist()  # host sync
+    rows = [flat[r * 2 * n:(r + 1) * 2 * n] for r in range(world_size())]
+    ranks = [dict(zip(names, (_read(b, k) for b, k in zip(row[:n], row[n:])))) for row in rows]
+    mine = [_read(b, kind) for b, (_, kind) in zip(flat[world_size() * 2 * n:], local)]
     for p, value in zip(pending, mine):
         p.value = value
     return ranks
+
+
+def read_here(fields: dict, pending=()) -> dict:
+    """One process's ``gather``: ``fields`` with its device values read, in one wait for the device.
+
+    On the CPU there is nothing to wait for, so each tensor is read as it is; elsewhere they are
+    read together, in one stack (floats by their bits, so reads are exact). Host numbers stay as
+    they are. ``fields`` is updated in place and returned.
+    """
+    names = [k for k, v in fields.items() if isinstance(v, torch.Tensor)]
+    tensors = [fields[k] for k in names] + [p.tensor for p in pending]
+    if not tensors:
+        return fields
+    if all(t.device.type == "cpu" for t in tensors):
+        values = [t.item() for t in tensors]
+    else:
+        device = tensors[0].device
+        slots = [_slot(t, device) for t in tensors]
+        read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
+        values = [_read(b, kind) for b, (_, kind) in zip(read, slots)]
+    values = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral) else float(v)
+              for v in values]
+    for k, v in zip(names, values):
+        fields[k] = v
+    for p, v in zip(pending, values[len(names):]):
+        p.value = v
+    return fields

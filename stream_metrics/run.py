@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import distributed, flops, layout as layouts, lifecycle, schema
+from . import distributed, flops, layout as layouts, lifecycle, schema, tracking
 from ._checks import non_negative, warn_once, whole_number
-from .backends import RunInfo, backend_names, create
-from .backends.base import Backend, Row
-from .backends.delivery import Delivery, close_all
+from .backends import backend_names
+from .backends.base import Backend
 from .epoch import DatasetProbe, EpochEstimator
-from .progress import Progress, ProgressFile
+from .progress import Progress
 from .redact import redact_config
 from .sanitize import KeyMap, clean_metrics, resolve
 from .schedule import Every, Schedules
@@ -79,25 +77,28 @@ class Run:
         self.tally = Tally(self.layout, self.gradient_accumulation_steps, pad_token_id, self.flop_formula,
                            self.estimator, DatasetProbe.of(dataset))
         self.progress_file = progress_file
-        self._progress_out = ProgressFile(progress_file) if progress_file else None
         self.name, self.project = name, project
         self.config = redact_config(config)
         self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
                                       schema.TOKENS_PER_S, schema.FLOPS_PER_S, schema.TOKENS_PER_S_PER_DEVICE,
                                       schema.MFU))
-        # Backends exist on the main process only; the others count and join the row's collective.
-        options = {"mlflow": mlflow or {}, "wandb": wandb or {}}
-        backends = [create(n, options[n]) for n in names] if distributed.is_main() else []
-        self._deliveries = [Delivery(b, buffer_rows=buffer_rows) if buffer_rows else Delivery(b) for b in backends]
-        self._run_ids: dict[str, str] = {}
+        tags = {schema.TAG_VERSION: __version__, schema.TAG_X_AXIS: self.x_axis,
+                schema.TAG_DATA_PARALLEL: self.layout.describe()}
+        if self.flop_formula is not None:
+            tags[schema.TAG_FLOPS_METHOD] = self.flop_formula.method
+            tags[schema.TAG_PEAK_FLOPS] = str(self.peak) if self.peak else "unknown: throughput/mfu is not logged"
+        # The backends' runs (tracking.py), on the main process only; the others count and join the gather.
+        self.tracking = tracking.Tracking(names, {"mlflow": mlflow, "wandb": wandb}, buffer_rows=buffer_rows,
+                                          name=name, project=project, config=self.config, tags=tags,
+                                          mlflow_step=self.mlflow_step, x_axis=self.x_axis,
+                                          progress_file=progress_file)
         self._at_finish: list[Callable[[str], Any]] = []  # at_finish(): called with the status, however the run ends
-        self._started = self._finished = False
-        self._epoch_source: str | None = None  # the one the backends were told
+        self._finished = False
         self._schedules = Schedules()  # name -> Every, kept in state_dict()
         self._last = self.tally.latest  # the progress of the last row stored
         if resume is not None:
             self.load_state_dict(resume)
-        if self._deliveries:
+        if self.tracking.active:
             lifecycle.opened(self)  # finished however the process ends (lifecycle.py)
 
     # ------------------------------------------------------------------ counting (tally.py)
@@ -161,90 +162,31 @@ class Run:
             return self._last
         # Tensor metrics are read in the row's one host sync, with the counts (main process only).
         pending: list = []
-        metrics = clean_metrics(metrics or {}, self._keys, pending) if self._deliveries else {}
+        active = self.tracking.active
+        metrics = clean_metrics(metrics, self._keys, pending) if metrics and active else {}
         progress = self.tally.sync("log", pending)
-        row = progress.axes()
-        if not self._deliveries:
-            self._last = progress
-            return progress
-        if progress.tokens is None:
-            warn_once("no-tokens-row", "no batch has carried token information, so progress/tokens is left out "
-                                       "of the rows; pass tokens= to update() to count them")
-        elapsed = progress.wall_clock - self._last.wall_clock
-        if elapsed > 0:
-            row[schema.SAMPLES_PER_S] = (progress.samples - self._last.samples) / elapsed
-            if progress.tokens is not None:
-                row[schema.TOKENS_PER_S] = (progress.tokens - (self._last.tokens or 0)) / elapsed
-            row.update(flops.throughput(progress, self._last, elapsed, row.get(schema.TOKENS_PER_S), self.peak,
-                                        self.layout.distinct_devices))
-        row.update(resolve(metrics, pending))
+        if active:
+            if progress.tokens is None:
+                warn_once("no-tokens-row", "no batch has carried token information, so progress/tokens is left "
+                                           "out of the rows; pass tokens= to update() to count them")
+            values = tracking.row(progress, self._last, resolve(metrics, pending) if metrics else {}, self.peak,
+                                  self.layout.distinct_devices)
+            self.tracking.submit_row(values, progress)
         self._last = progress
-        self._submit_row(row, progress)
-        if self._progress_out is not None:
-            self._progress_out.write({d.backend.name: d.backend.run_id for d in self._deliveries if d.backend.run_id},
-                                     progress.wall_clock)
         return progress
 
     def summary(self, metrics: dict) -> None:
         """End-of-run figures: W&B's run summary; in MLflow, logged once beside every axis."""
         progress = self.tally.sync("summary")
         self._last = progress  # a stored row with every axis (on every rank): finish() need not write it again
-        if self._deliveries:
-            self._start()
-            figures = clean_metrics(metrics, self._keys)
-            row = self._row(progress.axes(), progress)
-            for d in self._deliveries:
-                d.submit("summary", (figures, row))
-
-    def _row(self, metrics: dict, progress: Progress) -> Row:
-        return Row(metrics, int(time.time() * 1000))  # MLflow takes its step from the row's mlflow_step axis
-
-    def _submit_row(self, metrics: dict, progress: Progress) -> None:
-        self._start()
-        row = self._row(metrics, progress)
-        for d in self._deliveries:
-            d.submit("rows", row)
-        if progress.epoch_source != self._epoch_source:
-            self._set_epoch_source(progress.epoch_source)
-
-    def _tags(self, backend_name: str) -> dict:
-        tags = {schema.TAG_VERSION: __version__, schema.TAG_X_AXIS: self.x_axis,
-                schema.TAG_EPOCH_SOURCE: self.tally.latest.epoch_source,
-                schema.TAG_DATA_PARALLEL: self.layout.describe()}
-        if backend_name == "mlflow":
-            tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
-        if self.flop_formula is not None:
-            tags[schema.TAG_FLOPS_METHOD] = self.flop_formula.method
-            tags[schema.TAG_PEAK_FLOPS] = str(self.peak) if self.peak else "unknown: throughput/mfu is not logged"
-        return tags
-
-    def _set_epoch_source(self, source: str) -> None:
-        self._epoch_source = source
-        for d in self._deliveries:
-            d.submit("tags", {schema.TAG_EPOCH_SOURCE: source})
-
-    def _start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        self._epoch_source = self.tally.latest.epoch_source
-        for d in self._deliveries:
-            info = RunInfo(name=self.name, project=self.project, run_id=self._run_ids.get(d.backend.name),
-                           config=self.config, tags=self._tags(d.backend.name), x_axis=self.x_axis,
-                           axes=(*schema.AXES.values(), schema.LOSS_TOKENS))
-            d.submit("start", info)
+        if self.tracking.active:
+            self.tracking.summary(clean_metrics(metrics, self._keys), progress)
 
     # ------------------------------------------------------------------ state
     @property
     def run_ids(self) -> dict[str, str]:
         """{"mlflow": id, "wandb": id} of the tracking runs (waits briefly for them to open)."""
-        self._start()
-        for d in self._deliveries:
-            if d.backend.run_id is None:
-                d.flush(self.flush_timeout)
-            if d.backend.run_id is not None:
-                self._run_ids[d.backend.name] = d.backend.run_id
-        return dict(self._run_ids)
+        return self.tracking.ids(self.flush_timeout, self.tally.latest.epoch_source)
 
     def state_dict(self) -> dict:
         """Plain, JSON-safe state for checkpoints; brings the ranks together like a row (every rank).
@@ -259,7 +201,7 @@ class Run:
             "progress": progress.to_dict(),
             "rows": self.tally.rows_total, "batches": self.tally.batches_total,
             "epoch": self.estimator.state_dict(),
-            "run_ids": self.run_ids if distributed.is_main() else dict(self._run_ids),
+            "run_ids": self.run_ids if distributed.is_main() else dict(self.tracking.run_ids),
             "schedules": self._schedules.state_dict(),
         }
 
@@ -279,11 +221,12 @@ class Run:
             schedules = Schedules.read_state(state.get("schedules"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"corrupt stream_metrics state dict: {exc}") from None
-        if self._started and run_ids != {k: v for k, v in self._run_ids.items() if k in run_ids}:
+        known = self.tracking.run_ids
+        if self.tracking.started and run_ids != {k: v for k, v in known.items() if k in run_ids}:
             raise ValueError("load_state_dict() must come before the first log(): the tracking runs are open")
-        self._run_ids.update(run_ids)
-        if self._progress_out is not None:
-            wall_clock = self._progress_out.wall_clock_at_last_row(run_ids)
+        known.update(run_ids)
+        if self.tracking.progress_file is not None:
+            wall_clock = self.tracking.progress_file.wall_clock_at_last_row(run_ids)
             base = dataclasses.replace(base, wall_clock=max(base.wall_clock, wall_clock))
         self.tally.reset(base, rows, batches)
         self._last = base
@@ -316,12 +259,11 @@ class Run:
     def where(self) -> list[str]:
         """Where each backend's run is, and how to look at it."""
         _ = self.run_ids  # waits for the runs to open
-        return [d.backend.where() for d in self._deliveries if d.backend.run_id]
+        return self.tracking.where()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every row written so far has been delivered (or ``timeout`` passes)."""
-        timeout = self.flush_timeout if timeout is None else timeout
-        return all([d.flush(timeout) for d in self._deliveries])
+        return self.tracking.flush(self.flush_timeout if timeout is None else timeout)
 
     def finish(self, status: str = "FINISHED", *, timeout: float | None = None) -> None:
         """Write the final totals, deliver every row and close the runs (all backends at once, within
@@ -331,31 +273,28 @@ class Run:
         the process ends, however it ends (lifecycle.py). Starts no collective.
         """
         if self._finished:
-            if self._deliveries and lifecycle.is_open(self):
+            if self.tracking.active and lifecycle.is_open(self):
                 # A signal came while finish() waited for the backends: deliver or spill now, in its time.
                 self._close(status, timeout)
             return
         # What was counted after the last row goes in one more row: the last row holds the totals.
         # One process reads its counts (no collective); several ranks use the latest totals they
         # brought together (the Trainer's end does), since finish() starts no collective.
-        if self._deliveries:
+        if self.tracking.active:
             try:
                 progress, last = (self.tally.sync() if distributed.world_size() == 1 else self.tally.latest), self._last
                 if (progress.samples, progress.tokens, progress.loss_tokens, progress.step) != (
                         last.samples, last.tokens, last.loss_tokens, last.step):
-                    self._submit_row(progress.axes(), progress)
+                    self.tracking.submit_row(progress.axes(), progress)
                     self._last = progress
             except Exception:
                 log.exception("stream_metrics: could not write the final row; the runs are closed without it")
+            self.tracking.start(self.tally.latest.epoch_source)
         self._finished = True
-        if self._deliveries:
-            self._start()
         self._close(status, timeout)
 
     def _close(self, status: str, timeout: float | None) -> None:
-        for message in close_all(self._deliveries, status, self.flush_timeout if timeout is None else timeout):
-            if message:
-                log.warning(message)
+        self.tracking.close(status, self.flush_timeout if timeout is None else timeout)
         for fn in self._at_finish:
             try:
                 fn(status)
@@ -393,22 +332,13 @@ class Run:
     @property
     def started(self) -> bool:
         """Whether the tracking runs were opened (by the first row): ``config`` is fixed from then on."""
-        return self._started
+        return self.tracking.started
 
     def open(self, timeout: float | None = None) -> list[Backend]:
         """Open the tracking runs now (otherwise they open with the first row) and wait up to
         ``timeout`` seconds (default ``flush_timeout``) for them; returns the backends whose run is
         open, so an integration can make those runs the process's active ones."""
-        if self._deliveries:
-            self._start()
-        timeout = self.flush_timeout if timeout is None else timeout
-        opened = []
-        for d in self._deliveries:
-            if d.backend.run_id is None:
-                d.flush(timeout)
-            if d.backend.run_id is not None:
-                opened.append(d.backend)
-        return opened
+        return self.tracking.open(self.flush_timeout if timeout is None else timeout, self.tally.latest.epoch_source)
 
     def at_finish(self, fn: Callable[[str], Any]) -> None:
         """Call ``fn(status)`` once the runs are closed, however the run ends (``finish()``, the
@@ -423,7 +353,7 @@ class Run:
     @property
     def backends(self) -> list[str]:
         """The backends in use on this process (``[]`` on ranks other than the main one)."""
-        return [d.backend.name for d in self._deliveries]
+        return self.tracking.names
 
 
 def init(backend="mlflow", x_axis: str = "samples", dataset_size=None, gradient_accumulation_steps: int = 1,

@@ -145,7 +145,8 @@ class Tally:
         if self.passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
             # The restored samples were all in the first pass, read by the data-parallel ranks.
             in_pass = in_pass + base.samples / self.layout.data_parallel_size
-        main = distributed.is_main()
+        alone = distributed.world_size() == 1
+        main = alone or distributed.is_main()
         fields = {
             "samples": self.samples.value(),
             "tokens": self.tokens.value(),
@@ -159,18 +160,23 @@ class Tally:
             "samples_in_pass": in_pass,
             **self.probe.local(rows=self.rows + (self.base_rows if main else 0),
                                batches=self.micro_batches + (self.base_batches if main else 0)),
-            **self.layout.fields(), "call": CALLS[call], "call_seq": self.calls,
             **(self.flops.local() if self.flops is not None else {}),
         }
-        ranks = [{k: (v if type(v) is int else int(v) if float(v).is_integer() else v) for k, v in r.items()}
-                 for r in distributed.gather(fields, pending)]
-        check_same_call(ranks)
-        # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
-        weights = layouts.weights(ranks)
+        if alone:  # one process: no other rank to meet, weigh or check (the hot path of a plain loop)
+            ranks = distributed.gather(fields, pending)
+            ranks[0]["samples_in_pass"] = _whole(ranks[0]["samples_in_pass"])
+            weights = [1]
+            reading = ranks
+        else:
+            fields.update(self.layout.fields(), call=CALLS[call], call_seq=self.calls)
+            ranks = [{k: _whole(v) for k, v in r.items()} for r in distributed.gather(fields, pending)]
+            check_same_call(ranks)
+            # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
+            weights = layouts.weights(ranks)
+            reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
         samples = base.samples + sum(w * r["samples"] for r, w in zip(ranks, weights))
         tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
         loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
-        reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
         has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
         has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
         step = self.step_override if self.step_override is not None else base.step + max(r["steps"] for r in ranks)
@@ -183,6 +189,11 @@ class Tally:
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
             flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
         return self.latest
+
+
+def _whole(value: Any) -> Any:
+    """A gathered number as an int where it is whole (floats travel by their bits)."""
+    return value if type(value) is int else int(value) if float(value).is_integer() else value
 
 
 def check_same_call(ranks: list[dict]) -> None:

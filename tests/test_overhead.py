@@ -102,7 +102,7 @@ class Recording(Backend):
 
 def test_delivered_rows_are_let_go(monkeypatch):
     backend = Recording()
-    monkeypatch.setattr(sys.modules["stream_metrics.run"], "create", lambda name, options: backend)
+    monkeypatch.setattr(sys.modules["stream_metrics.tracking"], "create", lambda name, options: backend)
     b = batch(2, 16)
     with stream_metrics.init(backend="mlflow", pad_token_id=0) as run:
         def rows(n):

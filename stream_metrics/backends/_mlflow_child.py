@@ -41,8 +41,11 @@ def main() -> None:
     def answer(request_id, stored, error) -> None:
         line = json.dumps({"id": request_id, "stored": stored, "error": error}) + "\n"
         with write_lock:
-            answers.write(line)
-            answers.flush()
+            try:
+                answers.write(line)
+                answers.flush()
+            except (BrokenPipeError, ValueError):  # the training process is gone: store the rest all the same
+                pass
 
     workers: dict = {}
     for line in sys.stdin:

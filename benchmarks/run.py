@@ -241,25 +241,29 @@ def bench_trainer(cfg, workdir) -> dict:
 
 # ---------------------------------------------------------------------------------------------- 3b. plain loop
 def bench_plain(cfg, mlflow_uri) -> dict:
-    """A plain training loop of the tiny model, a row every step: bare, ours with backend "none", ours with
-    MLflow + W&B; interleaved, order rotated each repeat; log() timed in the loop (rows paced like training)."""
+    """A plain training loop of the tiny model, a row every step: bare, and ours with each backend setting;
+    interleaved, order rotated each repeat; log() timed in the loop (rows paced like training)."""
 
     batch = {k: v[:, :cfg.plain_seq] for k, v in realistic_batch().items()}
     model, train_step = tiny_training_step(batch)
 
     for _ in range(5):
         train_step()
-    log_us = {"ours": [], "thread": []}
-    cpu = {"bare": [], "none": [], "ours": [], "thread": []}  # the training process's CPU time per step
+    # kind -> (backend, MLflow's sender): none counts and writes rows without a backend; ours is both
+    # backends as they come; thread writes MLflow's rows from a thread of the training process.
+    settings = {"none": ("none", None), "mlflow": ("mlflow", "process"), "wandb": ("wandb", None),
+                "ours": (["mlflow", "wandb"], "process"), "thread": (["mlflow", "wandb"], "thread")}
+    kinds = ["bare", *settings]
+    log_us: dict = {k: [] for k in settings}
+    cpu: dict = {k: [] for k in kinds}  # the training process's CPU time per step
 
     def one(kind: str) -> float:
         run = None
         if kind != "bare":
-            backend = "none" if kind == "none" else ["mlflow", "wandb"]
-            sender = "thread" if kind == "thread" else "process"
+            backend, sender = settings[kind]
             run = stream_metrics.init(backend=backend, pad_token_id=0, flush_timeout=120,
                                       mlflow={"tracking_uri": mlflow_uri, "experiment": "bench_plain",
-                                              "sender": sender},
+                                              "sender": sender or "process"},
                                       wandb={"project": "bench_plain"})
             for _ in range(5):  # the first row opens the runs in the background: not timed
                 run.update(batch)
@@ -272,29 +276,26 @@ def bench_plain(cfg, mlflow_uri) -> dict:
                 run.update(batch)
                 t_log = time.perf_counter_ns()
                 run.log({"loss": loss.detach(), "learning_rate": 3e-4})
-                if kind in log_us:
-                    log_us[kind].append((time.perf_counter_ns() - t_log) / 1e3)
+                log_us[kind].append((time.perf_counter_ns() - t_log) / 1e3)
         per_step = (time.perf_counter() - t) / cfg.plain_steps
         cpu[kind].append((time.process_time() - cpu0) / cfg.plain_steps * 1e3)
         if run is not None:
             run.finish()
         return per_step * 1e3
 
-    kinds = ["bare", "none", "ours", "thread"]
-    runs = {k: [] for k in kinds}
+    runs: dict = {k: [] for k in kinds}
     for repeat in range(cfg.repeats_plain):
-        for kind in kinds[repeat % 4:] + kinds[:repeat % 4]:
+        shift = repeat % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
             runs[kind].append(one(kind))
         print(f"    plain loop repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()) + " ms/step",
               flush=True)
-    ratios = {k: [x / b for x, b in zip(runs[k], runs["bare"])] for k in ("none", "ours", "thread")}
-    return {"per_step": {k: median(v) for k, v in runs.items()}, "runs": runs,
-            "ours_bare": median(ratios["ours"]), "none_bare": median(ratios["none"]),
-            "thread_bare": median(ratios["thread"]), "ratios": ratios,
-            "cpu_ratios": {k: median([x / b for x, b in zip(cpu[k], cpu["bare"])]) for k in ("none", "ours", "thread")},
-            "log_median_us": median(log_us["ours"]), "log_p99_us": percentile(log_us["ours"], 99),
-            "log_max_us": max(log_us["ours"]), "rows": len(log_us["ours"]),
-            "thread_log_median_us": median(log_us["thread"]), "thread_log_p99_us": percentile(log_us["thread"], 99)}
+    ratios = {k: [x / b for x, b in zip(runs[k], runs["bare"])] for k in settings}
+    return {"per_step": {k: median(v) for k, v in runs.items()}, "runs": runs, "ratios": ratios,
+            "bare": {k: median(v) for k, v in ratios.items()},
+            "cpu_ratios": {k: median([x / b for x, b in zip(cpu[k], cpu["bare"])]) for k in settings},
+            "log": {k: (median(v), percentile(v, 99), max(v)) for k, v in log_us.items()},
+            "rows": len(log_us["ours"])}
 
 
 # ---------------------------------------------------------------------------------------------- 4. memory
@@ -458,26 +459,25 @@ def table(r, cfg) -> tuple[str, list[bool]]:
         f"{cr['b']:.3f}, {cr['c']:.3f}, {cr['d']:.3f}, {cr['e']:.3f}", "(no target)")
     pl = r["plain"]
     pps = pl["per_step"]
-    row("3b", "plain loop, bare / ours with backend none / ours with MLflow + W&B / the same, MLflow in a thread",
-        f"{pps['bare']:.2f} / {pps['none']:.2f} / {pps['ours']:.2f} / {pps['thread']:.2f} ms/step")
+    names = {"none": "backend none (counting and rows only)", "mlflow": "MLflow only",
+             "wandb": "W&B only", "thread": "MLflow + W&B, MLflow's rows written by a thread (sender='thread')"}
+    row("3b", f"plain loop ({cfg.plain_batch} x {cfg.plain_seq} batch), bare", f"{pps['bare']:.2f} ms/step")
     lo, hi = min(pl["ratios"]["ours"]), max(pl["ratios"]["ours"])
     row("3b", "plain loop, ours (MLflow + W&B, a row every step) / bare (spread over repeats)",
-        f"{pl['ours_bare']:.3f} ({lo:.3f}-{hi:.3f})", "<= 1.02", pl["ours_bare"] <= 1.02)
-    lo, hi = min(pl["ratios"]["none"]), max(pl["ratios"]["none"])
-    row("3b", "plain loop, ours with backend none / bare (spread over repeats)",
-        f"{pl['none_bare']:.3f} ({lo:.3f}-{hi:.3f})", "(no target)")
-    lo, hi = min(pl["ratios"]["thread"]), max(pl["ratios"]["thread"])
-    row("3b", "plain loop, ours with MLflow's rows written by a thread (sender='thread') / bare (spread over repeats)",
-        f"{pl['thread_bare']:.3f} ({lo:.3f}-{hi:.3f})", "(no target)")
+        f"{pl['bare']['ours']:.3f} ({lo:.3f}-{hi:.3f})", "<= 1.02", pl["bare"]["ours"] <= 1.02)
+    for kind, name in names.items():
+        lo, hi = min(pl["ratios"][kind]), max(pl["ratios"][kind])
+        row("3b", f"plain loop, ours with {name} / bare (spread over repeats)",
+            f"{pl['bare'][kind]:.3f} ({lo:.3f}-{hi:.3f})", "(no target)")
     cr = pl["cpu_ratios"]
-    row("3b", "plain loop, training process CPU time per step / bare: none, ours, thread",
-        f"{cr['none']:.3f}, {cr['ours']:.3f}, {cr['thread']:.3f}", "(no target)")
-    row("3b", f"log() in that loop, MLflow + W&B, {pl['rows']:,} rows: median", f"{pl['log_median_us']:.0f} µs",
-        "< 100 µs", pl["log_median_us"] < 100)
-    row("3b", "log() in that loop: p99 / max", f"{pl['log_p99_us']:.0f} / {pl['log_max_us']:.0f} µs", "p99 < 500 µs",
-        pl["log_p99_us"] < 500)
-    row("3b", "log() in that loop with MLflow's rows written by a thread: median / p99",
-        f"{pl['thread_log_median_us']:.0f} / {pl['thread_log_p99_us']:.0f} µs", "(no target)")
+    row("3b", "plain loop, training process CPU time per step / bare: " + ", ".join(cr),
+        ", ".join(f"{v:.3f}" for v in cr.values()), "(no target)")
+    median_us, p99_us, max_us = pl["log"]["ours"]
+    row("3b", f"log() in that loop, MLflow + W&B, {pl['rows']:,} rows: median", f"{median_us:.0f} µs",
+        "< 100 µs", median_us < 100)
+    row("3b", "log() in that loop: p99 / max", f"{p99_us:.0f} / {max_us:.0f} µs", "p99 < 500 µs", p99_us < 500)
+    row("3b", "log() in that loop, median / p99, with: " + ", ".join(names),
+        ", ".join(f"{pl['log'][k][0]:.0f} / {pl['log'][k][1]:.0f}" for k in names) + " µs", "(no target)")
     row("4", f"RSS growth over {cfg.mem_updates:,} update() calls", f"{m['updates_rss_mb']:+.2f} MB", "< 5 MB",
         m["updates_rss_mb"] < 5)
     row("4", f"traced (tracemalloc) growth over {cfg.mem_updates // 10:,} update() calls",
@@ -519,8 +519,8 @@ JSONL corpus (6,000 lines), batch 8, gradient accumulation 2, logging every 5 st
 which the first {cfg.warmup_steps} are warm-up; {cfg.repeats_trainer} repeats in rotated order (a b c d e,
 b c d e a, ...); ms per timed step for each run: {runs}. Whole `trainer.train()` medians, start-up and teardown included
 (not a target): {", ".join(f"{k} {v:.1f} s" for k, v in t["train_s"].items())}. Plain loop: the same tiny model on
-an 8 x {cfg.plain_seq} batch, {cfg.plain_steps} timed steps per run after 5 untimed rows, a row (loss, learning
-rate) every step, {cfg.repeats_plain} repeats in rotated order; ms per step for each run: {plain_runs}.
+an {cfg.plain_batch} x {cfg.plain_seq} batch, {cfg.plain_steps} timed steps per run after 5 untimed rows, a row (loss,
+learning rate) every step, {cfg.repeats_plain} repeats in rotated order; ms per step for each run: {plain_runs}.
 """
     if not all(held):
         body += NOTES
@@ -562,7 +562,7 @@ def main(argv=None) -> int:
         trainer_steps=60 if q else 250, warmup_steps=10, repeats_trainer=3 if q else 5,
         mem_updates=100_000 if q else 1_000_000, mem_rows=10_000 if q else 100_000,
         mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000,
-        plain_steps=150 if q else 400, plain_seq=64, repeats_plain=3 if q else 5)
+        plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=3 if q else 5)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/run.py" + (" --quick" if q else "") + (
         f" --threads {args.threads}" if args.threads != 1 else "")

@@ -252,43 +252,54 @@ def read_batch(batch, pad_token_id: int | None = None) -> Counts:
 
 
 class Total:
-    """One running count: a Python int plus an in-place sum on each device that fed it."""
+    """One running count: a Python int, plus the device counts added since the total was last read.
 
-    __slots__ = ("host", "device", "_device_total")
+    Adding a device count costs no device op: the 0-d tensors are kept as they come and summed when
+    the total is read, at a row (``value``), after which ``settle`` turns the total into a host int
+    again. Past ``FOLD`` of them (no row for a long while) they are summed on the device into one.
+    """
+
+    __slots__ = ("host", "device", "_parts")
+    FOLD = 64
 
     def __init__(self):
         self.host = 0
         self.device = None
-        self._device_total = None
+        self._parts: list[torch.Tensor] = []
 
-    def add(self, value: Count) -> None:
+    def add(self, value: Count, fresh: bool = False) -> None:
+        """Add ``value``; ``fresh``: a tensor nobody else holds (a count just computed), kept as it is."""
         if isinstance(value, torch.Tensor):
-            if self._device_total is None or value.device != self.device:
-                self._fold()
-                self.device = value.device
-                self._device_total = torch.zeros((), dtype=torch.int64, device=value.device)
-            self._device_total.add_(value)  # queued on the device: no wait here
+            if self._parts and value.device != self.device:
+                # A batch moved to another device (rare): bring the old counts along, on the host.
+                self.host += int(torch.stack(self._parts).sum())  # host sync, once per device change
+                self._parts = []
+            self.device = value.device
+            if type(value) is not torch.Tensor:  # a subclass's ops stay out of the row's sync
+                value = value.as_subclass(torch.Tensor)
+            self._parts.append(value if fresh else value.clone())  # a caller's tensor may change later
+            if len(self._parts) >= self.FOLD:
+                self._parts = [torch.stack(self._parts).sum()]  # queued on the device: no wait here
         else:
             self.host += int(value)
-
-    def _fold(self) -> None:
-        if self._device_total is not None:
-            # A batch moved to another device (rare): bring the old total along, on the host.
-            self.host += int(self._device_total)  # host sync, once per device change
-            self._device_total = None
 
     def value(self) -> Count:
         """The total: an int, or a 0-d device tensor still being computed (read it at a row only).
 
-        The tensor may be the running total itself (no copy, no device op): read it before the next ``add``.
+        The tensor may be one of the counts added (no copy): read it before the next ``add``.
         """
-        if self._device_total is None:
+        parts = self._parts
+        if not parts:
             return self.host
-        return self._device_total if self.host == 0 else self._device_total + self.host
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        return total if self.host == 0 else total + self.host
+
+    def settle(self, value: int) -> None:
+        """``value`` is what ``value()`` was just read as (the row's sync): keep it as a host int."""
+        self.host, self._parts = int(value), []
 
     def snapshot(self) -> "Total":
         """A copy taken without waiting for the device (used to mark where a pass ended)."""
         copy = Total()
-        copy.host, copy.device = self.host, self.device
-        copy._device_total = None if self._device_total is None else self._device_total.clone()
+        copy.host, copy.device, copy._parts = self.host, self.device, list(self._parts)
         return copy

@@ -110,21 +110,17 @@ def gather(fields: dict, pending=()) -> list[dict]:
 def read_here(fields: dict, pending=()) -> dict:
     """One process's ``gather``: ``fields`` with its device values read, in one wait for the device.
 
-    On the CPU there is nothing to wait for, so each tensor is read as it is; elsewhere they are
-    read together, in one stack (floats by their bits, so reads are exact). Host numbers stay as
-    they are. ``fields`` is updated in place and returned.
+    The tensors are read together, in one stack (floats by their bits, so reads are exact); host
+    numbers stay as they are. ``fields`` is updated in place and returned.
     """
     names = [k for k, v in fields.items() if isinstance(v, torch.Tensor)]
     tensors = [fields[k] for k in names] + [p.tensor for p in pending]
     if not tensors:
         return fields
-    if all(t.device.type == "cpu" for t in tensors):
-        values = [t.item() for t in tensors]
-    else:
-        device = tensors[0].device
-        slots = [_slot(t, device) for t in tensors]
-        read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
-        values = [_read(b, kind) for b, (_, kind) in zip(read, slots)]
+    device = tensors[0].device
+    slots = [_slot(t, device) for t in tensors]
+    read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
+    values = [_read(b, kind) for b, (_, kind) in zip(read, slots)]
     values = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral) else float(v)
               for v in values]
     for k, v in zip(names, values):

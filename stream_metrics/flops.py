@@ -132,11 +132,16 @@ class FlopCount:
         rows, length = shape
         self.tokens.add(rows * length)
         if self.formula.per_pair:
-            self.pairs.add(_varlen_pairs(batch, shape) if self.formula.varlen else rows * length * length)
+            self.pairs.add(_varlen_pairs(batch, shape) if self.formula.varlen else rows * length * length, fresh=True)
 
     def local(self) -> dict:
         """This rank's fields for the row's gather (host ints or 0-d device tensors)."""
         return {"flop_tokens": self.tokens.value(), "flop_pairs": self.pairs.value()}
+
+    def settle(self, mine: dict) -> None:
+        """This rank's fields as the gather read them: kept as host ints (counting.Total.settle)."""
+        self.tokens.settle(mine["flop_tokens"])
+        self.pairs.settle(mine["flop_pairs"])
 
     def total(self, ranks: list[dict], weights: list[int] | None = None):
         """The FLOPs of every rank's gathered fields: an exact int where the formula is whole.

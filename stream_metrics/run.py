@@ -78,7 +78,6 @@ class Run:
                            self.estimator, DatasetProbe.of(dataset))
         self.progress_file = progress_file
         self.name, self.project = name, project
-        self.config = redact_config(config)
         self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
                                       schema.TOKENS_PER_S, schema.FLOPS_PER_S, schema.TOKENS_PER_S_PER_DEVICE,
                                       schema.MFU))
@@ -89,7 +88,7 @@ class Run:
             tags[schema.TAG_PEAK_FLOPS] = str(self.peak) if self.peak else "unknown: throughput/mfu is not logged"
         # The backends' runs (tracking.py), on the main process only; the others count and join the gather.
         self.tracking = tracking.Tracking(names, {"mlflow": mlflow, "wandb": wandb}, buffer_rows=buffer_rows,
-                                          name=name, project=project, config=self.config, tags=tags,
+                                          name=name, project=project, config=redact_config(config), tags=tags,
                                           mlflow_step=self.mlflow_step, x_axis=self.x_axis,
                                           progress_file=progress_file)
         self._at_finish: list[Callable[[str], Any]] = []  # at_finish(): called with the status, however the run ends
@@ -100,6 +99,15 @@ class Run:
             self.load_state_dict(resume)
         if self.tracking.active:
             lifecycle.opened(self)  # finished however the process ends (lifecycle.py)
+
+    @property
+    def config(self) -> dict:
+        """The run's hyperparameters (redacted), logged when the runs open: fixed from the first row on."""
+        return self.tracking.config
+
+    @config.setter
+    def config(self, values: dict) -> None:
+        self.tracking.config = dict(values)
 
     # ------------------------------------------------------------------ counting (tally.py)
     def update(self, batch: Any = None, *, samples: Any = None, tokens: Any = None, loss_tokens: Any = None) -> None:

@@ -88,15 +88,17 @@ class Tally:
         # Sliced context parallelism: every rank of the group holds the same rows (the group's first
         # rank counts them), while example starts read from position_ids are split between the ranks.
         from_starts = counts is not None and samples is counts.samples and isinstance(samples, torch.Tensor)
-        self.samples.add(samples if from_starts or not self.layout.rows_counted_elsewhere else 0)
+        # Counts read from the batch are fresh tensors, kept as they are; a caller's are copied.
+        self.samples.add(samples if from_starts or not self.layout.rows_counted_elsewhere else 0,
+                         fresh=counts is not None and samples is counts.samples)
         if self.flops is not None:
             self.flops.add(batch, tokens)
         self.rows += counts.rows if counts is not None else (samples if isinstance(samples, int) else 0)
         if tokens is not None:
-            self.tokens.add(tokens)
+            self.tokens.add(tokens, fresh=counts is not None and tokens is counts.tokens)
             self.has_tokens = True
         if loss_tokens is not None:
-            self.loss_tokens.add(loss_tokens)
+            self.loss_tokens.add(loss_tokens, fresh=counts is not None and loss_tokens is counts.loss_tokens)
             self.has_loss_tokens = True
         self.micro_batch_done()
 
@@ -174,6 +176,13 @@ class Tally:
             # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
             weights = layouts.weights(ranks)
             reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
+        # What this rank's totals were read as: kept as host ints, so the next row reads only what follows.
+        mine = ranks[0] if alone else ranks[distributed.rank()]
+        self.samples.settle(mine["samples"])
+        self.tokens.settle(mine["tokens"])
+        self.loss_tokens.settle(mine["loss_tokens"])
+        if self.flops is not None:
+            self.flops.settle(mine)
         samples = base.samples + sum(w * r["samples"] for r, w in zip(ranks, weights))
         tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
         loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))

@@ -9,12 +9,15 @@ from __future__ import annotations
 import numbers
 import os
 import struct
+from collections.abc import Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 
 _AVAILABLE = dist.is_available()
+R = TypeVar("R", bound=Mapping[str, Any])  # a rank's record (record.RankRecord), or any dict of numbers
 
 
 def _active() -> bool:
@@ -80,7 +83,7 @@ def _vector(slots, device) -> torch.Tensor:
     return vector
 
 
-def gather(fields: dict, pending=()) -> list[dict]:
+def gather(fields: R, pending=()) -> list[R]:
     """Every rank's ``fields`` (numbers or 0-d tensors), as host numbers, in rank order.
 
     This is the row's synchronisation point: one all_gather where several processes run, and the
@@ -100,14 +103,14 @@ def gather(fields: dict, pending=()) -> list[dict]:
     local = [_slot(p.tensor, device) for p in pending]
     flat = torch.cat([torch.stack(out).flatten(), _vector([s for s, _ in local], device)]).tolist()  # host sync
     rows = [flat[r * 2 * n:(r + 1) * 2 * n] for r in range(world_size())]
-    ranks = [dict(zip(names, (_read(b, k) for b, k in zip(row[:n], row[n:])))) for row in rows]
+    ranks = [cast(R, dict(zip(names, (_read(b, k) for b, k in zip(row[:n], row[n:]))))) for row in rows]
     mine = [_read(b, kind) for b, (_, kind) in zip(flat[world_size() * 2 * n:], local)]
     for p, value in zip(pending, mine):
         p.value = value
     return ranks
 
 
-def read_here(fields: dict, pending=()) -> dict:
+def read_here(fields: R, pending=()) -> R:
     """One process's ``gather``: ``fields`` with its device values read, in one wait for the device.
 
     The tensors are read together, in one stack (floats by their bits, so reads are exact); host
@@ -123,8 +126,9 @@ def read_here(fields: dict, pending=()) -> dict:
     values = [_read(b, kind) for b, (_, kind) in zip(read, slots)]
     values = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral) else float(v)
               for v in values]
+    out = cast(dict, fields)  # the caller's record, updated in place
     for k, v in zip(names, values):
-        fields[k] = v
+        out[k] = v
     for p, v in zip(pending, values[len(names):]):
         p.value = v
     return fields

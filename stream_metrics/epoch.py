@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from .counting import warn_once
+from .record import ProbeFields, RankRecord
 
 # How close below the next whole epoch an estimate may go before that pass has really ended.
 _BELOW_NEXT_PASS = 1e-9
@@ -152,7 +153,7 @@ class DatasetProbe:
         probe.positioned = probe.length is None and not resized(inner)
         return probe
 
-    def local(self, rows: int, batches: int) -> dict:
+    def local(self, rows: int, batches: int) -> ProbeFields:
         """This rank's numbers for the row's collective (-1 where unknown)."""
         pos = shard_position(self.dataset) if self.positioned else None
         return {
@@ -195,7 +196,7 @@ class EpochEstimator:
         self.watching = bool(d.get("watching", False)) or self.watching
         self.samples_at_start = samples
 
-    def estimate(self, samples: int, ranks: list[dict]) -> tuple[float, str]:
+    def estimate(self, samples: int, ranks: list[RankRecord]) -> tuple[float, str]:
         """``ranks``: each rank's gathered numbers (passes, first_pass_samples, samples_in_pass, probe)."""
         session_passes = min(r["passes"] for r in ranks)
         passes = self.passes_seen = self.passes + session_passes
@@ -233,7 +234,7 @@ class EpochEstimator:
         return float(passes), "none"
 
 
-def _shard_size(r: dict) -> float | None:
+def _shard_size(r: RankRecord) -> float | None:
     # Examples per completed shard, times the shard count: this rank's share of one pass.
     done, within, shards = r["shard_idx"], r["shard_example_idx"], r["num_shards"]
     in_completed = r["samples_in_pass"] - within

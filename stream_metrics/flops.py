@@ -40,6 +40,7 @@ import torch
 
 from . import distributed, schema
 from .counting import Count, Total, warn_once
+from .record import FlopFields, RankRecord
 
 # Attention kernels that skip padding and stop at example boundaries (transformers' names contain these).
 _VARLEN_KERNELS = ("flash", "flex")
@@ -134,16 +135,16 @@ class FlopCount:
         if self.formula.per_pair:
             self.pairs.add(_varlen_pairs(batch, shape) if self.formula.varlen else rows * length * length, fresh=True)
 
-    def local(self) -> dict:
+    def local(self) -> FlopFields:
         """This rank's fields for the row's gather (host ints or 0-d device tensors)."""
         return {"flop_tokens": self.tokens.value(), "flop_pairs": self.pairs.value()}
 
-    def settle(self, mine: dict) -> None:
+    def settle(self, mine: RankRecord) -> None:
         """This rank's fields as the gather read them: kept as host ints (counting.Total.settle)."""
         self.tokens.settle(mine["flop_tokens"])
         self.pairs.settle(mine["flop_pairs"])
 
-    def total(self, ranks: list[dict], weights: list[int] | None = None):
+    def total(self, ranks: list[RankRecord], weights: list[int] | None = None):
         """The FLOPs of every rank's gathered fields: an exact int where the formula is whole.
 
         ``weights``: 0 for a rank whose batch another rank already counts (layout.weights).

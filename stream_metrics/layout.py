@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from . import distributed
+from .record import LayoutFields, RankRecord
 
 # Mesh dimensions where several ranks share one batch: a DeviceMesh given as the data-parallel
 # group must not have them (a whole (dp, tp) mesh is a mistake for mesh["dp"]).
@@ -83,7 +84,7 @@ class Layout:
         """
         return self.world
 
-    def fields(self) -> dict:
+    def fields(self) -> LayoutFields:
         """What this rank sends with the row's one gather for ``weights()``."""
         me = distributed.rank()
         cp = self.context_parallel or (me,)
@@ -98,7 +99,7 @@ class Layout:
         return text + ")"
 
 
-def weights(ranks: list[dict]) -> list[int]:
+def weights(ranks: list[RankRecord]) -> list[int]:
     """1 for each rank whose counts are added, 0 for a replica, from every rank's ``Layout.fields()``.
 
     Every rank computes the same answer from the same gathered numbers.
@@ -108,19 +109,20 @@ def weights(ranks: list[dict]) -> list[int]:
     return [int(r["dp_first"] == 0 or bool(r["cp_sliced"] and r["cp_first"] in split_groups)) for r in ranks]
 
 
-def readers(ranks: list[dict], weights: list[int]) -> list[dict]:
+def readers(ranks: list[RankRecord], weights: list[int]) -> list[RankRecord]:
     """One gathered record per distinct batch stream, for the epoch estimate: rank 0's data-parallel
     group, each with the samples of its context-parallel group's slices added in."""
-    out = []
+    out: list[RankRecord] = []
     for r in ranks:
         if r["dp_first"] != 0:
             continue
         if r["cp_sliced"]:
             group = [p for p, w in zip(ranks, weights) if w and p["cp_first"] == r["cp_first"]]
-            r = dict(r, samples=sum(p["samples"] for p in group),
-                     samples_in_pass=sum(p["samples_in_pass"] for p in group),
-                     first_pass_samples=(sum(p["first_pass_samples"] for p in group)
-                                         if all(p["first_pass_samples"] >= 0 for p in group) else -1))
+            r = r.copy()
+            r["samples"] = sum(p["samples"] for p in group)
+            r["samples_in_pass"] = sum(p["samples_in_pass"] for p in group)
+            r["first_pass_samples"] = (sum(p["first_pass_samples"] for p in group)
+                                       if all(p["first_pass_samples"] >= 0 for p in group) else -1)
         out.append(r)
     return out
 

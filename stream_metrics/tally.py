@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from . import distributed, flops, layout as layouts
 from ._checks import warn_once
 from .counting import BatchError, Count, Total, read_batch
+from .record import RankRecord
 from .epoch import DatasetProbe, EpochEstimator
 from .progress import Progress
 
@@ -149,7 +150,7 @@ class Tally:
             in_pass = in_pass + base.samples / self.layout.data_parallel_size
         alone = distributed.world_size() == 1
         main = alone or distributed.is_main()
-        fields = {
+        fields = cast(RankRecord, {
             "samples": self.samples.value(),
             "tokens": self.tokens.value(),
             "loss_tokens": self.loss_tokens.value(),
@@ -163,15 +164,17 @@ class Tally:
             **self.probe.local(rows=self.rows + (self.base_rows if main else 0),
                                batches=self.micro_batches + (self.base_batches if main else 0)),
             **(self.flops.local() if self.flops is not None else {}),
-        }
+        })
         if alone:  # one process: no other rank to meet, weigh or check (the hot path of a plain loop)
             ranks = distributed.gather(fields, pending)
             ranks[0]["samples_in_pass"] = _whole(ranks[0]["samples_in_pass"])
             weights = [1]
             reading = ranks
         else:
-            fields.update(self.layout.fields(), call=CALLS[call], call_seq=self.calls)
-            ranks = [{k: _whole(v) for k, v in r.items()} for r in distributed.gather(fields, pending)]
+            fields.update(self.layout.fields())
+            fields["call"], fields["call_seq"] = CALLS[call], self.calls
+            gathered = distributed.gather(fields, pending)
+            ranks = [cast(RankRecord, {k: _whole(v) for k, v in r.items()}) for r in gathered]
             check_same_call(ranks)
             # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
             weights = layouts.weights(ranks)
@@ -205,7 +208,7 @@ def _whole(value: Any) -> Any:
     return value if type(value) is int else int(value) if float(value).is_integer() else value
 
 
-def check_same_call(ranks: list[dict]) -> None:
+def check_same_call(ranks: list[RankRecord]) -> None:
     """Every rank must be in the same call: otherwise raise, on every rank alike (they all see this)."""
     if len({(r["call"], r["call_seq"]) for r in ranks}) == 1:
         return

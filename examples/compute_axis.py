@@ -24,19 +24,6 @@ import tiny  # noqa: E402
 SIZES = {"small": 32, "wide": 96}  # hidden size; the MLP is twice as wide
 
 
-def collate(texts, max_length: int = 64) -> dict:
-    import torch
-
-    ids = [list(t.encode("utf-8"))[:max_length] for t in texts]
-    width = max(len(s) for s in ids)
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(ids):
-        input_ids[row, :len(seq)] = torch.tensor(seq) + 2  # 0 and 1 are <pad> and <eos>
-        mask[row, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
-
-
 def train(name: str, texts, *, uri: str, steps: int | None = None, budget: float | None = None,
           batch_size: int = 8, backend=("mlflow", "wandb"), peak_flops: float | None = None):
     """Train the ``name`` model for ``steps`` batches or until ``budget`` FLOPs; returns the Run."""
@@ -51,7 +38,7 @@ def train(name: str, texts, *, uri: str, steps: int | None = None, budget: float
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                          pad_token_id=0, attn_implementation="eager"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(texts, batch_size=batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(texts, batch_size=batch_size, collate_fn=tiny.byte_collate)
     with stream_metrics.init(backend=list(backend), x_axis="flops", name=name, model=model, peak_flops=peak_flops,
                              mlflow={"tracking_uri": uri, "experiment": "compute"},
                              wandb={"project": "compute"}) as run:

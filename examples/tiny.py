@@ -72,6 +72,21 @@ def token_count(text: str, max_length: int = 64) -> int:
     return min(len(text.encode("utf-8")), max_length)
 
 
+def byte_collate(texts: list[str], max_length: int = 64) -> dict:
+    """Texts as ``byte_tokenizer`` would give them, right-padded with 0: ids, attention mask and labels
+    (-100 on padding), without a tokenizer object (a DataLoader's ``collate_fn``)."""
+    import torch
+
+    ids = [list(text.encode("utf-8"))[:max_length] for text in texts]
+    width = max(len(seq) for seq in ids)
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq) + 2  # 0 and 1 are <pad> and <eos>
+        mask[row, :len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
 def tiny_model(vocab_size: int = 258, seed: int = 0):
     """A one-layer Llama causal LM with a few thousand parameters, built from a config."""
     import torch

@@ -71,13 +71,10 @@ class Run:
         if self.x_axis == schema.FLOPS and self.flop_formula is None and names:
             raise ValueError("x_axis='flops' needs FLOPs counted: pass model= (the model being trained) or "
                              "flops_per_token= to init()")
-        self.pad_token_id = pad_token_id
         self.estimator = EpochEstimator(dataset_size)
         # The counts and the row's one gather (tally.py).
         self.tally = Tally(self.layout, self.gradient_accumulation_steps, pad_token_id, self.flop_formula,
                            self.estimator, DatasetProbe.of(dataset))
-        self.progress_file = progress_file
-        self.name, self.project = name, project
         self._keys = KeyMap(reserved=(*schema.AXES.values(), schema.LOSS_TOKENS, schema.SAMPLES_PER_S,
                                       schema.TOKENS_PER_S, schema.FLOPS_PER_S, schema.TOKENS_PER_S_PER_DEVICE,
                                       schema.MFU))

@@ -86,15 +86,10 @@ class Tracking:
 
     def open(self, timeout: float, epoch_source: str) -> list[Backend]:
         """Open the runs now and wait up to ``timeout`` seconds; the backends whose run is open."""
-        if self.active:
-            self.start(epoch_source)
-        opened = []
-        for d in self.deliveries:
-            if d.backend.run_id is None:
-                d.flush(timeout)
-            if d.backend.run_id is not None:
-                opened.append(d.backend)
-        return opened
+        if not self.active:
+            return []
+        self.ids(timeout, epoch_source)
+        return [d.backend for d in self.deliveries if d.backend.run_id is not None]
 
     def where(self) -> list[str]:
         return [d.backend.where() for d in self.deliveries if d.backend.run_id]

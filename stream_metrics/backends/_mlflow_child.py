@@ -76,42 +76,36 @@ def serve_uri(uri: str, inbox: "queue.Queue", answer) -> None:
         request = inbox.get()
         if request is None:
             return
-        stored, error = None, None
+        stored: list = []  # the rows stored, call by call: the last one counts, also when a later call fails
+        error = None
         try:
             if client is None:
                 from mlflow import MlflowClient
 
                 client = MlflowClient(tracking_uri=uri)
-            stored = log_rows(client, request["run_id"], request["rows"], int(request["per_call"]))
-        except _Partial as partial:
-            stored, error = partial.stored, partial.error
+            log_rows(client, request["run_id"], request["rows"], int(request["per_call"]), stored=stored.append)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
-        answer(request["id"], stored, error)
+        answer(request["id"], stored[-1] if stored else None, error)
 
 
-class _Partial(Exception):
-    def __init__(self, stored, error):
-        super().__init__(error)
-        self.stored, self.error = stored, error
+def log_rows(client, run_id: str, rows: list, per_call: int, stored=lambda seq: None) -> None:
+    """Store ``rows`` ([metrics, timestamp_ms, step, seq] each) in order; the one way both senders do it.
 
-
-def log_rows(client, run_id: str, rows: list, per_call: int):
-    """Whole rows per ``log_batch`` call (a row longer than ``per_call`` alone, in parts), as MLflowBackend does."""
+    Whole rows go in each ``log_batch`` call (a row of more than ``per_call`` points alone, in parts),
+    and ``stored(seq)`` is called once a call has stored the rows up to ``seq``: a retry after a
+    failed call sends only what is not stored. A failure is raised as it comes. MLflowBackend's
+    thread sender calls this too (this file imports nothing of stream_metrics, so it may).
+    """
     from mlflow.entities import Metric
 
-    stored = None
     batch: list = []
     last = None
 
     def send() -> None:
-        nonlocal stored
-        try:
-            for i in range(0, len(batch), per_call):
-                client.log_batch(run_id, metrics=batch[i:i + per_call])
-        except Exception as exc:
-            raise _Partial(stored, f"{type(exc).__name__}: {exc}"[:500]) from None
-        stored = last
+        for i in range(0, len(batch), per_call):
+            client.log_batch(run_id, metrics=batch[i:i + per_call])
+        stored(last)
 
     for metrics, timestamp_ms, step, seq in rows:
         points = [Metric(key, float(value), int(timestamp_ms), int(step)) for key, value in metrics.items()]
@@ -122,7 +116,6 @@ def log_rows(client, run_id: str, rows: list, per_call: int):
         last = seq
     if batch:
         send()
-    return stored
 
 
 if __name__ == "__main__":

@@ -117,25 +117,26 @@ class MLflowBackend(Backend):
         return int(step)
 
     def log_rows(self, rows: list[Row]) -> None:
-        if self.sender == "process":
-            self._log_rows_in_child(rows)
+        sender = self._start_sender() if self.sender == "process" else None
+        unstored = [[row.metrics, row.timestamp_ms, self._step(row), row.seq] for row in self.unstored(rows)]
+        if not unstored:
             return
-        from mlflow.entities import Metric
+        if sender is None:  # in this thread, the way the child does it (_mlflow_child.log_rows)
+            from ._mlflow_child import log_rows
 
-        # Whole rows per call (a row of more than the limit alone, in parts), so stored_seq moves
-        # row by row and a retry after a failed call sends only what is not stored.
-        batch: list = []
-        last = 0
-        for row in self.unstored(rows):
-            step = self._step(row)
-            metrics = [Metric(key, float(value), row.timestamp_ms, step) for key, value in row.metrics.items()]
-            if batch and len(batch) + len(metrics) > _MAX_METRICS:
-                self._log_metrics(batch, last)
-                batch = []
-            batch.extend(metrics)
-            last = row.seq
-        if batch:
-            self._log_metrics(batch, last)
+            log_rows(self.client, self._id(), unstored, _MAX_METRICS, stored=self._stored)
+            return
+        from .process import SenderError
+
+        try:
+            self._stored(sender.call(self._sender_uri, self._id(), unstored, _MAX_METRICS))
+        except SenderError as exc:
+            self._stored(exc.stored)
+            raise
+
+    def _stored(self, seq: int | None) -> None:
+        if seq is not None:
+            self.stored_seq = seq
 
     def _start_sender(self):
         from .process import SenderProcess
@@ -147,30 +148,6 @@ class MLflowBackend(Backend):
                         "thread of the training process instead", exc)
             self.sender = "thread"
             return None
-
-    def _log_rows_in_child(self, rows: list[Row]) -> None:
-        from .process import SenderError
-
-        sender = self._start_sender()
-        if sender is None:
-            self.log_rows(rows)
-            return
-        unstored = [[row.metrics, row.timestamp_ms, self._step(row), row.seq] for row in self.unstored(rows)]
-        if not unstored:
-            return
-        try:
-            stored = sender.call(self._sender_uri, self._id(), unstored, _MAX_METRICS)
-        except SenderError as exc:
-            if exc.stored is not None:
-                self.stored_seq = exc.stored
-            raise
-        if stored is not None:
-            self.stored_seq = stored
-
-    def _log_metrics(self, metrics: list, seq: int) -> None:
-        for i in range(0, len(metrics), _MAX_METRICS):
-            self.client.log_batch(self._id(), metrics=metrics[i:i + _MAX_METRICS])
-        self.stored_seq = seq
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag

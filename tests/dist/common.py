@@ -16,6 +16,8 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
+import tiny  # noqa: E402  (examples/, put on the path just above)
+
 MAX_LENGTH = 64  # tiny.token_count truncates at the same length
 
 
@@ -59,14 +61,7 @@ def count_collectives() -> list[str]:
 
 def collate(texts: list[str]) -> dict:
     """Byte-level token ids, right-padded with 0, with the attention mask and labels (-100 on padding)."""
-    ids = [list(text.encode("utf-8"))[:MAX_LENGTH] for text in texts]
-    width = max(len(seq) for seq in ids)
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(ids):
-        input_ids[row, :len(seq)] = torch.tensor(seq) + 2  # 0 and 1 are <pad> and <eos>
-        mask[row, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+    return tiny.byte_collate(texts, MAX_LENGTH)
 
 
 def most_over_ranks(n: int) -> int:

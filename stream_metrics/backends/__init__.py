@@ -32,8 +32,10 @@ def import_wandb():
     except ImportError:
         raise ImportError("the wandb backend needs Weights & Biases: pip install 'stream_metrics[wandb]'") from None
     if not hasattr(wandb, "init"):
-        folders = ", ".join(getattr(wandb, "__path__", [])) or "a wandb folder"
-        raise ImportError(f"'import wandb' found the folder {folders}, not Weights & Biases: the package is not "
+        paths = list(getattr(wandb, "__path__", []))
+        folders = (f"the folder {paths[0]}" if len(paths) == 1 else f"the folders {', '.join(paths)}" if paths
+                   else "a wandb folder")
+        raise ImportError(f"'import wandb' found {folders}, not Weights & Biases: the package is not "
                           "installed (pip install 'stream_metrics[wandb]'), and a folder named wandb on the path "
                           "stands in for it")
     return wandb

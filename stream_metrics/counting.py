@@ -294,6 +294,19 @@ class Total:
         total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         return total if self.host == 0 else total + self.host
 
+    def unread(self) -> torch.Tensor | None:
+        """The device counts added since the total was last settled, as one 0-d tensor (None: none).
+
+        ``host + unread()`` is ``value()``; a row of one process reads this part and adds the host
+        int itself, so a total costs the row no device op beyond the read.
+        """
+        parts = self._parts
+        if not parts:
+            return None
+        if len(parts) > 1:
+            self._parts = parts = [torch.stack(parts).sum()]
+        return parts[0]
+
     def settle(self, value: int) -> None:
         """``value`` is what ``value()`` was just read as (the row's sync): keep it as a host int."""
         self.host, self._parts = int(value), []

@@ -15,6 +15,8 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 
+from .counting import Total
+
 
 _AVAILABLE = dist.is_available()
 R = TypeVar("R", bound=Mapping[str, Any])  # a rank's record (record.RankRecord), or any dict of numbers
@@ -55,6 +57,12 @@ def _slot(value, device):
     Device values are converted on their device (no wait); Python values stay on the host.
     """
     if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.requires_grad and value.device == device:
+            # The common cases in fewest ops: a count as the counting made it, a float32 loss.
+            if value.dtype is torch.int64:
+                return value, _INT
+            if value.dtype is torch.float32:
+                return value.view(torch.int32).long(), _FLOAT32
         value = value.detach().reshape(())
         if value.is_floating_point():
             if value.dtype == torch.float64:  # never on MPS; reinterpreted before it moves
@@ -113,22 +121,37 @@ def gather(fields: R, pending=()) -> list[R]:
 def read_here(fields: R, pending=()) -> R:
     """One process's ``gather``: ``fields`` with its device values read, in one wait for the device.
 
-    The tensors are read together, in one stack (floats by their bits, so reads are exact); host
-    numbers stay as they are. ``fields`` is updated in place and returned.
+    A value may be a tensor, a host number, or a ``counting.Total``, read as its host int plus its
+    unread device counts (no device op for the sum). The tensors are read together, in one stack
+    (floats by their bits, so reads are exact); host numbers stay as they are. ``fields`` is updated
+    in place and returned.
     """
-    names = [k for k, v in fields.items() if isinstance(v, torch.Tensor)]
-    tensors = [fields[k] for k in names] + [p.tensor for p in pending]
+    out = cast(dict, fields)  # the caller's record, updated in place
+    names, tensors, offsets = [], [], []
+    for k, v in fields.items():
+        if type(v) is Total:
+            part = v.unread()
+            if part is None:
+                out[k] = v.host
+                continue
+            names.append(k)
+            tensors.append(part)
+            offsets.append(v.host)
+        elif isinstance(v, torch.Tensor):
+            names.append(k)
+            tensors.append(v)
+            offsets.append(0)
+    tensors += [p.tensor for p in pending]
     if not tensors:
         return fields
     device = tensors[0].device
     slots = [_slot(t, device) for t in tensors]
     read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
-    values = [_read(b, kind) for b, (_, kind) in zip(read, slots)]
+    values = [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]
     values = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral) else float(v)
               for v in values]
-    out = cast(dict, fields)  # the caller's record, updated in place
-    for k, v in zip(names, values):
-        out[k] = v
+    for k, offset, v in zip(names, offsets, values):
+        out[k] = v + offset if offset else v
     for p, v in zip(pending, values[len(names):]):
         p.value = v
     return fields

@@ -139,6 +139,10 @@ class FlopCount:
         """This rank's fields for the row's gather (host ints or 0-d device tensors)."""
         return {"flop_tokens": self.tokens.value(), "flop_pairs": self.pairs.value()}
 
+    def totals(self) -> dict[str, Total]:
+        """The same fields as ``local``, as the totals themselves (a one-process row reads them)."""
+        return {"flop_tokens": self.tokens, "flop_pairs": self.pairs}
+
     def settle(self, mine: RankRecord) -> None:
         """This rank's fields as the gather read them: kept as host ints (counting.Total.settle)."""
         self.tokens.settle(mine["flop_tokens"])

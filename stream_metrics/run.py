@@ -174,9 +174,10 @@ class Run:
             if progress.tokens is None:
                 warn_once("no-tokens-row", "no batch has carried token information, so progress/tokens is left "
                                            "out of the rows; pass tokens= to update() to count them")
-            values = tracking.row(progress, self._last, resolve(metrics, pending) if metrics else {}, self.peak,
-                                  self.layout.distinct_devices)
-            self.tracking.submit_row(values, progress)
+            # The row's values are made by the sender thread that first reads it, from numbers read here.
+            last, peak, layout = self._last, self.peak, self.layout
+            self.tracking.submit_row(lambda: tracking.row(progress, last, resolve(metrics, pending) if metrics else {},
+                                                          peak, layout.distinct_devices), progress)
         self._last = progress
         return progress
 

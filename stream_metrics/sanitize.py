@@ -180,12 +180,20 @@ class Pending:
         self.key, self.name, self.tensor, self.value = key, name, tensor, None
 
 
+_TORCH: list = []  # [torch], imported at the first metric (the CLI imports this module without torch)
+
+
+def _torch():
+    if not _TORCH:
+        import torch
+
+        _TORCH.append(torch)
+    return _TORCH[0]
+
+
 def _deferrable(value) -> bool:
     # A one-element real tensor with data: read later, together with the counts (distributed.gather).
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
+    torch = _torch()
     return (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
             and not value.is_complex() and value.dtype != torch.bool)
 
@@ -204,6 +212,11 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
         kind = type(value)
         if kind is float and value - value == 0.0 and key in names:
             row[names[key]] = value
+            continue
+        if kind is _torch().Tensor and pending is not None and key in names and _deferrable(value):
+            name = names[key]  # a tensor under a key seen before: read with the counts
+            pending.append(Pending(key, name, value))
+            row[name] = None
             continue
         for full, item in flatten({key: value}):
             if pending is not None and _deferrable(item):

@@ -143,34 +143,43 @@ class Tally:
         now = time.monotonic()
         self.calls += 1
         base = self.base
-        in_pass: Count | float = (self.samples.value() if self.passes == 0
-                                  else self.samples.value() - self.pass_start.value())
-        if self.passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
-            # The restored samples were all in the first pass, read by the data-parallel ranks.
-            in_pass = in_pass + base.samples / self.layout.data_parallel_size
         alone = distributed.world_size() == 1
         main = alone or distributed.is_main()
         fields = cast(RankRecord, {
-            "samples": self.samples.value(),
-            "tokens": self.tokens.value(),
-            "loss_tokens": self.loss_tokens.value(),
             "has_tokens": int(self.has_tokens),
             "has_loss_tokens": int(self.has_loss_tokens),
             "steps": self.steps,
             "wall_clock": base.wall_clock + (now - self.t0),
             "passes": self.passes,
-            "first_pass_samples": self.first_pass.value() if self.first_pass is not None else -1,
-            "samples_in_pass": in_pass,
             **self.probe.local(rows=self.rows + (self.base_rows if main else 0),
                                batches=self.micro_batches + (self.base_batches if main else 0)),
-            **(self.flops.local() if self.flops is not None else {}),
         })
         if alone:  # one process: no other rank to meet, weigh or check (the hot path of a plain loop)
-            ranks = distributed.gather(fields, pending)
-            ranks[0]["samples_in_pass"] = _whole(ranks[0]["samples_in_pass"])
+            # The totals themselves go in: read_here adds their host ints to what it reads, so a row
+            # costs one stack and one read, and no device op for the sums.
+            cast(dict, fields).update(
+                samples=self.samples, tokens=self.tokens, loss_tokens=self.loss_tokens,
+                first_pass_samples=self.first_pass if self.first_pass is not None else -1,
+                samples_in_pass=self.pass_start if self.passes else 0,  # where this pass began, for now
+                **(self.flops.totals() if self.flops is not None else {}))
+            mine = distributed.read_here(fields, pending)
+            start = mine["samples_in_pass"]
+            if self.passes:
+                self.pass_start.settle(start)
+            if self.first_pass is not None:
+                self.first_pass.settle(mine["first_pass_samples"])
+            mine["samples_in_pass"] = _whole(self._in_pass(mine["samples"] - start))
+            ranks = [mine]
             weights = [1]
             reading = ranks
         else:
+            samples_now = self.samples.value()
+            cast(dict, fields).update(
+                samples=samples_now, tokens=self.tokens.value(), loss_tokens=self.loss_tokens.value(),
+                first_pass_samples=self.first_pass.value() if self.first_pass is not None else -1,
+                samples_in_pass=self._in_pass(samples_now if self.passes == 0
+                                              else samples_now - self.pass_start.value()),
+                **(self.flops.local() if self.flops is not None else {}))
             fields.update(self.layout.fields())
             fields["call"], fields["call_seq"] = CALLS[call], self.calls
             gathered = distributed.gather(fields, pending)
@@ -201,6 +210,13 @@ class Tally:
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
             flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
         return self.latest
+
+    def _in_pass(self, in_pass: Any) -> Any:
+        """This rank's samples in the current pass (``in_pass``: since the pass began, this session)."""
+        if self.passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
+            # The restored samples were all in the first pass, read by the data-parallel ranks.
+            return in_pass + self.base.samples / self.layout.data_parallel_size
+        return in_pass
 
 
 def _whole(value: Any) -> Any:

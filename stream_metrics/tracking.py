@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from . import distributed, flops, schema
 from .backends import RunInfo, create
@@ -52,11 +53,17 @@ class Tracking:
                                       config=self.config, tags=tags, x_axis=self.x_axis,
                                       axes=(*schema.AXES.values(), schema.LOSS_TOKENS)))
 
-    def submit_row(self, metrics: dict, progress: Progress) -> None:
-        """Hand one row to every backend (a queue append each); the epoch-source tag follows the row."""
+    def submit_row(self, metrics: dict | Callable[[], dict], progress: Progress) -> None:
+        """Hand one row to every backend (a queue append each); the epoch-source tag follows the row.
+
+        ``metrics``: the row's values, or a function making them, called by the first sender thread
+        that reads the row (Row.later), so the training thread only hands the row over.
+        """
         if not self.started:
             self.start(progress.epoch_source)
-        row = Row(metrics, int(time.time() * 1000))  # MLflow takes its step from the row's mlflow_step axis
+        # MLflow takes its step from the row's mlflow_step axis.
+        row = Row(metrics, int(time.time() * 1000)) if isinstance(metrics, dict) else Row.later(
+            metrics, int(time.time() * 1000))
         for d in self.deliveries:
             d.submit("rows", row)
         if progress.epoch_source != self.epoch_source:

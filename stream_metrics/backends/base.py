@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Every row gets the next number, process-wide: a retried call, a close-time spill and a replay
@@ -9,13 +11,45 @@ from dataclasses import dataclass, field
 _next_seq = itertools.count(1).__next__
 
 
-@dataclass
 class Row:
-    """One written row: stored metric names to numbers, when it was written (ms since the epoch), its number."""
+    """One written row: stored metric names to numbers, when it was written (ms since the epoch), its number.
 
-    metrics: dict
-    timestamp_ms: int
-    seq: int = field(default_factory=_next_seq)
+    ``Row.later(build, timestamp_ms)`` is a row whose metrics are built where they are first read (a
+    sender thread), not on the training thread that writes it: ``build`` must only read what it was
+    given. Reads from several threads build it once.
+    """
+
+    __slots__ = ("_metrics", "_build", "timestamp_ms", "seq")
+
+    def __init__(self, metrics: dict, timestamp_ms: int, seq: int | None = None):
+        self._metrics: dict | None = metrics
+        self._build: Callable[[], dict] | None = None
+        self.timestamp_ms = timestamp_ms
+        self.seq = _next_seq() if seq is None else seq
+
+    @classmethod
+    def later(cls, build: Callable[[], dict], timestamp_ms: int) -> "Row":
+        row = cls.__new__(cls)
+        row._metrics, row._build, row.timestamp_ms, row.seq = None, build, timestamp_ms, _next_seq()
+        return row
+
+    @property
+    def metrics(self) -> dict:
+        metrics = self._metrics
+        if metrics is None:
+            with _BUILDING:
+                metrics = self._metrics
+                if metrics is None:
+                    metrics = self._metrics = self._build()  # type: ignore[misc]  # set by later()
+                    self._build = None
+        return metrics
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Row) and (self.metrics, self.timestamp_ms, self.seq) == (
+            other.metrics, other.timestamp_ms, other.seq)
+
+    def __repr__(self) -> str:
+        return f"Row(metrics={self.metrics!r}, timestamp_ms={self.timestamp_ms}, seq={self.seq})"
 
     def to_json(self) -> dict:
         return {"metrics": self.metrics, "timestamp_ms": self.timestamp_ms, "seq": self.seq}
@@ -23,7 +57,10 @@ class Row:
     @classmethod
     def from_json(cls, d: dict) -> "Row":
         seq = d.get("seq")
-        return cls(dict(d["metrics"]), int(d["timestamp_ms"]), *([int(seq)] if seq is not None else []))
+        return cls(dict(d["metrics"]), int(d["timestamp_ms"]), int(seq) if seq is not None else None)
+
+
+_BUILDING = threading.Lock()  # rows built by sender threads (Row.later): each once
 
 
 @dataclass

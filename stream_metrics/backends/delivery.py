@@ -73,7 +73,8 @@ class Delivery:
                 if self._held_rows > self.buffer_rows:
                     # In chunks of a tenth of the buffer, so the file is opened once per many rows.
                     self._spill_oldest(self._held_rows - self.buffer_rows + self.buffer_rows // 10)
-            self._warn_if_stalled()
+            if self._sending_since is not None:
+                self._warn_if_stalled()
             # Wake the sender only when it has something to do now: a notify per row would wake a
             # lingering sender every row, to take the GIL from the training thread and wait again.
             # Lingering, it wakes at its deadline by itself; backing off, new rows must not cut it short.
@@ -204,6 +205,7 @@ class Delivery:
                     self.delivered_rows += len(batch)
                 self._in_flight, self._sending_since = 0, None
                 self._lock.notify_all()
+            del batch, payload  # delivered: not kept while the sender waits for more
             if self._failing_since is not None:
                 log.warning("stream_metrics: %s is reachable again after %.0f s; held-back rows are being delivered",
                             self.backend.name, time.monotonic() - self._failing_since)

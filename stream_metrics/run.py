@@ -174,10 +174,12 @@ class Run:
             if progress.tokens is None:
                 warn_once("no-tokens-row", "no batch has carried token information, so progress/tokens is left "
                                            "out of the rows; pass tokens= to update() to count them")
-            # The row's values are made by the sender thread that first reads it, from numbers read here.
+            # The metrics are checked here (a warning is the caller's); the axes and rates are added by
+            # the sender thread that first reads the row.
+            values = resolve(metrics, pending) if metrics else {}
             last, peak, layout = self._last, self.peak, self.layout
-            self.tracking.submit_row(lambda: tracking.row(progress, last, resolve(metrics, pending) if metrics else {},
-                                                          peak, layout.distinct_devices), progress)
+            self.tracking.submit_row(lambda: tracking.row(progress, last, values, peak, layout.distinct_devices),
+                                     progress)
         self._last = progress
         return progress
 

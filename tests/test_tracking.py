@@ -36,3 +36,65 @@ def test_no_rate_without_time_between_the_rows_nor_tokens_without_token_counts()
     row = tracking.row(no_tokens, Progress(samples=320, wall_clock=100.0), {}, None, 1)
     assert row[schema.SAMPLES_PER_S] == 40.0
     assert schema.TOKENS_PER_S not in row and schema.TOKENS_PER_S_PER_DEVICE not in row
+
+
+def test_a_row_made_later_is_built_once_by_whichever_thread_reads_it_first():
+    import threading
+
+    from stream_metrics.backends.base import Row
+
+    calls = []
+    row = Row.later(lambda: calls.append(threading.current_thread().name) or {"loss": 1.0}, 5)
+    assert calls == []  # handing it over builds nothing
+    readers = [threading.Thread(target=lambda: row.metrics, name=f"sender-{i}") for i in range(4)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert len(calls) == 1 and calls[0].startswith("sender-")
+    assert row.to_json() == {"metrics": {"loss": 1.0}, "timestamp_ms": 5, "seq": row.seq}
+    assert Row.from_json(row.to_json()) == row
+
+
+def test_log_leaves_the_axes_and_rates_to_the_sender_thread(monkeypatch):
+    """The training thread hands the row over: the row's values are made on a sender thread."""
+    import threading
+
+    import stream_metrics
+    from stream_metrics.backends.base import Backend
+
+    class Keeping(Backend):
+        name = "mlflow"
+
+        def __init__(self):
+            self.rows = []
+
+        def start(self, info):
+            self.run_id = "keeping"
+            return self.run_id
+
+        def log_rows(self, rows):
+            self.rows += [r.metrics for r in rows]
+
+        def set_tags(self, tags):
+            pass
+
+        def log_summary(self, metrics, row):
+            pass
+
+        def finish(self, status):
+            pass
+
+    backend = Keeping()
+    monkeypatch.setattr(tracking, "create", lambda name, options: backend)
+    made_on = []
+    row = tracking.row
+    monkeypatch.setattr(tracking, "row", lambda *a: made_on.append(threading.current_thread()) or row(*a))
+    with stream_metrics.init(backend="mlflow") as run:
+        for i in range(3):
+            run.update(samples=4, tokens=40)
+            run.log({"loss": 1.0 / (i + 1)})
+    assert len(made_on) == 3 and threading.main_thread() not in made_on
+    assert [r[schema.SAMPLES] for r in backend.rows] == [4, 8, 12]
+    assert [r["loss"] for r in backend.rows] == [1.0, 0.5, 1.0 / 3]
+    assert [r[schema.TOKENS] for r in backend.rows] == [40, 80, 120]

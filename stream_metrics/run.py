@@ -175,11 +175,15 @@ class Run:
                 warn_once("no-tokens-row", "no batch has carried token information, so progress/tokens is left "
                                            "out of the rows; pass tokens= to update() to count them")
             # The metrics are checked here (a warning is the caller's); the axes and rates are added by
-            # the sender thread that first reads the row.
+            # the sender thread that first reads the row, unless MFU is computed (its check may warn).
             values = resolve(metrics, pending) if metrics else {}
-            last, peak, layout = self._last, self.peak, self.layout
-            self.tracking.submit_row(lambda: tracking.row(progress, last, values, peak, layout.distinct_devices),
-                                     progress)
+            last, layout = self._last, self.layout
+            if self.peak is None:
+                self.tracking.submit_row(lambda: tracking.row(progress, last, values, None, layout.distinct_devices),
+                                         progress)
+            else:
+                self.tracking.submit_row(tracking.row(progress, last, values, self.peak, layout.distinct_devices),
+                                         progress)
         self._last = progress
         return progress
 

@@ -1,4 +1,4 @@
-"""tracking.row: what a row holds besides the metrics (the throughput since the previous row).
+"""tracking.row: what a row holds besides the metrics (the throughput since the previous row), and where it is made.
 
 Expected values are worked out here by hand from the two Progress records, not by the library.
 """
@@ -7,11 +7,37 @@ from __future__ import annotations
 import pytest
 
 from stream_metrics import schema, tracking
+from stream_metrics.backends.base import Backend
 from stream_metrics.flops import Peak
 from stream_metrics.progress import Progress
 
 LAST = Progress(step=10, samples=320, tokens=40_000, epoch=0.5, wall_clock=100.0, flops=6_000_000)
 NOW = Progress(step=15, samples=480, tokens=61_000, epoch=0.75, wall_clock=104.0, flops=9_000_000)
+
+
+class Keeping(Backend):
+    """Keeps the metrics of every row it is sent, as read by its sender thread."""
+
+    name = "mlflow"
+
+    def __init__(self):
+        self.rows = []
+
+    def start(self, info):
+        self.run_id = "keeping"
+        return self.run_id
+
+    def log_rows(self, rows):
+        self.rows += [r.metrics for r in rows]
+
+    def set_tags(self, tags):
+        pass
+
+    def log_summary(self, metrics, row):
+        pass
+
+    def finish(self, status):
+        pass
 
 
 def test_a_row_holds_every_axis_then_the_rates_since_the_last_row_then_the_metrics():
@@ -61,30 +87,6 @@ def test_log_leaves_the_axes_and_rates_to_the_sender_thread(monkeypatch):
     import threading
 
     import stream_metrics
-    from stream_metrics.backends.base import Backend
-
-    class Keeping(Backend):
-        name = "mlflow"
-
-        def __init__(self):
-            self.rows = []
-
-        def start(self, info):
-            self.run_id = "keeping"
-            return self.run_id
-
-        def log_rows(self, rows):
-            self.rows += [r.metrics for r in rows]
-
-        def set_tags(self, tags):
-            pass
-
-        def log_summary(self, metrics, row):
-            pass
-
-        def finish(self, status):
-            pass
-
     backend = Keeping()
     monkeypatch.setattr(tracking, "create", lambda name, options: backend)
     made_on = []
@@ -98,3 +100,32 @@ def test_log_leaves_the_axes_and_rates_to_the_sender_thread(monkeypatch):
     assert [r[schema.SAMPLES] for r in backend.rows] == [4, 8, 12]
     assert [r["loss"] for r in backend.rows] == [1.0, 0.5, 1.0 / 3]
     assert [r[schema.TOKENS] for r in backend.rows] == [40, 80, 120]
+
+
+def test_an_mfu_above_one_warns_in_the_thread_that_logged(monkeypatch):
+    """With a peak given, the row is made in log(): its one possible warning is the caller's to see."""
+    import threading
+    import warnings
+
+    import stream_metrics
+    from stream_metrics import _checks
+
+    _checks.reset_warnings()
+    backend = Keeping()
+    monkeypatch.setattr(tracking, "create", lambda name, options: backend)
+    seen = []
+    show = warnings.showwarning
+    monkeypatch.setattr(warnings, "showwarning",
+                        lambda message, *a, **k: seen.append((str(message), threading.current_thread())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        run = stream_metrics.init(backend="mlflow", flops_per_token=1e12, peak_flops=1.0)
+        run.update(samples=1, tokens=10)
+        run.log()
+        run.update(samples=1, tokens=10)
+        run.log({"loss": 1.0})
+        run.finish()
+    warnings.showwarning = show
+    above = [t for m, t in seen if "above the peak" in m]
+    assert above == [threading.current_thread()]
+    assert len(backend.rows) == 2 and schema.MFU not in backend.rows[1]

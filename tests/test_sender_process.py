@@ -190,3 +190,31 @@ def test_the_sender_ends_when_the_training_process_is_killed(mlflow_uri, workdir
     child.kill()
     child.wait(30)
     assert wait_for(lambda: gone(sender_pid), 30)
+
+
+def test_a_store_s_thread_in_the_child_leaves_when_idle_and_comes_back_for_its_next_rows(workdir, monkeypatch):
+    """One thread per tracking URI in the child, not kept for ever: a process that logs to many stores
+    keeps none of them once idle, and a store's next rows are stored all the same."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setattr(SenderProcess, "idle_seconds", 1.0)
+    sender = SenderProcess()  # a child of this test's own, with a 1 s idle time
+    try:
+        def threads() -> int:
+            return len(os.listdir(f"/proc/{sender.pid}/task"))
+
+        stores = [f"sqlite:///{workdir}/store{i}.db" for i in range(3)]
+        runs = []
+        for uri in stores:
+            client = MlflowClient(uri)
+            runs.append(client.create_run(client.create_experiment("idle")).info.run_id)
+        for uri, run_id in zip(stores, runs):
+            assert sender.call(uri, run_id, [[{"loss": 1.0}, 1000, 1, 1]], 1000) == 1
+        busy = threads()  # the main thread, MLflow's own, and a thread per store
+        # Every store's thread leaves after 1 s idle; MLflow's own threads stay.
+        assert wait_for(lambda: threads() == busy - len(stores), 20)
+        for i, (uri, run_id) in enumerate(zip(stores, runs)):
+            assert sender.call(uri, run_id, [[{"loss": 2.0}, 2000, 2, 2]], 1000) == 2  # a new thread for it
+            assert history(uri, run_id, "loss") == [(1, 1.0), (2, 2.0)], i
+    finally:
+        sender.close()

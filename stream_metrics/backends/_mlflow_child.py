@@ -3,7 +3,7 @@
 It imports nothing of stream_metrics (whose package imports torch): only MLflow, from the training
 process's own ``sys.path``, sent in the first line. Protocol, one JSON text per line:
 
-- in, first: ``{"sys_path": [...]}``;
+- in, first: ``{"sys_path": [...], "idle_seconds": ...}``;
 - in, then: ``{"id": n, "uri": ..., "run_id": ..., "per_call": 1000,
   "rows": [[metrics, timestamp_ms, step, seq], ...]}``, with ``"environment"`` where MLflow's
   variables changed;
@@ -11,10 +11,11 @@ process's own ``sys.path``, sent in the first line. Protocol, one JSON text per 
   also when a later call failed, so a retry sends only the rest.
 
 Each tracking URI has its own thread and client here, so a server that hangs holds back its own
-rows only. The process ends when its stdin closes (the training process ended or let it go), once
-every request it has read is answered; it ignores SIGINT (a Ctrl-C is for the training process,
-which finishes its runs through this process) and SIGTERM (the training process's handler
-delivers its rows through it first; it then ends with its stdin).
+rows only; a URI's thread leaves after ``IDLE_SECONDS`` without rows. The process ends when its
+stdin closes (the training process ended or let it go), once every request it has read is
+answered; it ignores SIGINT (a Ctrl-C is for the training process, which finishes its runs
+through this process) and SIGTERM (the training process's handler delivers its rows through it
+first; it then ends with its stdin).
 """
 import json
 import os
@@ -25,6 +26,9 @@ import threading
 import time
 
 FINAL_SECONDS = 30.0
+#: A tracking URI's thread (and its client) leaves after this long without rows; the next row for
+#: that URI starts another. A training process that logs to many stores keeps no thread for each.
+IDLE_SECONDS = 300.0
 ENVIRONMENT = ("MLFLOW_", "DATABRICKS_")  # the variables MLflow's client reads (process.py sends them)
 
 
@@ -47,7 +51,9 @@ def main() -> None:
             except (BrokenPipeError, ValueError):  # the training process is gone: store the rest all the same
                 pass
 
-    workers: dict = {}
+    idle = float(hello.get("idle_seconds") or IDLE_SECONDS)
+    workers: dict = {}  # uri -> (inbox, thread); a thread idle for `idle` seconds leaves, under the lock
+    workers_lock = threading.Lock()
     for line in sys.stdin:
         request = json.loads(line)
         if "environment" in request:  # MLflow's settings as the training process has them now
@@ -55,25 +61,37 @@ def main() -> None:
                 del os.environ[name]
             os.environ.update(request["environment"])
         uri = request["uri"]
-        if uri not in workers:
-            inbox: queue.Queue = queue.Queue()
-            thread = threading.Thread(target=serve_uri, args=(uri, inbox, answer), daemon=True)
-            thread.start()
-            workers[uri] = (inbox, thread)
-        workers[uri][0].put(request)
+        with workers_lock:
+            if uri not in workers:
+                inbox: queue.Queue = queue.Queue()
+                thread = threading.Thread(target=serve_uri, args=(uri, inbox, answer, idle, workers, workers_lock),
+                                          daemon=True)
+                thread.start()
+                workers[uri] = (inbox, thread)
+            workers[uri][0].put(request)
     # The training process let go: answer what was read, for a bounded time (a server that hangs
     # would otherwise keep this process for minutes); the training process kept every unanswered row.
     deadline = time.monotonic() + FINAL_SECONDS
-    for inbox, _ in workers.values():
-        inbox.put(None)
-    for _, thread in workers.values():
+    with workers_lock:
+        left = list(workers.values())
+        for inbox, _ in left:
+            inbox.put(None)
+    for _, thread in left:
         thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def serve_uri(uri: str, inbox: "queue.Queue", answer) -> None:
+def serve_uri(uri: str, inbox: "queue.Queue", answer, idle: float, workers: dict, workers_lock) -> None:
+    """Store the rows sent for ``uri``, one request after another; leave after ``idle`` seconds without any."""
     client = None
     while True:
-        request = inbox.get()
+        try:
+            request = inbox.get(timeout=idle)
+        except queue.Empty:
+            with workers_lock:  # the reader puts requests under this lock: none can be left behind
+                if inbox.empty():
+                    del workers[uri]
+                    return
+            continue
         if request is None:
             return
         stored: list = []  # the rows stored, call by call: the last one counts, also when a later call fails

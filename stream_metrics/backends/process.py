@@ -49,6 +49,7 @@ class SenderProcess:
     """The child process and the thread that reads its answers; ``call`` is safe from any thread."""
 
     _shared: "SenderProcess | None" = None
+    idle_seconds: float | None = None  # a URI's thread in the child leaves after this (None: the child's default)
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -74,7 +75,7 @@ class SenderProcess:
         self._waiting_lock = threading.Lock()
         self._stopped: str | None = None
         self._environment = {k: v for k, v in os.environ.items() if k.startswith(_ENVIRONMENT)}  # the child's
-        self._write({"sys_path": sys.path})
+        self._write({"sys_path": sys.path, "idle_seconds": self.idle_seconds})
         self._reader = threading.Thread(target=self._read, name="stream_metrics-mlflow-answers", daemon=True)
         self._reader.start()
 

@@ -3,8 +3,9 @@
     python benchmarks/run.py            # about 15 minutes on a busy 2-core machine
     python benchmarks/run.py --quick    # about 5 minutes: fewer steps, calls and repeats
 
-Every figure is compared with a baseline measured in the same process, interleaved with it
-(A B A B ..., the order rotated each repeat) and repeated; the table shows medians. See
+Every figure is compared with a baseline measured in the same process, interleaved with it: each run
+between two runs of the baseline (A B A C A ..., the order rotated each repeat), its ratio taken over
+the mean of those two, and repeated; the table shows medians. See
 benchmarks/README.md for what each figure means.
 """
 from __future__ import annotations
@@ -48,6 +49,38 @@ def median(xs):
 def percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def bracketed(kinds: list, base: str, one, repeats: int, say) -> dict:
+    """Run each kind between two runs of ``base`` (base, k1, base, k2, base, ...), the kinds' order
+    rotated each repeat. A kind's ratio is its time over the mean of the two base runs beside it, so
+    a slow stretch of this shared machine weighs on both sides of the ratio it falls in.
+
+    ``one(kind)`` returns (ms per step, CPU ms per step). Returns the times, and the ratios of the
+    times and of the CPU per kind, one per repeat.
+    """
+    times: dict = {k: [] for k in (base, *kinds)}
+    cpus: dict = {k: [] for k in (base, *kinds)}
+    ratios: dict = {k: [] for k in kinds}
+    cpu_ratios: dict = {k: [] for k in kinds}
+
+    def timed(kind):
+        ms, cpu_ms = one(kind)
+        times[kind].append(ms)
+        cpus[kind].append(cpu_ms)
+        return ms, cpu_ms
+
+    for repeat in range(repeats):
+        order = kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]
+        before = timed(base)
+        for kind in order:
+            ms, cpu_ms = timed(kind)
+            after = timed(base)
+            ratios[kind].append(ms / ((before[0] + after[0]) / 2))
+            cpu_ratios[kind].append(cpu_ms / ((before[1] + after[1]) / 2))
+            before = after
+        say(repeat, {k: v[-1] for k, v in times.items()})
+    return {"times": times, "ratios": ratios, "cpu_ratios": cpu_ratios}
 
 
 def rss_mb() -> float:
@@ -218,31 +251,36 @@ def bench_trainer(cfg, workdir) -> dict:
         gc.collect()
         return result
 
-    kinds = ["a", "b", "c", "d", "e"]
-    results = {k: [] for k in kinds}
     one("a", -1)  # warm-up: imports, the first wandb service, the dataset cache
-    for repeat in range(cfg.repeats_trainer):
-        order = kinds[repeat % 5:] + kinds[:repeat % 5]
-        for kind in order:
-            results[kind].append(one(kind, repeat))
-            print(f"    trainer {kind} repeat {repeat}: {results[kind][-1]['per_step_ms']:.1f} ms/step", flush=True)
-    per_step = {k: [r["per_step_ms"] for r in v] for k, v in results.items()}
-    # Ratios per repeat (the runs of one repeat ran back to back), then the median of those.
-    ratios = {f"{x}_{y}": [p / q for p, q in zip(per_step[x], per_step[y])]
-              for x, y in (("b", "a"), ("b", "c"), ("d", "a"), ("e", "a"), ("e", "c"))}
-    cpu = {k: [r["cpu_per_step_ms"] for r in v] for k, v in results.items()}
-    cpu_ratios = {k: median([x / a for a, x in zip(cpu["a"], cpu[k])]) for k in ("b", "c", "d", "e")}
-    return {"per_step": {k: median(v) for k, v in per_step.items()},
-            "train_s": {k: median([r["train_s"] for r in v]) for k, v in results.items()},
-            **{name: median(r) for name, r in ratios.items()},
-            "spread": {name: (min(r), max(r)) for name, r in ratios.items()}, "runs": per_step,
-            "cpu_per_step": {k: median(v) for k, v in cpu.items()}, "cpu_ratios": cpu_ratios}
+    train_s: dict = {k: [] for k in "abcde"}
+    repeat_now = [0]
+
+    def timed(kind):
+        r = one(kind, repeat_now[0])
+        train_s[kind].append(r["train_s"])
+        return r["per_step_ms"], r["cpu_per_step_ms"]
+
+    def say(repeat, last):
+        repeat_now[0] = repeat + 1
+        print(f"    trainer repeat {repeat}: " + ", ".join(f"{k} {v:.1f}" for k, v in last.items()) + " ms/step",
+              flush=True)
+
+    # Each of b, c, d, e between two runs of a (no tracking); b/c from the two ratios of one repeat.
+    got = bracketed(["b", "c", "d", "e"], "a", timed, cfg.repeats_trainer, say)
+    r = got["ratios"]
+    ratios = {"b_a": r["b"], "d_a": r["d"], "e_a": r["e"],
+              "b_c": [b / c for b, c in zip(r["b"], r["c"])], "e_c": [e / c for e, c in zip(r["e"], r["c"])]}
+    return {"per_step": {k: median(v) for k, v in got["times"].items()},
+            "train_s": {k: median(v) for k, v in train_s.items()},
+            **{name: median(x) for name, x in ratios.items()},
+            "spread": {name: (min(x), max(x)) for name, x in ratios.items()}, "runs": got["times"],
+            "cpu_ratios": {k: median(v) for k, v in got["cpu_ratios"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------- 3b. plain loop
 def bench_plain(cfg, mlflow_uri) -> dict:
-    """A plain training loop of the tiny model, a row every step: bare, and ours with each backend setting;
-    interleaved, order rotated each repeat; log() timed in the loop (rows paced like training)."""
+    """A plain training loop of the tiny model, a row every step: bare, and ours with each backend setting,
+    each between two bare runs (``bracketed``); log() timed in the loop (rows paced like training)."""
 
     batch = {k: v[:, :cfg.plain_seq] for k, v in realistic_batch().items()}
     model, train_step = tiny_training_step(batch)
@@ -255,11 +293,10 @@ def bench_plain(cfg, mlflow_uri) -> dict:
     settings = {"none": ("none", None), "mlflow": ("mlflow", "process"), "wandb": ("wandb", None),
                 "ours": (["mlflow", "wandb"], "process"), "thread": (["mlflow", "wandb"], "thread"),
                 "every5": (["mlflow", "wandb"], "process")}
-    kinds = ["bare", *settings]
     log_us: dict = {k: [] for k in settings}
-    cpu: dict = {k: [] for k in kinds}  # the training process's CPU time per step
 
-    def one(kind: str) -> float:
+    def one(kind: str) -> tuple[float, float]:
+        """ms per step, and the training process's CPU ms per step."""
         run = None
         if kind != "bare":
             backend, sender = settings[kind]
@@ -283,22 +320,20 @@ def bench_plain(cfg, mlflow_uri) -> dict:
                 run.log({"loss": loss.detach(), "learning_rate": 3e-4})
                 log_us[kind].append((time.perf_counter_ns() - t_log) / 1e3)
         per_step = (time.perf_counter() - t) / cfg.plain_steps
-        cpu[kind].append((time.process_time() - cpu0) / cfg.plain_steps * 1e3)
+        cpu_per_step = (time.process_time() - cpu0) / cfg.plain_steps
         if run is not None:
             run.finish()
-        return per_step * 1e3
+        return per_step * 1e3, cpu_per_step * 1e3
 
-    runs: dict = {k: [] for k in kinds}
-    for repeat in range(cfg.repeats_plain):
-        shift = repeat % len(kinds)
-        for kind in kinds[shift:] + kinds[:shift]:
-            runs[kind].append(one(kind))
-        print(f"    plain loop repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()) + " ms/step",
+    def say(repeat, last):
+        print(f"    plain loop repeat {repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()) + " ms/step",
               flush=True)
-    ratios = {k: [x / b for x, b in zip(runs[k], runs["bare"])] for k in settings}
-    return {"per_step": {k: median(v) for k, v in runs.items()}, "runs": runs, "ratios": ratios,
+
+    got = bracketed(list(settings), "bare", one, cfg.repeats_plain, say)
+    ratios = got["ratios"]
+    return {"per_step": {k: median(v) for k, v in got["times"].items()}, "runs": got["times"], "ratios": ratios,
             "bare": {k: median(v) for k, v in ratios.items()},
-            "cpu_ratios": {k: median([x / b for x, b in zip(cpu[k], cpu["bare"])]) for k in settings},
+            "cpu_ratios": {k: median(v) for k, v in got["cpu_ratios"].items()},
             "log": {k: (median(v), percentile(v, 99), max(v)) for k, v in log_us.items()},
             "rows": len(log_us["ours"])}
 
@@ -527,12 +562,13 @@ Settings: update(): {cfg.repeats_update} interleaved repeats of {cfg.steps_updat
 calls and {cfg.gap_s * 1e3:.0f} ms of sleep (the training, during which the sender thread may work) before each,
 after 21 warm-up rows; 3 metrics per row. Trainer: the tiny Llama of examples/tiny.py on the demo's streamed
 JSONL corpus (6,000 lines), batch 8, gradient accumulation 2, logging every 5 steps, {cfg.trainer_steps} steps of
-which the first {cfg.warmup_steps} are warm-up; {cfg.repeats_trainer} repeats in rotated order (a b c d e,
-b c d e a, ...); ms per timed step for each run: {runs}. Whole `trainer.train()` medians, start-up and teardown included
+which the first {cfg.warmup_steps} are warm-up; {cfg.repeats_trainer} repeats, each run between two runs of a
+(a b a c a d a e a, then a c a d a e a b a, ...), a ratio taken over the mean of those two; ms per timed step for
+each run: {runs}. Whole `trainer.train()` medians, start-up and teardown included
 (not a target): {", ".join(f"{k} {v:.1f} s" for k, v in t["train_s"].items())}. Plain loop: the same tiny model on
 an {cfg.plain_batch} x {cfg.plain_seq} batch, {cfg.plain_steps} timed steps per run after 5 untimed rows, a row (loss,
-learning rate) every step (every 5 steps for every5), {cfg.repeats_plain} repeats in rotated order; ms per step for
-each run: {plain_runs}.
+learning rate) every step (every 5 steps for every5), {cfg.repeats_plain} repeats, each run between two bare runs, the
+order rotated; ms per step for each run: {plain_runs}.
 """
     if not all(held):
         body += NOTES
@@ -571,10 +607,10 @@ def main(argv=None) -> int:
     cfg = argparse.Namespace(
         repeats_update=5 if q else 7, steps_update=1 if q else 2, calls_update=500 if q else 2000,
         rows_log=100 if q else 200, updates_per_row=4, gap_s=0.05,
-        trainer_steps=60 if q else 250, warmup_steps=10, repeats_trainer=3 if q else 9,
+        trainer_steps=60 if q else 250, warmup_steps=10, repeats_trainer=3 if q else 7,
         mem_updates=100_000 if q else 1_000_000, mem_rows=10_000 if q else 100_000,
         mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000,
-        plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=3 if q else 7)
+        plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/run.py" + (" --quick" if q else "") + (
         f" --threads {args.threads}" if args.threads != 1 else "")

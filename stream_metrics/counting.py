@@ -288,11 +288,10 @@ class Total:
 
         The tensor may be one of the counts added (no copy): read it before the next ``add``.
         """
-        parts = self._parts
-        if not parts:
+        part = self.unread()
+        if part is None:
             return self.host
-        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
-        return total if self.host == 0 else total + self.host
+        return part if self.host == 0 else part + self.host
 
     def unread(self) -> torch.Tensor | None:
         """The device counts added since the total was last settled, as one 0-d tensor (None: none).

@@ -147,9 +147,7 @@ def read_here(fields: R, pending=()) -> R:
     device = tensors[0].device
     slots = [_slot(t, device) for t in tensors]
     read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
-    values = [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]
-    values = [v if type(v) is int or type(v) is float else int(v) if isinstance(v, numbers.Integral) else float(v)
-              for v in values]
+    values = [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]  # ints, floats
     for k, offset, v in zip(names, offsets, values):
         out[k] = v + offset if offset else v
     for p, v in zip(pending, values[len(names):]):

@@ -177,13 +177,12 @@ class Run:
             # The metrics are checked here (a warning is the caller's); the axes and rates are added by
             # the sender thread that first reads the row, unless MFU is computed (its check may warn).
             values = resolve(metrics, pending) if metrics else {}
-            last, layout = self._last, self.layout
-            if self.peak is None:
-                self.tracking.submit_row(lambda: tracking.row(progress, last, values, None, layout.distinct_devices),
-                                         progress)
-            else:
-                self.tracking.submit_row(tracking.row(progress, last, values, self.peak, layout.distinct_devices),
-                                         progress)
+            last, peak, layout = self._last, self.peak, self.layout
+
+            def build() -> dict:
+                return tracking.row(progress, last, values, peak, layout.distinct_devices)
+
+            self.tracking.submit_row(build if peak is None else build(), progress)
         self._last = progress
         return progress
 

@@ -1,4 +1,5 @@
-"""Test and benchmark helpers that stand apart from pytest: a real MLflow server, a sync counter."""
+"""Test and benchmark helpers that stand apart from pytest: a real MLflow server, a sync counter, a
+backend that stores nothing."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,8 @@ import time
 import urllib.request
 
 import torch
+
+from stream_metrics.backends.base import Backend
 
 
 def wait_for(condition, seconds: float = 30.0, interval: float = 0.02) -> bool:
@@ -96,3 +99,27 @@ class SyncCounter(torch.Tensor):
                     "_local_scalar_dense", "__format__", "__repr__"):
             cls.syncs += 1
         return super().__torch_function__(func, types, args, kwargs or {})
+
+
+
+class InMemory(Backend):
+    """A test backend for our own delivery: accepts every call and stores nothing; its run is named
+    after its class. Subclasses say what ``log_rows`` keeps."""
+
+    name = "mlflow"
+
+    def start(self, info):
+        self.run_id = type(self).__name__.lower()
+        return self.run_id
+
+    def log_rows(self, rows):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_summary(self, metrics, row):
+        pass
+
+    def finish(self, status):
+        pass

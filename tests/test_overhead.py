@@ -12,8 +12,7 @@ import tracemalloc
 import torch
 
 import stream_metrics
-from stream_metrics.backends.base import Backend
-from support import wait_for
+from support import InMemory, wait_for
 
 MB = 2 ** 20
 
@@ -75,29 +74,14 @@ def test_twenty_thousand_rows_keep_memory_flat():
         assert grown < 1 * MB, f"20k rows kept {grown / MB:.2f} MB"
 
 
-class Recording(Backend):
+class Recording(InMemory):
     """A backend that keeps only a count of what it was sent, so what memory grows is ours."""
-
-    name = "mlflow"
 
     def __init__(self):
         self.rows = 0
 
-    def start(self, info):
-        self.run_id = "recording"
-        return self.run_id
-
     def log_rows(self, rows):
         self.rows += len(rows)
-
-    def set_tags(self, tags):
-        pass
-
-    def log_summary(self, metrics, row):
-        pass
-
-    def finish(self, status):
-        pass
 
 
 def test_delivered_rows_are_let_go(monkeypatch):
@@ -118,25 +102,17 @@ def test_delivered_rows_are_let_go(monkeypatch):
         assert grown < 1 * MB, f"10k delivered rows kept {grown / MB:.2f} MB"
 
 
-class Calls(Backend):
+class Calls(InMemory):
     """Keeps each log_rows call's rows, to see how the sender batched them."""
 
-    name = "mlflow"
     max_rows_per_call = 4
 
     def __init__(self):
         self.calls = []
 
-    def start(self, info):
-        self.run_id = "calls"
-        return self.run_id
-
     def log_rows(self, rows):
         self.calls.append([row.seq for row in rows])
         self.stored_seq = rows[-1].seq
-
-    def finish(self, status):
-        pass
 
 
 def test_the_sender_is_woken_only_when_it_has_work_yet_every_row_goes_out(monkeypatch):

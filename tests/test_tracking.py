@@ -7,37 +7,22 @@ from __future__ import annotations
 import pytest
 
 from stream_metrics import schema, tracking
-from stream_metrics.backends.base import Backend
 from stream_metrics.flops import Peak
 from stream_metrics.progress import Progress
+from support import InMemory
 
 LAST = Progress(step=10, samples=320, tokens=40_000, epoch=0.5, wall_clock=100.0, flops=6_000_000)
 NOW = Progress(step=15, samples=480, tokens=61_000, epoch=0.75, wall_clock=104.0, flops=9_000_000)
 
 
-class Keeping(Backend):
+class Keeping(InMemory):
     """Keeps the metrics of every row it is sent, as read by its sender thread."""
-
-    name = "mlflow"
 
     def __init__(self):
         self.rows = []
 
-    def start(self, info):
-        self.run_id = "keeping"
-        return self.run_id
-
     def log_rows(self, rows):
         self.rows += [r.metrics for r in rows]
-
-    def set_tags(self, tags):
-        pass
-
-    def log_summary(self, metrics, row):
-        pass
-
-    def finish(self, status):
-        pass
 
 
 def test_a_row_holds_every_axis_then_the_rates_since_the_last_row_then_the_metrics():

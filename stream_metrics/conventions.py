@@ -57,13 +57,14 @@ def make_active(run) -> list:
 
             if mlflow.active_run() is None:
                 restore = None
-                if mlflow.get_tracking_uri() != backend.tracking_uri:
-                    # The callback was given its own tracking URI: the fluent API follows it during
-                    # training, and goes back to what it was (global and MLFLOW_TRACKING_URI) after.
+                if mlflow.get_tracking_uri() != backend.store_uri:
+                    # The callback was given its own tracking URI (or a relative store path, taken from
+                    # where the run started): the fluent API follows it during training, and goes back
+                    # to what it was (global and MLFLOW_TRACKING_URI) after.
                     from mlflow.tracking._tracking_service import utils
 
                     restore = (utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI"))
-                    mlflow.set_tracking_uri(backend.tracking_uri)
+                    mlflow.set_tracking_uri(backend.store_uri)
                 mlflow.start_run(run_id=backend.run_id)
                 started.append(("mlflow", restore))
     return started

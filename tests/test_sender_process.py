@@ -113,6 +113,46 @@ def test_a_relative_sqlite_store_is_the_one_in_the_folder_where_the_run_started(
     assert not (workdir / "relative.db").exists()
 
 
+@pytest.mark.parametrize("sender", ["process", "thread"])
+def test_runs_started_in_two_folders_with_one_relative_store_each_write_to_their_own(workdir, sender):
+    """MLflow keeps one store per URI text for the life of a process: two runs of one process (a sweep,
+    a notebook), each started in its own folder with ``sqlite:///same.db``, each land whole in their
+    own folder's store: the run, its rows, a user's own ``mlflow.log_metric`` into the active run,
+    and its status. (The second used to be opened in the first folder's store, and its rows sent to
+    its own, where the run was not found.)"""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from stream_metrics import conventions
+
+    runs = {}
+    for name, sizes in (("first", [3, 4]), ("second", [2, 5, 1])):
+        (workdir / name).mkdir()
+        os.chdir(workdir / name)
+        try:
+            run = stream_metrics.init(backend="mlflow", flush_timeout=30,
+                                      mlflow={"tracking_uri": "sqlite:///same.db", "sender": sender})
+            started = conventions.make_active(run)  # as the Trainer callback does
+            mlflow.log_metric("mine", len(sizes))
+            for n in sizes:
+                run.update(samples=n)
+                run.log({"loss": 1.0 / n})
+            conventions.end_active(started)
+            run.finish()
+            runs[name] = (run.run_ids["mlflow"], sizes)
+        finally:
+            os.chdir(workdir)
+    for name, (run_id, sizes) in runs.items():
+        uri = f"sqlite:///{workdir}/{name}/same.db"
+        steps = [sum(sizes[:i + 1]) for i in range(len(sizes))]  # progress/samples: MLflow's step
+        assert history(uri, run_id, "loss") == sorted(zip(steps, [1.0 / n for n in sizes]))
+        assert [v for _, v in history(uri, run_id, "mine")] == [len(sizes)]
+        assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    with pytest.raises(MlflowException):  # the second run is not in the first folder's store
+        MlflowClient(f"sqlite:///{workdir}/first/same.db").get_run(runs["second"][0])
+    assert not (workdir / "same.db").exists()
+
+
 def test_sender_thread_writes_from_the_training_process_and_a_bad_sender_is_named(mlflow_uri):
     run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "sender": "thread"})
     run.update(samples=4)

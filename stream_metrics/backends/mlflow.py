@@ -46,9 +46,12 @@ class MLflowBackend(Backend):
             # MLflow prints "View run ... at: <tracking URI>" when a run ends, password included.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        # The sender process may have started in another folder: a relative store path is taken from here.
-        self._sender_uri = _absolute_store(self.tracking_uri)
+        # A relative store path is taken from the folder the run starts in, for this process's client
+        # and the sender process (which may have started elsewhere) alike. MLflow keeps one store per
+        # URI text for the life of the process: given the relative text, a later run started in
+        # another folder would open its run in the first folder's store and send its rows to its own.
+        self.store_uri = _absolute_store(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.store_uri)
         invisible.keep_mlflow_off_the_global_random()  # its own draws never consume the training's random
         self.run_id: str | None = None
         self.step_key = schema.SAMPLES  # the row's axis whose value is its MLflow step (RunInfo's mlflow_step tag)
@@ -129,7 +132,7 @@ class MLflowBackend(Backend):
         from .process import SenderError
 
         try:
-            self._stored(sender.call(self._sender_uri, self._id(), unstored, _MAX_METRICS))
+            self._stored(sender.call(self.store_uri, self._id(), unstored, _MAX_METRICS))
         except SenderError as exc:
             self._stored(exc.stored)
             raise

@@ -202,6 +202,20 @@ def test_a_mistyped_store_is_not_created(capsys, workdir):
     assert not (workdir / "typo.db").exists()
 
 
+def test_a_relative_store_is_read_from_the_folder_the_reader_is_in(workdir, monkeypatch):
+    """MLflow keeps a store per URI text in a process: reading ``sqlite:///mlflow.db`` from one folder,
+    then another (a notebook), reads each folder's own store, and each run's own rows."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for folder, batch_size in (("a", 8), ("b", 32)):
+        (workdir / folder).mkdir()
+        monkeypatch.chdir(workdir / folder)
+        ids = train(batch_size, "mlflow", "sqlite:///mlflow.db", name="here")
+        read = sm_compare.read_runs(["here"], "sqlite:///mlflow.db")
+        assert [r.run_id for r in read] == [ids["mlflow"]]
+        assert len(read[0].rows) == SAMPLES // batch_size
+        assert read[0].where == f"sqlite:///{workdir / folder / 'mlflow.db'}"
+
+
 def test_without_matplotlib_the_page_and_tables_are_still_written(runs, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert compare(runs, "bs8") == 1

@@ -69,8 +69,13 @@ def mlflow_store(uri: str | None) -> str:
     if not re.match(r"[A-Za-z][\w+.-]*:", uri) and uri != "databricks":
         uri = "sqlite:///" + os.path.abspath(uri)
     if uri.startswith("sqlite:///"):
-        # MLflow would create an empty store at a mistyped path; say what is missing instead.
         path = uri[len("sqlite:///"):]
+        # From this folder, now: MLflow keeps a store per URI text, so a relative one read again after
+        # a change of folder (a notebook) would be the earlier folder's.
+        if not path.startswith("/"):
+            path = os.path.abspath(path)
+            uri = "sqlite:///" + path
+        # MLflow would create an empty store at a mistyped path; say what is missing instead.
         if not os.path.isfile(path):
             raise CompareError(f"there is no MLflow store at {path}: pass --mlflow-uri sqlite:///PATH/TO/mlflow.db "
                                "or a server URL")

@@ -34,7 +34,19 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _active() else int(os.environ.get("WORLD_SIZE", "1"))
+    return dist.get_world_size() if _active() else launched_world_size()
+
+
+def launched_world_size() -> int:
+    """The processes a launcher started (its WORLD_SIZE; 1 without one), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def one_process(launched: int) -> bool:
+    """No other rank: ``launched`` is ``launched_world_size()`` read when the run began (a launcher
+    sets it before the process starts; reading the environment at every row costs more than the rest
+    of the check)."""
+    return dist.get_world_size() == 1 if _active() else launched == 1
 
 
 def is_main() -> bool:
@@ -118,6 +130,11 @@ def gather(fields: R, pending=()) -> list[R]:
     return ranks
 
 
+def _on_host(tensors: list) -> bool:
+    """Every tensor is in host memory (CPU): reading them one by one waits for nothing."""
+    return all(t.is_cpu for t in tensors)
+
+
 def read_here(fields: R, pending=()) -> R:
     """One process's ``gather``: ``fields`` with its device values read, in one wait for the device.
 
@@ -144,10 +161,15 @@ def read_here(fields: R, pending=()) -> R:
     tensors += [p.tensor for p in pending]
     if not tensors:
         return fields
-    device = tensors[0].device
-    slots = [_slot(t, device) for t in tensors]
-    read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
-    values = [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]  # ints, floats
+    if _on_host(tensors):
+        # No device to wait for: each is read as it is (an int64 count as an int, a float exactly),
+        # which costs fewer ops than converting them all for one stack.
+        values = [t.item() for t in tensors]
+    else:
+        device = tensors[0].device
+        slots = [_slot(t, device) for t in tensors]
+        read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
+        values = [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]
     for k, offset, v in zip(names, offsets, values):
         out[k] = v + offset if offset else v
     for p, v in zip(pending, values[len(names):]):

@@ -106,6 +106,8 @@ def to_number(key: str, value):
     warning naming the fix: None, other strings, multi-element arrays, values that cannot be read
     (a tensor on the meta device), ints too large for a float, anything else.
     """
+    if type(value) is float and value - value == 0.0:  # the common value: a finite float (a loss read)
+        return value
     if isinstance(value, bool):
         _warn_value_once(key, "bool", f"the bool {value} is stored as {int(value)}")
         return int(value)
@@ -194,8 +196,10 @@ def _torch():
 def _deferrable(value) -> bool:
     # A one-element real tensor with data: read later, together with the counts (distributed.gather).
     torch = _torch()
-    return (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
-            and not value.is_complex() and value.dtype != torch.bool)
+    if not isinstance(value, torch.Tensor):
+        return False
+    dtype = value.dtype
+    return not dtype.is_complex and dtype is not torch.bool and value.numel() == 1 and not value.is_meta
 
 
 def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict:

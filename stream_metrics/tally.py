@@ -51,6 +51,7 @@ class Tally:
         self.probe = probe or DatasetProbe.of(None)
         self.step_override: int | None = None  # set_step(): the caller counts optimizer steps
         self.calls = 0  # collectives joined: each rank's count rides in the gather
+        self.launched = distributed.launched_world_size()
         self.reset(Progress(), rows=0, batches=0)
 
     def reset(self, base: Progress, rows: int, batches: int) -> None:
@@ -143,7 +144,7 @@ class Tally:
         now = time.monotonic()
         self.calls += 1
         base = self.base
-        alone = distributed.world_size() == 1
+        alone = distributed.one_process(self.launched)
         main = alone or distributed.is_main()
         fields = cast(RankRecord, {
             "has_tokens": int(self.has_tokens),
@@ -195,18 +196,27 @@ class Tally:
         self.loss_tokens.settle(mine["loss_tokens"])
         if self.flops is not None:
             self.flops.settle(mine)
-        samples = base.samples + sum(w * r["samples"] for r, w in zip(ranks, weights))
-        tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
-        loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
-        has_tokens = base.tokens is not None or any(r["has_tokens"] for r in ranks)
-        has_loss = base.loss_tokens is not None or any(r["has_loss_tokens"] for r in ranks)
-        step = self.step_override if self.step_override is not None else base.step + max(r["steps"] for r in ranks)
+        if alone:  # its own numbers, as they are
+            samples, tokens, loss_tokens = mine["samples"], mine["tokens"], mine["loss_tokens"]
+            any_tokens, any_loss = mine["has_tokens"], mine["has_loss_tokens"]
+            steps, wall_clock = mine["steps"], mine["wall_clock"]
+        else:
+            samples = sum(w * r["samples"] for r, w in zip(ranks, weights))
+            tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
+            loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
+            any_tokens = any(r["has_tokens"] for r in ranks)
+            any_loss = any(r["has_loss_tokens"] for r in ranks)
+            steps, wall_clock = max(r["steps"] for r in ranks), max(r["wall_clock"] for r in ranks)
+        samples += base.samples
+        has_tokens = base.tokens is not None or any_tokens
+        has_loss = base.loss_tokens is not None or any_loss
+        step = self.step_override if self.step_override is not None else base.step + steps
         epoch, source = self.estimator.estimate(samples, reading)
         self.latest = Progress(
             step=int(step), samples=int(samples),
             tokens=int((base.tokens or 0) + tokens) if has_tokens else None,
             loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
-            epoch=float(epoch), wall_clock=float(max(r["wall_clock"] for r in ranks)), epoch_source=source,
+            epoch=float(epoch), wall_clock=float(wall_clock), epoch_source=source,
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
             flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
         return self.latest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 
@@ -130,7 +131,15 @@ def test_read_batch_keeps_device_counts_as_tensors():
     assert counts.samples == 2 and isinstance(counts.tokens, torch.Tensor)
 
 
-def test_update_never_syncs_with_the_device_and_a_row_syncs_once(monkeypatch):
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_update_never_syncs_with_the_device_and_a_row_syncs_once(monkeypatch, where):
+    """On a device, a row reads every count (and tensor metric) in one ``tolist``; in host memory,
+    where a read waits for nothing, each is read with ``item`` (fewer ops). This machine has no GPU:
+    the device's path is taken by saying the tensors are not on the host."""
+    from stream_metrics import distributed
+
+    if where == "device":
+        monkeypatch.setattr(distributed, "_on_host", lambda tensors: False)
     ids, mask = ids_and_mask([3, 7, 12])
     batch = {"input_ids": ids.as_subclass(SyncCounter), "attention_mask": mask.as_subclass(SyncCounter),
              "labels": ids.as_subclass(SyncCounter),
@@ -141,13 +150,16 @@ def test_update_never_syncs_with_the_device_and_a_row_syncs_once(monkeypatch):
             run.update(batch)
         assert SyncCounter.syncs == 0, "update() made the host wait for the device"
         waits = []
-        for name in ("item", "tolist", "cpu"):
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
-                                (waits.append(_n), _f(self, *a, **k))[1])
-        progress = run.log({"loss": 1.0})
-        monkeypatch.undo()
-        assert waits == ["tolist"], f"a row should read every count in one host sync, saw {waits}"
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "cpu"):
+                original = getattr(torch.Tensor, name)
+                m.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                          (waits.append(_n), _f(self, *a, **k))[1])
+            progress = run.log({"loss": torch.tensor(0.25)})
+        if where == "device":
+            assert waits == ["tolist"], f"a row should read every count in one host sync, saw {waits}"
+        else:  # samples, tokens and loss tokens (with no backend, the loss is not read at all)
+            assert waits == ["item"] * 3, f"host tensors are read one by one, with nothing else: saw {waits}"
     assert (progress.samples, progress.tokens, progress.loss_tokens) == (150, 1100, 1800)
 
 
@@ -304,7 +316,14 @@ def test_a_batch_that_cannot_be_counted_still_moves_the_steps():
 
 
 # ---------------------------------------------------------------- a row with tensor metrics: one sync
-def test_a_row_with_five_tensor_metrics_syncs_once(monkeypatch):
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_a_row_with_five_tensor_metrics_syncs_once(monkeypatch, where):
+    """One wait on a device; in host memory each value is read with ``item``, waiting for nothing
+    (the device's path is taken here, with no GPU, by saying the tensors are not on the host)."""
+    from stream_metrics import distributed
+
+    if where == "device":
+        monkeypatch.setattr(distributed, "_on_host", lambda tensors: False)
     ids, mask = ids_and_mask([3, 7, 12])
     batch = {"input_ids": ids.as_subclass(SyncCounter), "attention_mask": mask.as_subclass(SyncCounter),
              "labels": ids.as_subclass(SyncCounter)}
@@ -318,18 +337,22 @@ def test_a_row_with_five_tensor_metrics_syncs_once(monkeypatch):
         # Every wait the training thread makes (backends have threads of their own); SyncCounter counts
         # every way a tensor can be read on the host.
         waits, training = [], threading.get_ident()
-        for name in ("item", "tolist", "cpu"):
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
-                                (threading.get_ident() == training and waits.append(_n),
-                                 _f(self.as_subclass(torch.Tensor), *a, **k))[1])
-        run.log(metrics)
-        monkeypatch.undo()
-        assert waits == ["tolist"], f"a row with five tensor metrics should wait once, saw {waits}"
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "cpu"):
+                original = getattr(torch.Tensor, name)
+                m.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                          (threading.get_ident() == training and waits.append(_n),
+                           _f(self.as_subclass(torch.Tensor), *a, **k))[1])
+            run.log(metrics)
+        if where == "device":
+            assert waits == ["tolist"], f"a row with five tensor metrics should wait once, saw {waits}"
+        else:  # tokens, loss tokens and the six tensor metrics (the samples are the rows: a host int)
+            assert waits == ["item"] * 8, f"host tensors are read one by one, with nothing else: saw {waits}"
         run_id = run.run_ids["mlflow"]
     from mlflow import MlflowClient
 
-    stored = MlflowClient("sqlite:///mlflow.db").get_run(run_id).data.metrics
+    # (MLflow keeps a store per URI text in a process: a relative one would be an earlier folder's.)
+    stored = MlflowClient(f"sqlite:///{os.path.abspath('mlflow.db')}").get_run(run_id).data.metrics
     for i, v in enumerate(values):  # each read exactly as float32 holds it (bf16 for m4)
         dtype = torch.bfloat16 if i == 4 else torch.float32
         assert stored[f"m{i}"] == pytest.approx(float(torch.tensor(v, dtype=dtype)), rel=1e-7)

@@ -153,6 +153,28 @@ def test_runs_started_in_two_folders_with_one_relative_store_each_write_to_their
     assert not (workdir / "same.db").exists()
 
 
+def test_a_relative_store_is_named_and_replayed_as_the_folder_it_is_in(workdir):
+    """A spill file names its run's store, and its message gives the file's full path, so a replay
+    may run from any folder: a relative store path is kept as the folder it was in."""
+    from stream_metrics.backends.mlflow import MLflowBackend
+
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    os.chdir(workdir / "a")
+    try:
+        backend = MLflowBackend(tracking_uri="sqlite:///rel.db")
+        target = backend.target()
+        backend.run_id = "0" * 32
+        where = backend.where()
+        os.chdir(workdir / "b")
+        again = MLflowBackend.for_replay(target, {})
+    finally:
+        os.chdir(workdir)
+    assert target == {"tracking_uri": f"sqlite:///{workdir}/a/rel.db"}
+    assert f"--backend-store-uri sqlite:///{workdir}/a/rel.db" in where
+    assert again.store_uri == f"sqlite:///{workdir}/a/rel.db"
+
+
 def test_sender_thread_writes_from_the_training_process_and_a_bad_sender_is_named(mlflow_uri):
     run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "sender": "thread"})
     run.update(samples=4)

@@ -165,13 +165,14 @@ class MLflowBackend(Backend):
         self.client.set_terminated(self._id(), status=status, end_time=int(time.time() * 1000))
 
     def where(self) -> str:
-        uri = redact_uri(self.tracking_uri)
+        uri = redact_uri(self.store_uri)  # a relative store path as the folder it is in
         if uri.startswith("sqlite:"):
             return f"MLflow run {self.run_id} in {uri}: look with `mlflow ui --backend-store-uri {uri}`"
         return f"MLflow run {self.run_id} at {uri}"
 
     def target(self) -> dict:
-        return {"tracking_uri": redact_uri(self.tracking_uri)}
+        # Absolute: a spill file is replayed from any folder (its message gives its full path).
+        return {"tracking_uri": redact_uri(self.store_uri)}
 
     @classmethod
     def for_replay(cls, target: dict, options: dict) -> "MLflowBackend":

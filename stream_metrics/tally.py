@@ -157,7 +157,7 @@ class Tally:
         })
         if alone:  # one process: no other rank to meet, weigh or check (the hot path of a plain loop)
             # The totals themselves go in: read_here adds their host ints to what it reads, so a row
-            # costs one stack and one read, and no device op for the sums.
+            # costs one read, and no device op for the sums.
             cast(dict, fields).update(
                 samples=self.samples, tokens=self.tokens, loss_tokens=self.loss_tokens,
                 first_pass_samples=self.first_pass if self.first_pass is not None else -1,
@@ -170,9 +170,12 @@ class Tally:
             if self.first_pass is not None:
                 self.first_pass.settle(mine["first_pass_samples"])
             mine["samples_in_pass"] = _whole(self._in_pass(mine["samples"] - start))
-            ranks = [mine]
+            ranks = reading = [mine]
             weights = [1]
-            reading = ranks
+            # Its own numbers, as they are.
+            samples, tokens, loss_tokens = mine["samples"], mine["tokens"], mine["loss_tokens"]
+            any_tokens, any_loss = mine["has_tokens"], mine["has_loss_tokens"]
+            steps, wall_clock = mine["steps"], mine["wall_clock"]
         else:
             samples_now = self.samples.value()
             cast(dict, fields).update(
@@ -189,24 +192,19 @@ class Tally:
             # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
             weights = layouts.weights(ranks)
             reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
-        # What this rank's totals were read as: kept as host ints, so the next row reads only what follows.
-        mine = ranks[0] if alone else ranks[distributed.rank()]
-        self.samples.settle(mine["samples"])
-        self.tokens.settle(mine["tokens"])
-        self.loss_tokens.settle(mine["loss_tokens"])
-        if self.flops is not None:
-            self.flops.settle(mine)
-        if alone:  # its own numbers, as they are
-            samples, tokens, loss_tokens = mine["samples"], mine["tokens"], mine["loss_tokens"]
-            any_tokens, any_loss = mine["has_tokens"], mine["has_loss_tokens"]
-            steps, wall_clock = mine["steps"], mine["wall_clock"]
-        else:
+            mine = ranks[distributed.rank()]
             samples = sum(w * r["samples"] for r, w in zip(ranks, weights))
             tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
             loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
             any_tokens = any(r["has_tokens"] for r in ranks)
             any_loss = any(r["has_loss_tokens"] for r in ranks)
             steps, wall_clock = max(r["steps"] for r in ranks), max(r["wall_clock"] for r in ranks)
+        # What this rank's totals were read as: kept as host ints, so the next row reads only what follows.
+        self.samples.settle(mine["samples"])
+        self.tokens.settle(mine["tokens"])
+        self.loss_tokens.settle(mine["loss_tokens"])
+        if self.flops is not None:
+            self.flops.settle(mine)
         samples += base.samples
         has_tokens = base.tokens is not None or any_tokens
         has_loss = base.loss_tokens is not None or any_loss

@@ -50,7 +50,7 @@ class MLflowBackend(Backend):
         # and the sender process (which may have started elsewhere) alike. MLflow keeps one store per
         # URI text for the life of the process: given the relative text, a later run started in
         # another folder would open its run in the first folder's store and send its rows to its own.
-        self.store_uri = _absolute_store(self.tracking_uri)
+        self.store_uri = absolute_store(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.store_uri)
         invisible.keep_mlflow_off_the_global_random()  # its own draws never consume the training's random
         self.run_id: str | None = None
@@ -190,7 +190,7 @@ class MLflowBackend(Backend):
                                         allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
 
 
-def _absolute_store(uri: str) -> str:
+def absolute_store(uri: str) -> str:
     """``uri`` with a relative SQLite or file store path made absolute from the working folder."""
     for scheme in ("sqlite:///", "file://"):
         if uri.startswith(scheme):

@@ -65,16 +65,16 @@ def default_mlflow_uri() -> str:
 
 def mlflow_store(uri: str | None) -> str:
     """A tracking URI to read from; a bare path to a SQLite file is accepted too."""
+    from ..backends.mlflow import absolute_store
+
     uri = uri or default_mlflow_uri()
     if not re.match(r"[A-Za-z][\w+.-]*:", uri) and uri != "databricks":
         uri = "sqlite:///" + os.path.abspath(uri)
+    # From this folder, now: MLflow keeps a store per URI text, so a relative one read again after a
+    # change of folder (a notebook) would be the earlier folder's.
+    uri = absolute_store(uri)
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
-        # From this folder, now: MLflow keeps a store per URI text, so a relative one read again after
-        # a change of folder (a notebook) would be the earlier folder's.
-        if not path.startswith("/"):
-            path = os.path.abspath(path)
-            uri = "sqlite:///" + path
         # MLflow would create an empty store at a mistyped path; say what is missing instead.
         if not os.path.isfile(path):
             raise CompareError(f"there is no MLflow store at {path}: pass --mlflow-uri sqlite:///PATH/TO/mlflow.db "

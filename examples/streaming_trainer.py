@@ -43,6 +43,19 @@ def build_trainer(out: str, *, max_steps: int, batch_size: int, grad_accum: int 
     return trainer, paths
 
 
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest checkpoint the Trainer finished writing. It writes trainer_state.json last, so a
+    process killed in the middle of a save leaves a folder without it, which the Trainer cannot load
+    (transformers' get_last_checkpoint would pick that folder)."""
+    steps = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        number = name[len("checkpoint-"):]
+        if name.startswith("checkpoint-") and number.isdigit() and os.path.isfile(
+                os.path.join(folder, name, "trainer_state.json")):
+            steps.append(int(number))
+    return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=60)
@@ -68,9 +81,7 @@ def main(argv=None) -> int:
                                    run_name=os.path.basename(os.path.normpath(args.out)))
     resume = args.resume
     if resume == "last":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(args.out)
+        resume = last_complete_checkpoint(args.out)
     # Resuming continues every progress axis and the same MLflow and W&B runs.
     trainer.train(resume_from_checkpoint=resume)
 

@@ -104,7 +104,7 @@ def test_a_failed_metrics_call_is_retried_without_a_second_copy(mlflow_uri, monk
 
 
 def test_a_wandb_batch_failing_halfway_is_retried_without_a_duplicated_point(workdir):
-    backend = WandbBackend(project="retry")
+    backend = WandbBackend(project="retry", sender="thread")  # faults injected here
     delivery = Delivery(backend)
     delivery.submit("start", info("wandb"))
     assert delivery.flush(120)
@@ -124,7 +124,7 @@ def test_the_spill_at_close_holds_only_rows_not_stored_and_replay_stores_each_po
     import wandb
 
     caplog.set_level(logging.WARNING, logger="stream_metrics")
-    backend = WandbBackend(project="retry")
+    backend = WandbBackend(project="retry", sender="thread")  # faults injected here
     delivery = Delivery(backend)
     delivery.submit("start", info("wandb"))
     assert delivery.flush(120)

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 import stream_metrics
 from stream_metrics import schema
-from stream_metrics.backends.process import SenderError, SenderProcess
+from stream_metrics.backends.process import SenderError, SenderProcess, WandbSenderProcess
 
 from conftest import ROOT
 from support import wait_for
@@ -52,22 +52,31 @@ def test_rows_are_stored_by_a_child_process_each_exactly_once(mlflow_uri):
         assert "_mlflow_child.py" in f.read()
 
 
-def test_a_killed_sender_is_started_again_and_no_row_is_lost_or_stored_twice(mlflow_uri, caplog):
-    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}, flush_timeout=120)
+#: (samples, loss) of the rows ``kill_the_sender_between_rows`` logs: the ground truth to read back.
+KILLED_BETWEEN_ROWS = [(2 * i, 1.0) for i in range(1, 6)] + [(2 * i, 2.0) for i in range(6, 11)]
+
+
+def kill_the_sender_between_rows(run, kind) -> None:
+    """Five rows stored, the child of ``kind`` killed with SIGKILL between calls, five more rows; the run
+    finished. What the backend stored must be KILLED_BETWEEN_ROWS."""
     for _ in range(5):
         run.update(samples=2)
         run.log({"loss": 1.0})
     assert run.flush()
-    first = SenderProcess.shared().pid
+    first = kind.shared().pid
     os.kill(first, signal.SIGKILL)
     assert wait_for(lambda: gone(first), 10)
     for _ in range(5):
         run.update(samples=2)
         run.log({"loss": 2.0})
     run.finish()
-    assert SenderProcess.shared().pid != first
-    assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == (
-        [(2 * i, 1.0) for i in range(1, 6)] + [(2 * i, 2.0) for i in range(6, 11)])
+    assert kind.shared().pid != first
+
+
+def test_a_killed_sender_is_started_again_and_no_row_is_lost_or_stored_twice(mlflow_uri):
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}, flush_timeout=120)
+    kill_the_sender_between_rows(run, SenderProcess)
+    assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == KILLED_BETWEEN_ROWS
 
 
 def test_a_failure_in_the_child_comes_back_as_an_error_with_what_was_stored(mlflow_uri):
@@ -187,16 +196,19 @@ def test_sender_thread_writes_from_the_training_process_and_a_bad_sender_is_name
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_worker_never_writes_into_its_parents_sender():
-    SenderProcess.shared()
+    kinds = (SenderProcess, WandbSenderProcess)  # MLflow's child and W&B's
+    for kind in kinds:
+        kind.shared()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a DataLoader worker, say
-        os.write(write, b"none" if SenderProcess._shared is None else b"inherited")
+        inherited = any(kind._shared is not None for kind in kinds)
+        os.write(write, b"inherited" if inherited else b"none")
         os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)
     assert os.read(read, 20) == b"none"
-    assert SenderProcess.shared().alive()
+    assert all(kind.shared().alive() for kind in kinds)
 
 
 SCRIPT = textwrap.dedent("""

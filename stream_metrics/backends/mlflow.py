@@ -10,7 +10,6 @@ and rows count as stored call by call (MLflow also keeps one copy of identical p
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -19,8 +18,6 @@ from ..counting import warn_once
 from ..redact import flat_params, redact_uri
 from ..sanitize import KeyMap
 from .base import Backend, Row, RunInfo
-
-log = logging.getLogger("stream_metrics")
 
 _MAX_PARAMS = 100  # MLflow's limits per log_batch call
 _MAX_METRICS = 1000
@@ -142,15 +139,12 @@ class MLflowBackend(Backend):
             self.stored_seq = seq
 
     def _start_sender(self):
-        from .process import SenderProcess
+        from .process import SenderProcess, shared_or_none
 
-        try:
-            return SenderProcess.shared()
-        except OSError as exc:  # no child process here (a sandbox, an odd interpreter): a thread does it
-            log.warning("stream_metrics: cannot start MLflow's sender process (%s); its rows are written by a "
-                        "thread of the training process instead", exc)
+        sender = shared_or_none(SenderProcess)
+        if sender is None:
             self.sender = "thread"
-            return None
+        return sender
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag

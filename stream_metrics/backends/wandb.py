@@ -4,9 +4,15 @@ Every progress key is defined with ``define_metric``; every other key gets the x
 the glob ``"*"`` (an exact definition beats a glob, so the axes keep their own). ``step=`` is
 never passed to ``log``: W&B's own step orders rows, so a resumed run keeps every row. The usual
 environment applies (``WANDB_PROJECT``, ``WANDB_MODE``, ``WANDB_DIR``, ``WANDB_API_KEY``).
+
+The run is opened, configured and finished in the training process (it is the process's own
+``wandb.run``). Its rows are logged by a child process attached to it (process.py,
+_wandb_child.py), so W&B's per-row work does not hold the training process's GIL; ``sender="thread"``
+logs them from a thread of the training process instead, as does a run the child cannot attach to.
 """
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from typing import Any
@@ -15,6 +21,7 @@ from urllib.parse import urlparse
 from .. import schema
 from .base import Backend, Row, RunInfo
 
+log = logging.getLogger("stream_metrics")
 
 class WandbCredentialsError(RuntimeError):
     pass
@@ -35,7 +42,11 @@ class WandbBackend(Backend):
     max_rows_per_call = 100
 
     def __init__(self, project: str | None = None, mode: str | None = None, entity: str | None = None,
-                 dir: str | None = None):
+                 dir: str | None = None, sender: str = "process"):
+        if sender not in ("process", "thread"):
+            raise ValueError(f"wandb={{'sender': {sender!r}}}: use 'process' (the rows are logged by a child "
+                             "process attached to the run, off the training process's GIL; the default) or 'thread'")
+        self.sender = sender
         from . import import_wandb
 
         wandb = import_wandb()
@@ -75,6 +86,8 @@ class WandbBackend(Backend):
                 settings=wandb.Settings(console="off", silent=True),
             )
         self.run_id = self.run.id
+        if self.sender == "process":
+            self._start_sender()  # W&B's import in the child overlaps the rest of the start
         if not self._owns_run and info.config:
             self.run.config.update(info.config, allow_val_change=True)
         for key in info.axes:
@@ -89,9 +102,36 @@ class WandbBackend(Backend):
     def log_rows(self, rows: list[Row]) -> None:
         # One call per row: a failure partway leaves stored_seq at the last row W&B took, and the
         # retry starts after it (W&B would store the first rows twice otherwise).
+        sender = self._start_sender() if self.sender == "process" else None
+        if sender is not None:
+            from .process import SenderError
+
+            try:
+                self._stored(sender.log(self.run._attach_id, [[row.metrics, row.seq] for row in self.unstored(rows)]))
+                return
+            except SenderError as exc:
+                self._stored(exc.stored)
+                if not exc.attach_failed:
+                    raise
+                log.warning("stream_metrics: W&B's sender process cannot attach to run %s (%s); its rows are "
+                            "logged by a thread of the training process instead", self.run_id, exc)
+                self.sender = "thread"
         for row in self.unstored(rows):
             self.run.log(row.metrics)
             self.stored_seq = row.seq
+
+    def _stored(self, seq: int | None) -> None:
+        if seq is not None:
+            self.stored_seq = seq
+
+    def _start_sender(self):
+        from .process import WandbSenderProcess, shared_or_none
+
+        # A disabled run, or a W&B without a service, has nothing to attach to: a thread logs its rows.
+        sender = shared_or_none(WandbSenderProcess) if getattr(self.run, "_attach_id", None) else None
+        if sender is None:
+            self.sender = "thread"
+        return sender
 
     def set_tags(self, tags: dict) -> None:
         self._meta.update(tags)
@@ -119,7 +159,8 @@ class WandbBackend(Backend):
 
     @classmethod
     def for_replay(cls, target: dict, options: dict) -> "WandbBackend":
-        return cls(project=options.get("project") or target.get("project"))
+        # A replay has no training to keep the GIL for.
+        return cls(project=options.get("project") or target.get("project"), sender="thread")
 
     def release(self, finished: bool) -> None:
         if not finished:

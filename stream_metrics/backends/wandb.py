@@ -118,8 +118,11 @@ class WandbBackend(Backend):
         if sender is not None:
             from .process import SenderError
 
+            unstored = [[row.metrics, row.seq] for row in self.unstored(rows)]
+            if not unstored:
+                return
             try:
-                self._stored(sender.log(self.run._attach_id, [[row.metrics, row.seq] for row in self.unstored(rows)]))
+                self._stored(sender.log(self.run._attach_id, unstored))
                 return
             except SenderError as exc:
                 self._stored(exc.stored)

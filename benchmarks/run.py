@@ -1,11 +1,12 @@
 """What stream_metrics costs a training loop, measured side by side as ratios; writes benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # about 15 minutes on a busy 2-core machine
-    python benchmarks/run.py --quick    # about 5 minutes: fewer steps, calls and repeats
+    python benchmarks/run.py            # about 20 minutes on a busy 2-core machine
+    python benchmarks/run.py --quick    # about 8 minutes: fewer steps, calls, repeats and rounds
 
 Every figure is compared with a baseline measured in the same process, interleaved with it: each run
 between two runs of the baseline (A B A C A ..., the order rotated each repeat), its ratio taken over
-the mean of those two, and repeated; the table shows medians. See
+the mean of those two, and repeated; the table shows medians. Section 6 measures the ratios of 3 and 3b
+again with each variant in its own process, the processes taking turns every 20 steps (lockstep.py). See
 benchmarks/README.md for what each figure means.
 """
 from __future__ import annotations
@@ -339,6 +340,30 @@ def bench_plain(cfg, mlflow_uri) -> dict:
             "rows": len(log_us["ours"])}
 
 
+# ---------------------------------------------------------------------------------------------- 6. lock-step
+def bench_lockstep(cfg, workdir, say=print) -> dict:
+    """Sections 3's and 3b's ratios again, each variant in its own process, the processes taking turns
+    every few steps (benchmarks/lockstep.py): the machine's drift falls on both sides of each ratio."""
+    import lockstep
+    import tiny
+
+    kinds = ["b", "c", "d"]
+    # The base runs a turn before and after each kind: enough lines that no process starts a second
+    # pass (the streamed dataset's end stalls a Trainer for seconds).
+    steps = cfg.warmup_steps + (cfg.lockstep_cycles + 2) * (len(kinds) + 1) * cfg.lockstep_window + cfg.lockstep_window
+    per_file = steps * 16 // 3 + 500
+    corpus = os.path.join(workdir, "lockstep-corpus")
+    tiny.write_corpus(corpus, lines_per_file=(per_file, per_file, per_file))
+    threads = {"STREAM_METRICS_BENCH_THREADS": str(torch.get_num_threads())}
+    os.environ.update(threads)
+    trainer = lockstep.measure("trainer", "a", kinds, cfg.lockstep_rounds_trainer, cfg.lockstep_cycles,
+                               cfg.lockstep_window, os.path.join(workdir, "lockstep"),
+                               ["--corpus", corpus, "--warmup", str(cfg.warmup_steps)], pairs=[("b", "c")], say=say)
+    plain = lockstep.measure("plain", "bare", ["ours", "none"], cfg.lockstep_rounds_plain, cfg.lockstep_cycles,
+                             cfg.lockstep_window, os.path.join(workdir, "lockstep"), [], say=say)
+    return {"trainer": trainer, "plain": plain}
+
+
 # ---------------------------------------------------------------------------------------------- 4. memory
 def bench_memory(cfg, mlflow_uri) -> dict:
     batch = realistic_batch()
@@ -528,6 +553,26 @@ def table(r, cfg) -> tuple[str, list[bool]]:
     row("3b", "log() in that loop: p99 / max", f"{p99_us:.0f} / {max_us:.0f} µs", "p99 < 500 µs", p99_us < 500)
     row("3b", "log() in that loop, median / p99, with: " + ", ".join(names),
         ", ".join(f"{pl['log'][k][0]:.0f} / {pl['log'][k][1]:.0f}" for k in names) + " µs", "(no target)")
+    ls = r["lockstep"]
+    lt, lp = ls["trainer"], ls["plain"]
+
+    def figure(got, key):
+        lo, hi = got["spread"][key]
+        return f"{got['ratio'][key]:.3f} ({lo:.3f}-{hi:.3f})"
+
+    row("6", f"lock-step Trainer, b / a (median of {lt['settings']['rounds']} rounds' medians; their spread)",
+        figure(lt, "b"), "<= 1.02", lt["ratio"]["b"] <= 1.02)
+    row("6", "lock-step Trainer, b / c", figure(lt, "b/c"), "<= 0.85", lt["ratio"]["b/c"] <= 0.85)
+    row("6", "lock-step Trainer, c / a, d / a", f"{figure(lt, 'c')}, {figure(lt, 'd')}", "(no target)")
+    row("6", "lock-step Trainer, training process CPU time per turn, b / a, c / a, d / a",
+        ", ".join(f"{lt['cpu_ratio'][k]:.3f}" for k in ("b", "c", "d")), "(no target)")
+    row("6", f"lock-step plain loop, ours (MLflow + W&B, a row every step) / bare ({lp['settings']['rounds']} rounds)",
+        figure(lp, "ours"), "<= 1.02",
+        lp["ratio"]["ours"] <= 1.02)
+    row("6", "lock-step plain loop, ours with backend none / bare; CPU time per turn, ours / bare, none / bare",
+        f"{figure(lp, 'none')}; {lp['cpu_ratio']['ours']:.3f}, {lp['cpu_ratio']['none']:.3f}", "(no target)")
+    row("6", "lock-step median turn, ms per step: Trainer a, b, c, d; plain loop bare, ours, none",
+        ", ".join(f"{v:.2f}" for v in (*lt["per_step"].values(), *lp["per_step"].values())), "(no target)")
     row("4", f"RSS growth over {cfg.mem_updates:,} update() calls", f"{m['updates_rss_mb']:+.2f} MB", "< 5 MB",
         m["updates_rss_mb"] < 5)
     row("4", f"traced (tracemalloc) growth over {cfg.mem_updates // 10:,} update() calls",
@@ -547,6 +592,7 @@ def table(r, cfg) -> tuple[str, list[bool]]:
 def write_results(path, text_table, held, r, cfg, command, elapsed, load_start, note):
     t, pl = r["trainer"], r["plain"]
     runs = "; ".join(f"{k}: " + ", ".join(f"{x:.1f}" for x in v) for k, v in t["runs"].items())
+    ls, lsp = r["lockstep"]["trainer"]["settings"], r["lockstep"]["plain"]["settings"]
     plain_runs = "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in pl["runs"].items())
     body = f"""# stream_metrics overhead: results
 
@@ -572,7 +618,14 @@ each run: {runs}. Whole `trainer.train()` medians, start-up and teardown include
 (not a target): {", ".join(f"{k} {v:.1f} s" for k, v in t["train_s"].items())}. Plain loop: the same tiny model on
 an {cfg.plain_batch} x {cfg.plain_seq} batch, {cfg.plain_steps} timed steps per run after 5 untimed rows, a row (loss,
 learning rate) every step (every 5 steps for every5), {cfg.repeats_plain} repeats, each run between two bare runs, the
-order rotated; ms per step for each run: {plain_runs}.
+order rotated; ms per step for each run: {plain_runs}. Lock-step (section 6, benchmarks/lockstep.py): each
+variant in its own process, {ls['rounds']} rounds (Trainer) and {lsp['rounds']} (plain loop) of fresh processes;
+in each, {ls['cycles']} cycles (after
+{ls['warmup_cycles']} untimed) of turns of {ls['window']} steps, the base's turn before and after each other
+variant's (a b a c a d a for the Trainer, the order rotated each cycle; bare ours bare none bare for the plain loop);
+a ratio per cycle over the mean of the two base turns beside it, the median over cycles per round, and the
+median over rounds in the table; round medians, Trainer: {rounds_text(r["lockstep"]["trainer"])}; plain loop:
+{rounds_text(r["lockstep"]["plain"])}.
 """
     if not all(held):
         body += NOTES
@@ -580,32 +633,37 @@ order rotated; ms per step for each run: {plain_runs}.
         f.write(body)
 
 
+def rounds_text(got) -> str:
+    return "; ".join(f"{k}: " + ", ".join(f"{x:.3f}" for x in v) for k, v in got["rounds"].items())
+
+
 NOTES = """
 ## Why a target misses (what we know)
 
-See "Where the time goes" in benchmarks/README.md for the profiles behind these notes.
+See "Where the time goes" in benchmarks/README.md for the profiles and probes behind these notes.
 
 - Both backends' rows are written by child processes (W&B's attached to the training process's run),
-  so what the training process still pays a row is our own `log()`, a JSON line to each child, and
-  the wait for the answers in a system call. Compare "backend none" with "ours" in 3b and d with b in
-  3: what is left over the target sits in the training process's own work and the machine's noise.
-  W&B's service and our children run on the other core, which the training shares on this 2-core
-  machine with everything else.
-- log() in a loop: it does about 15 µs of work (back to back, section 2), but right after a training
-  step (or a sleep) the caches are cold and the same code takes 5-20 times longer; the median and
-  the tail follow the machine, not our code.
-- The machine is shared and virtual: the spread over repeats is as wide as the effects measured;
-  the medians of interleaved ratios are the figures to compare.
+  so the training thread pays our own `log()` and `update()` and a JSON line per backend a second;
+  the lock-step ratios (6), where each variant trains in its own process and the processes take
+  turns every 20 steps, measure mostly that share.
+- The whole-run ratios (3, 3b) also carry what the backends' storage work on the other core costs
+  the training on this virtual machine: the training thread is not kept from its core (it waits in
+  the run queue for 0.00-0.11 ms a step), but another process's cache, memory and disk traffic
+  slows it (MLflow writing into SQLite without pause: about 15%; an fsync loop: 60%; a spin loop:
+  nothing). MLflow's store takes about 1 ms of CPU per row of 12 metrics in SQLAlchemy, in our child.
+- The machine is shared and virtual: the spread over repeats is as wide as the effects measured,
+  and two processes running the same code differ by up to 5% for as long as they live; the medians of
+  interleaved ratios are the figures to compare.
 """
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps, calls and repeats (about 5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, calls, repeats and rounds (about 8 minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine more threads thrash)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
-    parser.add_argument("--only", default="12345", help="sections to run, e.g. 23 (RESULTS.md needs all)")
+    parser.add_argument("--only", default="123456", help="sections to run, e.g. 23 (RESULTS.md needs all)")
     parser.add_argument("--note", default="", help="a line for RESULTS.md (e.g. what else ran on the machine)")
     args = parser.parse_args(argv)
     q = args.quick
@@ -615,7 +673,9 @@ def main(argv=None) -> int:
         trainer_steps=60 if q else 250, warmup_steps=10, repeats_trainer=3 if q else 7,
         mem_updates=100_000 if q else 1_000_000, mem_rows=10_000 if q else 100_000,
         mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000,
-        plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6)
+        plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6,
+        lockstep_rounds_trainer=2 if q else 6, lockstep_rounds_plain=2 if q else 8, lockstep_cycles=6 if q else 10,
+        lockstep_window=20)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/run.py" + (" --quick" if q else "") + (
         f" --threads {args.threads}" if args.threads != 1 else "")
@@ -660,6 +720,11 @@ def main(argv=None) -> int:
             print("3b. a plain loop, a row every step ...", flush=True)
             results["plain"] = bench_plain(cfg, sqlite)
             print("   ", {k: v for k, v in results["plain"].items() if k not in ("runs", "ratios")}, flush=True)
+        if "6" in args.only:
+            print("6. lock-step: sections 3 and 3b, the variants' processes taking turns ...", flush=True)
+            results["lockstep"] = bench_lockstep(cfg, workdir)
+            for mode, got in results["lockstep"].items():
+                print("   ", mode, {k: v for k, v in got.items() if k != "ends"}, flush=True)
         if "4" in args.only:
             print("4. memory ...", flush=True)
             results["memory"] = bench_memory(cfg, sqlite)
@@ -672,7 +737,7 @@ def main(argv=None) -> int:
         server.stop()
         os.chdir(home)
         shutil.rmtree(workdir, ignore_errors=True)
-    if len(results) < 6:
+    if len(results) < 7:
         return 0
     text, held = table(results, cfg)
     print()

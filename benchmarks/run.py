@@ -665,6 +665,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
     parser.add_argument("--only", default="123456", help="sections to run, e.g. 23 (RESULTS.md needs all)")
     parser.add_argument("--note", default="", help="a line for RESULTS.md (e.g. what else ran on the machine)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="lock-step rounds (section 6) for both the Trainer and the plain loop (default 6 and 8; "
+                             "2 each with --quick): more rounds, a figure less moved by the processes' own speeds")
     args = parser.parse_args(argv)
     q = args.quick
     cfg = argparse.Namespace(
@@ -676,9 +679,11 @@ def main(argv=None) -> int:
         plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6,
         lockstep_rounds_trainer=2 if q else 6, lockstep_rounds_plain=2 if q else 8, lockstep_cycles=6 if q else 10,
         lockstep_window=20)
+    if args.rounds > 0:
+        cfg.lockstep_rounds_trainer = cfg.lockstep_rounds_plain = args.rounds
     torch.set_num_threads(args.threads)
     command = "python benchmarks/run.py" + (" --quick" if q else "") + (
-        f" --threads {args.threads}" if args.threads != 1 else "")
+        f" --threads {args.threads}" if args.threads != 1 else "") + (f" --rounds {args.rounds}" if args.rounds else "")
     started = time.monotonic()
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     workdir = tempfile.mkdtemp(prefix="stream_metrics_bench_")

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import select
+import statistics
 import subprocess
 import sys
 import time
@@ -73,47 +74,67 @@ class Worker:
         got = self.expect("turn")
         return got["wall"], got["cpu"]
 
-    def stop(self, timeout: float = 180) -> dict:
+    def stop(self, timeout: float = 180) -> None:
         self.tell({"do": "stop"})
-        got = self.expect("stopped")
+        self.expect("stopped")
         self.proc.wait(timeout=timeout)
-        return got
+
+
+def bracketed(kinds: list, base: str, one, repeats: int, say) -> dict:
+    """Run each kind between two runs of ``base`` (base, k1, base, k2, base, ...), the kinds' order
+    rotated each repeat. A kind's ratio is its time over the mean of the two base runs beside it, so
+    a slow stretch of this shared machine weighs on both sides of the ratio it falls in.
+
+    ``one(kind)`` returns (time, CPU time): of a whole run (run.py's sections 3 and 3b) or of a
+    turn (here). Returns the times, and the ratios of the times and of the CPU per kind, one per repeat.
+    """
+    times: dict = {k: [] for k in (base, *kinds)}
+    cpus: dict = {k: [] for k in (base, *kinds)}
+    ratios: dict = {k: [] for k in kinds}
+    cpu_ratios: dict = {k: [] for k in kinds}
+
+    def timed(kind):
+        ms, cpu_ms = one(kind)
+        times[kind].append(ms)
+        cpus[kind].append(cpu_ms)
+        return ms, cpu_ms
+
+    for repeat in range(repeats):
+        order = kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]
+        before = timed(base)
+        for kind in order:
+            ms, cpu_ms = timed(kind)
+            after = timed(base)
+            ratios[kind].append(ms / ((before[0] + after[0]) / 2))
+            cpu_ratios[kind].append(cpu_ms / ((before[1] + after[1]) / 2))
+            before = after
+        say(repeat, {k: v[-1] for k, v in times.items()})
+    return {"times": times, "ratios": ratios, "cpu_ratios": cpu_ratios}
 
 
 def interleave(mode: str, base: str, kinds: list[str], cycles: int, warmup_cycles: int, window: int, workdir: str,
                args: list[str], say=print) -> dict:
-    """Start one process per variant, then run ``cycles`` cycles of turns (base, k1, base, k2, ..., base),
-    the kinds' order rotated each cycle. Returns per-kind lists of per-cycle ratios to the base (wall
-    and CPU), the turns' times, and what each process reported at its end."""
+    """Start one process per variant, then ``bracketed`` turns of theirs: ``warmup_cycles`` untimed
+    cycles, then ``cycles`` more. Returns bracketed's times (of a turn, in seconds) and ratios."""
     workers = {k: Worker(mode, k, os.path.join(workdir, f"lockstep-{mode}-{k}"), ["--window", str(window), *args])
                for k in (base, *kinds)}
+
+    def progress(cycle, _last):
+        if cycle % 10 == 9:
+            say(f"    lock-step {mode}, cycle {cycle + 1}/{cycles}")
+
     try:
         for w in workers.values():
             w.expect("ready")
-        ratios: dict = {k: [] for k in kinds}
-        cpu_ratios: dict = {k: [] for k in kinds}
-        turns: dict = {k: [] for k in (base, *kinds)}
-        for cycle in range(warmup_cycles + cycles):
-            order = kinds[cycle % len(kinds):] + kinds[:cycle % len(kinds)]
-            before = workers[base].turn()
-            for kind in order:
-                wall, cpu = workers[kind].turn()
-                after = workers[base].turn()
-                if cycle >= warmup_cycles:
-                    ratios[kind].append(wall / ((before[0] + after[0]) / 2))
-                    cpu_ratios[kind].append(cpu / ((before[1] + after[1]) / 2))
-                    turns[kind].append(wall)
-                    turns[base].append(before[0])
-                before = after
-            if cycle >= warmup_cycles and (cycle - warmup_cycles) % 10 == 9:
-                say(f"    lock-step {mode}, cycle {cycle - warmup_cycles + 1}/{cycles}: "
-                    + ", ".join(f"{k}/{base} {sorted(v)[len(v) // 2]:.3f}" for k, v in ratios.items()))
-        ends = {k: w.stop() for k, w in workers.items()}
+        bracketed(kinds, base, lambda kind: workers[kind].turn(), warmup_cycles, lambda *_: None)
+        got = bracketed(kinds, base, lambda kind: workers[kind].turn(), cycles, progress)
+        for w in workers.values():
+            w.stop()
     finally:
         for w in workers.values():
             if w.proc.poll() is None:
                 w.proc.kill()
-    return {"ratios": ratios, "cpu_ratios": cpu_ratios, "turns": turns, "ends": ends}
+    return got
 
 
 def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, window: int, workdir: str,
@@ -128,31 +149,24 @@ def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, wi
     rounds_wall: dict = {k: [] for k in (*kinds, *(f"{x}/{y}" for x, y in pairs))}
     rounds_cpu: dict = {k: [] for k in kinds}
     turns: dict = {k: [] for k in (base, *kinds)}
-    ends = []
     for i in range(rounds):
         got = interleave(mode, base, kinds, cycles, warmup_cycles, window, os.path.join(workdir, f"round-{i}"),
                          args, say)
         for k in kinds:
-            rounds_wall[k].append(_median(got["ratios"][k]))
-            rounds_cpu[k].append(_median(got["cpu_ratios"][k]))
+            rounds_wall[k].append(statistics.median(got["ratios"][k]))
+            rounds_cpu[k].append(statistics.median(got["cpu_ratios"][k]))
         for x, y in pairs:
-            rounds_wall[f"{x}/{y}"].append(_median([a / b for a, b in zip(got["ratios"][x], got["ratios"][y])]))
-        for k, v in got["turns"].items():
+            rounds_wall[f"{x}/{y}"].append(statistics.median([a / b for a, b in zip(got["ratios"][x],
+                                                                                      got["ratios"][y])]))
+        for k, v in got["times"].items():
             turns[k].extend(t / window * 1e3 for t in v)
-        ends.append(got["ends"])
         say(f"    lock-step {mode}, round {i + 1}/{rounds}: "
             + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rounds_wall.items()))
-    return {"ratio": {k: _median(v) for k, v in rounds_wall.items()}, "rounds": rounds_wall,
+    return {"ratio": {k: statistics.median(v) for k, v in rounds_wall.items()}, "rounds": rounds_wall,
             "spread": {k: (min(v), max(v)) for k, v in rounds_wall.items()},
-            "cpu_ratio": {k: _median(v) for k, v in rounds_cpu.items()},
-            "per_step": {k: _median(v) for k, v in turns.items()}, "ends": ends,
+            "cpu_ratio": {k: statistics.median(v) for k, v in rounds_cpu.items()},
+            "per_step": {k: statistics.median(v) for k, v in turns.items()},
             "settings": {"rounds": rounds, "cycles": cycles, "window": window, "warmup_cycles": warmup_cycles}}
-
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return (xs[n // 2] + xs[(n - 1) // 2]) / 2
 
 
 # ---------------------------------------------------------------------------------------------- the workers
@@ -167,23 +181,15 @@ def _next_order() -> str:
 
 
 def trainer_worker(kind: str, window: int, warmup: int, folder: str, corpus: str) -> None:
-    """Kinds as in section 3: a (no tracking), b (ours, both backends), c (the Trainer's own W&B and
-    MLflow, with its token counter), d (ours, backend none), e (as b, rows written by threads)."""
-    import gc
-
+    """Section 3's kinds (run.trainer_variant), a turn every ``window`` steps after ``warmup``."""
     import torch
+    from run import trainer_variant
     from streaming_trainer import build_trainer
     from transformers import TrainerCallback
 
-    from stream_metrics.hf import StreamMetricsCallback
-
     torch.set_num_threads(int(os.environ.get("STREAM_METRICS_BENCH_THREADS", "1")))
     os.environ["MLFLOW_EXPERIMENT_NAME"] = os.environ["WANDB_PROJECT"] = "bench_lockstep"
-    ours = None
-    if kind in ("b", "d", "e"):
-        ours = StreamMetricsCallback(backend="none" if kind == "d" else ["mlflow", "wandb"], progress=False,
-                                     **({"mlflow": {"sender": "thread"}, "wandb": {"sender": "thread"}}
-                                        if kind == "e" else {}))
+    ours, extra = trainer_variant(kind)
 
     class Turns(TrainerCallback):
         """Last in the list: a turn ends after every callback of its last step has run."""
@@ -207,7 +213,6 @@ def trainer_worker(kind: str, window: int, warmup: int, folder: str, corpus: str
                 return
             self.start, self.cpu = time.perf_counter(), time.process_time()
 
-    extra = {"report_to": ["wandb", "mlflow"], "include_num_input_tokens_seen": "non_padding"} if kind == "c" else {}
     trainer, _ = build_trainer(os.path.join(folder, "out"), max_steps=10 ** 7, batch_size=8, grad_accum=2,
                                data=sorted(os.path.join(corpus, f) for f in os.listdir(corpus)),
                                callbacks=[c for c in (ours, Turns()) if c is not None], logging_steps=5, **extra)
@@ -216,37 +221,22 @@ def trainer_worker(kind: str, window: int, warmup: int, folder: str, corpus: str
         import wandb
 
         wandb.finish()
-    delivered = sum(d.delivered_rows for d in ours.run.tracking.deliveries) if ours is not None else None
-    del trainer
-    gc.collect()
-    _say("stopped", delivered=delivered)
+    _say("stopped")
 
 
 def plain_worker(kind: str, window: int, folder: str) -> None:
-    """Kinds as in section 3b: bare, none, mlflow, wandb, ours (both), thread (both by threads)."""
+    """Section 3b's kinds (run.PLAIN_KINDS) and bare, a row every step."""
     import torch
-    from run import realistic_batch, tiny_training_step
-
-    import stream_metrics
+    from run import plain_run, realistic_batch, tiny_training_step
 
     torch.set_num_threads(int(os.environ.get("STREAM_METRICS_BENCH_THREADS", "1")))
     batch = {k: v[:, :128] for k, v in realistic_batch().items()}
     _, train_step = tiny_training_step(batch)
     for _ in range(5):
         train_step()
-    run = None
-    if not kind.startswith("bare"):  # bare, bare2, ...: the same loop in another process
-        backend = {"none": "none", "mlflow": "mlflow", "wandb": "wandb"}.get(kind, ["mlflow", "wandb"])
-        sender = "thread" if kind == "thread" else "process"
-        run = stream_metrics.init(backend=backend, pad_token_id=0, flush_timeout=120,
-                                  mlflow={"experiment": "bench_lockstep", "sender": sender},
-                                  wandb={"project": "bench_lockstep", "sender": sender})
-        for _ in range(5):  # the first row opens the runs in the background: not timed
-            run.update(batch)
-            run.log({"loss": train_step().detach(), "learning_rate": 3e-4})
-        run.flush()
+    # bare, bare2, ...: the same loop in another process
+    run = None if kind.startswith("bare") else plain_run(kind, batch, train_step)
     _say("ready")
-    rows = 0
     while _next_order() == "turn":
         t, cpu = time.perf_counter(), time.process_time()
         for _ in range(window):
@@ -255,10 +245,9 @@ def plain_worker(kind: str, window: int, folder: str) -> None:
                 run.update(batch)
                 run.log({"loss": loss.detach(), "learning_rate": 3e-4})
         _say("turn", wall=time.perf_counter() - t, cpu=time.process_time() - cpu)
-        rows += window if run is not None else 0
     if run is not None:
         run.finish()
-    _say("stopped", rows=rows)
+    _say("stopped")
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,7 @@ for _var in ("MLFLOW_RUN_ID", "WANDB_RUN_ID", "WANDB_RESUME", "RANK", "WORLD_SIZ
 import torch  # noqa: E402
 
 import stream_metrics  # noqa: E402
+from lockstep import bracketed  # noqa: E402
 from support import MlflowServer, SyncCounter  # noqa: E402
 
 BATCH, SEQ = 8, 512
@@ -50,38 +51,6 @@ def median(xs):
 def percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
-def bracketed(kinds: list, base: str, one, repeats: int, say) -> dict:
-    """Run each kind between two runs of ``base`` (base, k1, base, k2, base, ...), the kinds' order
-    rotated each repeat. A kind's ratio is its time over the mean of the two base runs beside it, so
-    a slow stretch of this shared machine weighs on both sides of the ratio it falls in.
-
-    ``one(kind)`` returns (ms per step, CPU ms per step). Returns the times, and the ratios of the
-    times and of the CPU per kind, one per repeat.
-    """
-    times: dict = {k: [] for k in (base, *kinds)}
-    cpus: dict = {k: [] for k in (base, *kinds)}
-    ratios: dict = {k: [] for k in kinds}
-    cpu_ratios: dict = {k: [] for k in kinds}
-
-    def timed(kind):
-        ms, cpu_ms = one(kind)
-        times[kind].append(ms)
-        cpus[kind].append(cpu_ms)
-        return ms, cpu_ms
-
-    for repeat in range(repeats):
-        order = kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]
-        before = timed(base)
-        for kind in order:
-            ms, cpu_ms = timed(kind)
-            after = timed(base)
-            ratios[kind].append(ms / ((before[0] + after[0]) / 2))
-            cpu_ratios[kind].append(cpu_ms / ((before[1] + after[1]) / 2))
-            before = after
-        say(repeat, {k: v[-1] for k, v in times.items()})
-    return {"times": times, "ratios": ratios, "cpu_ratios": cpu_ratios}
 
 
 def rss_mb() -> float:
@@ -118,6 +87,42 @@ def tiny_training_step(batch: dict):
         return loss
 
     return model, train_step
+
+
+def trainer_variant(kind: str):
+    """Section 3's kinds: (our callback or None, the Trainer's extra arguments). a: no tracking; b: ours,
+    MLflow + W&B; c: the Trainer's own W&B and MLflow with its token counter; d: ours, backend none
+    (our counting and rows, the training thread's share); e: as b, rows written by threads."""
+    from stream_metrics.hf import StreamMetricsCallback
+
+    ours = None
+    if kind in ("b", "d", "e"):
+        ours = StreamMetricsCallback(backend="none" if kind == "d" else ["mlflow", "wandb"], progress=False,
+                                     **({"mlflow": {"sender": "thread"}, "wandb": {"sender": "thread"}}
+                                        if kind == "e" else {}))
+    extra = {"report_to": ["wandb", "mlflow"], "include_num_input_tokens_seen": "non_padding"} if kind == "c" else {}
+    return ours, extra
+
+
+# Section 3b's kinds -> (backend, sender): none counts and writes rows without a backend; ours is both
+# backends as they come; thread writes both backends' rows from threads of the training process;
+# every5: both backends, a row every 5 steps (the Trainer's pacing), update() every step.
+PLAIN_KINDS = {"none": ("none", "process"), "mlflow": ("mlflow", "process"), "wandb": ("wandb", "process"),
+               "ours": (["mlflow", "wandb"], "process"), "thread": (["mlflow", "wandb"], "thread"),
+               "every5": (["mlflow", "wandb"], "process")}
+
+
+def plain_run(kind: str, batch, train_step, mlflow_uri: str | None = None):
+    """Section 3b's run of ``kind``, opened by 5 untimed rows (the first opens the runs in the background)."""
+    backend, sender = PLAIN_KINDS[kind]
+    run = stream_metrics.init(backend=backend, pad_token_id=0, flush_timeout=120,
+                              mlflow={"tracking_uri": mlflow_uri, "experiment": "bench_plain", "sender": sender},
+                              wandb={"project": "bench_plain", "sender": sender})
+    for _ in range(5):
+        run.update(batch)
+        run.log({"loss": train_step().detach(), "learning_rate": 3e-4})
+    run.flush()
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- 1. update()
@@ -191,8 +196,6 @@ def bench_trainer(cfg, workdir) -> dict:
     from streaming_trainer import build_trainer
     from transformers import TrainerCallback
 
-    from stream_metrics.hf import StreamMetricsCallback
-
     # The demo's corpus generator, with enough lines that the timed steps stay within one pass.
     paths = tiny.write_corpus(os.path.join(workdir, "corpus"), lines_per_file=(2000, 2000, 2000))
 
@@ -222,15 +225,8 @@ def bench_trainer(cfg, workdir) -> dict:
     def one(kind: str, repeat: int) -> dict:
         out = os.path.join(workdir, f"trainer-{kind}-{repeat}")
         os.environ["MLFLOW_EXPERIMENT_NAME"] = os.environ["WANDB_PROJECT"] = "bench_trainer"
-        ours = None
-        if kind in ("b", "d", "e"):  # d: our counting and rows without a backend (the training thread's share)
-            ours = StreamMetricsCallback(backend="none" if kind == "d" else ["mlflow", "wandb"], progress=False,
-                                         **({"mlflow": {"sender": "thread"}, "wandb": {"sender": "thread"}}
-                                            if kind == "e" else {}))
+        ours, extra = trainer_variant(kind)
         start = StartClock(cfg.warmup_steps, ours)
-        extra = {}
-        if kind == "c":
-            extra = {"report_to": ["wandb", "mlflow"], "include_num_input_tokens_seen": "non_padding"}
         trainer, _ = build_trainer(out, max_steps=cfg.trainer_steps, batch_size=8, grad_accum=2, data=paths,
                                    callbacks=[c for c in (ours, start) if c is not None], logging_steps=5,
                                    **extra)
@@ -289,27 +285,11 @@ def bench_plain(cfg, mlflow_uri) -> dict:
 
     for _ in range(5):
         train_step()
-    # kind -> (backend, MLflow's sender): none counts and writes rows without a backend; ours is both
-    # backends as they come; thread writes both backends' rows from a thread of the training process.
-    # every5: both backends, a row every 5 steps (the Trainer's pacing), update() every step.
-    settings = {"none": ("none", None), "mlflow": ("mlflow", "process"), "wandb": ("wandb", None),
-                "ours": (["mlflow", "wandb"], "process"), "thread": (["mlflow", "wandb"], "thread"),
-                "every5": (["mlflow", "wandb"], "process")}
-    log_us: dict = {k: [] for k in settings}
+    log_us: dict = {k: [] for k in PLAIN_KINDS}
 
     def one(kind: str) -> tuple[float, float]:
         """ms per step, and the training process's CPU ms per step."""
-        run = None
-        if kind != "bare":
-            backend, sender = settings[kind]
-            run = stream_metrics.init(backend=backend, pad_token_id=0, flush_timeout=120,
-                                      mlflow={"tracking_uri": mlflow_uri, "experiment": "bench_plain",
-                                              "sender": sender or "process"},
-                                      wandb={"project": "bench_plain", "sender": sender or "process"})
-            for _ in range(5):  # the first row opens the runs in the background: not timed
-                run.update(batch)
-                run.log({"loss": train_step().detach(), "learning_rate": 3e-4})
-            run.flush()
+        run = None if kind == "bare" else plain_run(kind, batch, train_step, mlflow_uri)
         t, cpu0 = time.perf_counter(), time.process_time()
         every = 5 if kind == "every5" else 1
         for i in range(cfg.plain_steps):
@@ -331,7 +311,7 @@ def bench_plain(cfg, mlflow_uri) -> dict:
         print(f"    plain loop repeat {repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()) + " ms/step",
               flush=True)
 
-    got = bracketed(list(settings), "bare", one, cfg.repeats_plain, say)
+    got = bracketed(list(PLAIN_KINDS), "bare", one, cfg.repeats_plain, say)
     ratios = got["ratios"]
     return {"per_step": {k: median(v) for k, v in got["times"].items()}, "runs": got["times"], "ratios": ratios,
             "bare": {k: median(v) for k, v in ratios.items()},
@@ -354,8 +334,7 @@ def bench_lockstep(cfg, workdir, say=print) -> dict:
     per_file = steps * 16 // 3 + 500
     corpus = os.path.join(workdir, "lockstep-corpus")
     tiny.write_corpus(corpus, lines_per_file=(per_file, per_file, per_file))
-    threads = {"STREAM_METRICS_BENCH_THREADS": str(torch.get_num_threads())}
-    os.environ.update(threads)
+    os.environ["STREAM_METRICS_BENCH_THREADS"] = str(torch.get_num_threads())  # the workers' torch threads
     trainer = lockstep.measure("trainer", "a", kinds, cfg.lockstep_rounds_trainer, cfg.lockstep_cycles,
                                cfg.lockstep_window, os.path.join(workdir, "lockstep"),
                                ["--corpus", corpus, "--warmup", str(cfg.warmup_steps)], pairs=[("b", "c")], say=say)

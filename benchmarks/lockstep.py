@@ -2,21 +2,25 @@
 
 On a shared virtual machine the speed of one core drifts by 10-30% over seconds (benchmarks/README.md):
 two whole runs a few seconds apart differ by more than the 2% the targets ask about. Here each
-variant trains in its own process at the same time as the others, but only one of them runs at a
-time: the coordinator hands a turn of ``window`` steps to one process, waits for it to report the
-turn's wall time and CPU time, then hands the next turn to the next process (base, k1, base, k2,
-base, ...). A process that is not on its turn waits in a blocking read of its stdin, between two
-steps; its own background work (our sender threads, the child processes, W&B's service) goes on
-meanwhile, as it would in a real run. A variant's ratio for one cycle is its turn over the mean of
-the two base turns beside it (a fraction of a second each way); the figures are medians over cycles.
+variant trains in its own process, all started together, but only one of them runs at a time: the
+coordinator hands a turn of ``window`` steps to one process, waits for it to report the turn's
+wall time and CPU time, then hands the next turn to the next process (base, k1, base, k2, base,
+...). A variant's ratio for one cycle is its turn over the mean of the two base turns beside it, so
+the machine's drift falls on both sides of each ratio; the figures are medians over cycles, then
+over rounds of fresh processes.
+
+Between its turns a process is stopped (SIGSTOP), with every process under it: our senders' child
+processes, W&B's service, the data loader's workers. Its background work therefore runs only in
+its own turns, beside its own training, as in a real run; none of it lands in another variant's
+turn, where it would cost its owner nothing (that was this method's bias, in our favour, before
+the processes were stopped). Rows wait up to a second to go to a backend in one call, so a turn
+lasts about a second (run.py's windows: 80 Trainer steps, 140 loop steps): with much shorter
+turns each turn would end in a call of its own, and the calls' fixed cost would count several
+times over (a bias against us: MLflow's SQLite store takes about 9 ms of CPU per call and 0.8 ms
+per row of 12 metrics).
 
 Each process is the training a user runs: the same Trainer (or loop), its own runs, its own store
-(an SQLite file and a W&B folder each), started and ended as in section 3 (or 3b). What it cannot
-see: a variant's background work that falls in another variant's turn costs that variant nothing,
-where in a real run it would share the machine with the variant's own training. For our variants
-that work is the rows' delivery: one call per backend a second, a few ms of CPU each (section 3's
-CPU ratios), so this bias is a fraction of a percent in our favour; the whole-run ratios of
-sections 3 and 3b, which have no such bias, stay beside these.
+(an SQLite file and a W&B folder each, its own W&B service), started and ended as in section 3 (or 3b).
 
     python benchmarks/lockstep.py --worker trainer:b --window 20 ...   # one process (the coordinator starts it)
 """
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,7 +49,11 @@ class Worker:
         os.makedirs(folder, exist_ok=True)
         env = dict(os.environ, WANDB_DIR=folder, MLFLOW_TRACKING_URI=f"sqlite:///{folder}/mlflow.db",
                    STREAM_METRICS_SPILL_DIR=os.path.join(folder, "undelivered"))
+        # Its own W&B service, as a user's training process has: not the one the coordinator may have
+        # started (sections 2 and 3), whose address W&B leaves in the environment.
+        env.pop("WANDB_SERVICE", None)
         self.kind = kind
+        self.frozen: list[int] = []
         self.log = os.path.join(folder, "worker.log")
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "lockstep.py"), "--worker",
@@ -69,12 +78,27 @@ class Worker:
         self.proc.stdin.write(json.dumps(message) + "\n")
         self.proc.stdin.flush()
 
+    def freeze(self) -> None:
+        """Stop this variant's process and every process under it (our senders, W&B's service, the
+        data loader's workers) until its next turn: its background work can only run in its own turns."""
+        self.frozen = process_tree(self.proc.pid)
+        for pid in self.frozen:  # the parent first: it starts no process once stopped
+            _signal(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in reversed(self.frozen):
+            _signal(pid, signal.SIGCONT)
+        self.frozen = []
+
     def turn(self) -> tuple[float, float]:
+        self.thaw()
         self.tell({"do": "turn"})
         got = self.expect("turn")
+        self.freeze()
         return got["wall"], got["cpu"]
 
     def stop(self, timeout: float = 180) -> None:
+        self.thaw()
         self.tell({"do": "stop"})
         self.expect("stopped")
         self.proc.wait(timeout=timeout)
@@ -112,6 +136,32 @@ def bracketed(kinds: list, base: str, one, repeats: int, say) -> dict:
     return {"times": times, "ratios": ratios, "cpu_ratios": cpu_ratios}
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it, parents before their children (from /proc)."""
+    children: dict = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # it ended meanwhile
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # "pid (name) state ppid ..."
+            children.setdefault(ppid, []).append(int(entry))
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree.extend(children.get(tree[i], ()))
+        i += 1
+    return tree
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def interleave(mode: str, base: str, kinds: list[str], cycles: int, warmup_cycles: int, window: int, workdir: str,
                args: list[str], say=print) -> dict:
     """Start one process per variant, then ``bracketed`` turns of theirs: ``warmup_cycles`` untimed
@@ -126,12 +176,14 @@ def interleave(mode: str, base: str, kinds: list[str], cycles: int, warmup_cycle
     try:
         for w in workers.values():
             w.expect("ready")
+            w.freeze()
         bracketed(kinds, base, lambda kind: workers[kind].turn(), warmup_cycles, lambda *_: None)
         got = bracketed(kinds, base, lambda kind: workers[kind].turn(), cycles, progress)
         for w in workers.values():
             w.stop()
     finally:
         for w in workers.values():
+            w.thaw()  # a stopped child of a killed worker would stay stopped for ever
             if w.proc.poll() is None:
                 w.proc.kill()
     return got

@@ -6,7 +6,8 @@
 Every figure is compared with a baseline measured in the same process, interleaved with it: each run
 between two runs of the baseline (A B A C A ..., the order rotated each repeat), its ratio taken over
 the mean of those two, and repeated; the table shows medians. Section 6 measures the ratios of 3 and 3b
-again with each variant in its own process, the processes taking turns every 20 steps (lockstep.py). See
+again with each variant in its own process, the processes taking turns of about a second, the others
+stopped meanwhile with everything they started (lockstep.py). See
 benchmarks/README.md for what each figure means.
 """
 from __future__ import annotations
@@ -330,16 +331,17 @@ def bench_lockstep(cfg, workdir, say=print) -> dict:
     kinds = ["b", "c", "d"]
     # The base runs a turn before and after each kind: enough lines that no process starts a second
     # pass (the streamed dataset's end stalls a Trainer for seconds).
-    steps = cfg.warmup_steps + (cfg.lockstep_cycles + 2) * (len(kinds) + 1) * cfg.lockstep_window + cfg.lockstep_window
+    window = cfg.lockstep_window_trainer
+    steps = cfg.warmup_steps + (cfg.lockstep_cycles + 2) * (len(kinds) + 1) * window + window
     per_file = steps * 16 // 3 + 500
     corpus = os.path.join(workdir, "lockstep-corpus")
     tiny.write_corpus(corpus, lines_per_file=(per_file, per_file, per_file))
     os.environ["STREAM_METRICS_BENCH_THREADS"] = str(torch.get_num_threads())  # the workers' torch threads
     trainer = lockstep.measure("trainer", "a", kinds, cfg.lockstep_rounds_trainer, cfg.lockstep_cycles,
-                               cfg.lockstep_window, os.path.join(workdir, "lockstep"),
+                               window, os.path.join(workdir, "lockstep"),
                                ["--corpus", corpus, "--warmup", str(cfg.warmup_steps)], pairs=[("b", "c")], say=say)
     plain = lockstep.measure("plain", "bare", ["ours", "none"], cfg.lockstep_rounds_plain, cfg.lockstep_cycles,
-                             cfg.lockstep_window, os.path.join(workdir, "lockstep"), [], say=say)
+                             cfg.lockstep_window_plain, os.path.join(workdir, "lockstep"), [], say=say)
     return {"trainer": trainer, "plain": plain}
 
 
@@ -600,7 +602,8 @@ learning rate) every step (every 5 steps for every5), {cfg.repeats_plain} repeat
 order rotated; ms per step for each run: {plain_runs}. Lock-step (section 6, benchmarks/lockstep.py): each
 variant in its own process, {ls['rounds']} rounds (Trainer) and {lsp['rounds']} (plain loop) of fresh processes;
 in each, {ls['cycles']} cycles (after
-{ls['warmup_cycles']} untimed) of turns of {ls['window']} steps, the base's turn before and after each other
+{ls['warmup_cycles']} untimed) of turns of {ls['window']} steps (plain loop: {lsp['window']}), the others' process
+trees stopped meanwhile, the base's turn before and after each other
 variant's (a b a c a d a for the Trainer, the order rotated each cycle; bare ours bare none bare for the plain loop);
 a ratio per cycle over the mean of the two base turns beside it, the median over cycles per round, and the
 median over rounds in the table; round medians, Trainer: {rounds_text(r["lockstep"]["trainer"])}; plain loop:
@@ -622,9 +625,10 @@ NOTES = """
 See "Where the time goes" in benchmarks/README.md for the profiles and probes behind these notes.
 
 - Both backends' rows are written by child processes (W&B's attached to the training process's run),
-  so the training thread pays our own `log()` and `update()` and a JSON line per backend a second;
-  the lock-step ratios (6), where each variant trains in its own process and the processes take
-  turns every 20 steps, measure mostly that share.
+  so the training thread pays our own `log()` and `update()` and a JSON line per backend a second.
+  The lock-step ratios (6), where each variant trains in its own process and the processes take
+  turns of about a second, the others stopped meanwhile, charge each variant its own background
+  work too (the children's and W&B's service's), with less of the machine's drift.
 - The whole-run ratios (3, 3b) also carry what the backends' storage work on the other core costs
   the training on this virtual machine: the training thread is not kept from its core (it waits in
   the run queue for 0.00-0.11 ms a step), but another process's cache, memory and disk traffic
@@ -657,7 +661,7 @@ def main(argv=None) -> int:
         mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000,
         plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6,
         lockstep_rounds_trainer=2 if q else 6, lockstep_rounds_plain=2 if q else 8, lockstep_cycles=6 if q else 10,
-        lockstep_window=20)
+        lockstep_window_trainer=80, lockstep_window_plain=140)
     if args.rounds > 0:
         cfg.lockstep_rounds_trainer = cfg.lockstep_rounds_plain = args.rounds
     torch.set_num_threads(args.threads)

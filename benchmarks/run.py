@@ -1,7 +1,7 @@
 """What stream_metrics costs a training loop, measured side by side as ratios; writes benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # about 20 minutes on a busy 2-core machine
-    python benchmarks/run.py --quick    # about 8 minutes: fewer steps, calls, repeats and rounds
+    python benchmarks/run.py            # about 35 minutes on a busy 2-core machine
+    python benchmarks/run.py --quick    # about 10 minutes: fewer steps, calls, repeats and rounds
 
 Every figure is compared with a baseline measured in the same process, interleaved with it: each run
 between two runs of the baseline (A B A C A ..., the order rotated each repeat), its ratio taken over
@@ -93,12 +93,14 @@ def tiny_training_step(batch: dict):
 def trainer_variant(kind: str):
     """Section 3's kinds: (our callback or None, the Trainer's extra arguments). a: no tracking; b: ours,
     MLflow + W&B; c: the Trainer's own W&B and MLflow with its token counter; d: ours, backend none
-    (our counting and rows, the training thread's share); e: as b, rows written by threads."""
+    (our counting and rows, the training thread's share); e: as b, rows written by threads; m and w:
+    ours, MLflow only and W&B only (where b's cost comes from)."""
     from stream_metrics.hf import StreamMetricsCallback
 
     ours = None
-    if kind in ("b", "d", "e"):
-        ours = StreamMetricsCallback(backend="none" if kind == "d" else ["mlflow", "wandb"], progress=False,
+    backends = {"b": ["mlflow", "wandb"], "d": "none", "e": ["mlflow", "wandb"], "m": "mlflow", "w": "wandb"}
+    if kind in backends:
+        ours = StreamMetricsCallback(backend=backends[kind], progress=False,
                                      **({"mlflow": {"sender": "thread"}, "wandb": {"sender": "thread"}}
                                         if kind == "e" else {}))
     extra = {"report_to": ["wandb", "mlflow"], "include_num_input_tokens_seen": "non_padding"} if kind == "c" else {}
@@ -642,7 +644,8 @@ See "Where the time goes" in benchmarks/README.md for the profiles and probes be
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps, calls, repeats and rounds (about 8 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps, calls, repeats and rounds (about 10 minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine more threads thrash)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))

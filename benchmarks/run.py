@@ -330,7 +330,7 @@ def bench_lockstep(cfg, workdir, say=print) -> dict:
     import lockstep
     import tiny
 
-    kinds = ["b", "c", "d"]
+    kinds = cfg.lockstep_kinds
     # The base runs a turn before and after each kind: enough lines that no process starts a second
     # pass (the streamed dataset's end stalls a Trainer for seconds).
     window = cfg.lockstep_window_trainer
@@ -341,7 +341,8 @@ def bench_lockstep(cfg, workdir, say=print) -> dict:
     os.environ["STREAM_METRICS_BENCH_THREADS"] = str(torch.get_num_threads())  # the workers' torch threads
     trainer = lockstep.measure("trainer", "a", kinds, cfg.lockstep_rounds_trainer, cfg.lockstep_cycles,
                                window, os.path.join(workdir, "lockstep"),
-                               ["--corpus", corpus, "--warmup", str(cfg.warmup_steps)], pairs=[("b", "c")], say=say)
+                               ["--corpus", corpus, "--warmup", str(cfg.warmup_steps)],
+                               pairs=[("b", "c")] if {"b", "c"} <= set(kinds) else [], say=say)
     plain = lockstep.measure("plain", "bare", ["ours", "none"], cfg.lockstep_rounds_plain, cfg.lockstep_cycles,
                              cfg.lockstep_window_plain, os.path.join(workdir, "lockstep"), [], say=say)
     return {"trainer": trainer, "plain": plain}
@@ -654,7 +655,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=0,
                         help="lock-step rounds (section 6) for both the Trainer and the plain loop (default 6 and 8; "
                              "2 each with --quick): more rounds, a figure less moved by the processes' own speeds")
+    parser.add_argument("--kinds", default="b,c,d",
+                        help="section 6's Trainer variants beside a (run.trainer_variant: b c d e m w); "
+                             "RESULTS.md's table needs b,c,d, so others go with --only 6")
     args = parser.parse_args(argv)
+    if args.kinds != "b,c,d" and set(args.only) >= set("12345"):
+        parser.error("--kinds other than b,c,d is for --only 6: RESULTS.md's table needs b, c and d")
     q = args.quick
     cfg = argparse.Namespace(
         repeats_update=5 if q else 7, steps_update=1 if q else 2, calls_update=500 if q else 2000,
@@ -664,12 +670,13 @@ def main(argv=None) -> int:
         mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000,
         plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6,
         lockstep_rounds_trainer=2 if q else 6, lockstep_rounds_plain=2 if q else 8, lockstep_cycles=6 if q else 10,
-        lockstep_window_trainer=80, lockstep_window_plain=140)
+        lockstep_window_trainer=80, lockstep_window_plain=140, lockstep_kinds=args.kinds.split(","))
     if args.rounds > 0:
         cfg.lockstep_rounds_trainer = cfg.lockstep_rounds_plain = args.rounds
     torch.set_num_threads(args.threads)
     command = "python benchmarks/run.py" + (" --quick" if q else "") + (
-        f" --threads {args.threads}" if args.threads != 1 else "") + (f" --rounds {args.rounds}" if args.rounds else "")
+        f" --threads {args.threads}" if args.threads != 1 else "") + (
+        f" --rounds {args.rounds}" if args.rounds else "") + (f" --kinds {args.kinds}" if args.kinds != "b,c,d" else "")
     started = time.monotonic()
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     workdir = tempfile.mkdtemp(prefix="stream_metrics_bench_")

@@ -22,7 +22,7 @@ per row of 12 metrics).
 Each process is the training a user runs: the same Trainer (or loop), its own runs, its own store
 (an SQLite file and a W&B folder each, its own W&B service), started and ended as in section 3 (or 3b).
 
-    python benchmarks/lockstep.py --worker trainer:b --window 20 ...   # one process (the coordinator starts it)
+    python benchmarks/lockstep.py --worker trainer:b --window 80 ...   # one process (the coordinator starts it)
 """
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", required=True, help="mode:kind, e.g. trainer:b or plain:ours")
     parser.add_argument("--folder", required=True)
-    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--window", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--corpus", default="")
     args = parser.parse_args(argv)

@@ -39,6 +39,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: A worker that says nothing for this long has hung: the benchmark stops instead of waiting forever.
 ANSWER_SECONDS = 600
+#: Untimed cycles before the timed ones, in each round (run.py sizes the corpus with it).
+WARMUP_CYCLES = 2
 _OUT = sys.stdout  # a worker's messages to the coordinator (main() moves everything else to stderr)
 
 
@@ -190,7 +192,7 @@ def interleave(mode: str, base: str, kinds: list[str], cycles: int, warmup_cycle
 
 
 def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, window: int, workdir: str,
-            args: list[str], pairs=(), warmup_cycles: int = 2, say=print) -> dict:
+            args: list[str], pairs=(), warmup_cycles: int = WARMUP_CYCLES, say=print) -> dict:
     """``rounds`` lock-step interleavings, each with fresh processes (a process's own speed differs from
     another's running the same code by a few percent: where its memory landed, which core it began on).
 

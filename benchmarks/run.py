@@ -334,7 +334,7 @@ def bench_lockstep(cfg, workdir, say=print) -> dict:
     # The base runs a turn before and after each kind: enough lines that no process starts a second
     # pass (the streamed dataset's end stalls a Trainer for seconds).
     window = cfg.lockstep_window_trainer
-    steps = cfg.warmup_steps + (cfg.lockstep_cycles + 2) * (len(kinds) + 1) * window + window
+    steps = cfg.warmup_steps + (cfg.lockstep_cycles + lockstep.WARMUP_CYCLES) * (len(kinds) + 1) * window + window
     per_file = steps * 16 // 3 + 500
     corpus = os.path.join(workdir, "lockstep-corpus")
     tiny.write_corpus(corpus, lines_per_file=(per_file, per_file, per_file))

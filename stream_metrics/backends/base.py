@@ -102,6 +102,11 @@ class Backend:
         """The rows not stored yet: what a (retried) ``log_rows`` sends."""
         return [row for row in rows if row.seq > self.stored_seq]
 
+    def mark_stored(self, seq: int | None) -> None:
+        """Rows up to ``seq`` are stored (None: no news, e.g. a call that failed before storing any)."""
+        if seq is not None:
+            self.stored_seq = seq
+
     def set_tags(self, tags: dict) -> None:
         raise NotImplementedError
 

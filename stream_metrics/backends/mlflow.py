@@ -124,19 +124,15 @@ class MLflowBackend(Backend):
         if sender is None:  # in this thread, the way the child does it (_mlflow_child.log_rows)
             from ._mlflow_child import log_rows
 
-            log_rows(self.client, self._id(), unstored, _MAX_METRICS, stored=self._stored)
+            log_rows(self.client, self._id(), unstored, _MAX_METRICS, stored=self.mark_stored)
             return
         from .process import SenderError
 
         try:
-            self._stored(sender.call(self.store_uri, self._id(), unstored, _MAX_METRICS))
+            self.mark_stored(sender.call(self.store_uri, self._id(), unstored, _MAX_METRICS))
         except SenderError as exc:
-            self._stored(exc.stored)
+            self.mark_stored(exc.stored)
             raise
-
-    def _stored(self, seq: int | None) -> None:
-        if seq is not None:
-            self.stored_seq = seq
 
     def _start_sender(self):
         from .process import SenderProcess, shared_or_none

@@ -122,10 +122,10 @@ class WandbBackend(Backend):
             if not unstored:
                 return
             try:
-                self._stored(sender.log(self.run._attach_id, unstored))
+                self.mark_stored(sender.log(self.run._attach_id, unstored))
                 return
             except SenderError as exc:
-                self._stored(exc.stored)
+                self.mark_stored(exc.stored)
                 if not exc.attach_failed:
                     raise
                 log.warning("stream_metrics: W&B's sender process cannot attach to run %s (%s); its rows are "
@@ -134,10 +134,6 @@ class WandbBackend(Backend):
         for row in self.unstored(rows):
             self.run.log(row.metrics)
             self.stored_seq = row.seq
-
-    def _stored(self, seq: int | None) -> None:
-        if seq is not None:
-            self.stored_seq = seq
 
     def _start_sender(self):
         from .process import WandbSenderProcess, shared_or_none

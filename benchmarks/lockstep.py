@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import select
 import signal
@@ -191,6 +192,28 @@ def interleave(mode: str, base: str, kinds: list[str], cycles: int, warmup_cycle
     return got
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median of the population ``values`` come from:
+    (low, high, its coverage), two order statistics chosen so that the true median lies between them
+    with probability ``coverage >= level`` (the sign test's binomial; no assumption about the noise's
+    shape). With too few values for ``level`` it is their whole range, at the coverage that has.
+
+    >>> median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    (2.0, 9.0, 0.978515625)
+    """
+    xs = sorted(values)
+    n = len(xs)
+    # P(fewer than j of n values fall below the median) for a fair coin, j = 1, 2, ...
+    below, j = 0.0, 0
+    while j < n // 2:
+        below_next = below + math.comb(n, j) / 2 ** n
+        if 1 - 2 * below_next < level:
+            break
+        below, j = below_next, j + 1
+    j = max(j, 1)
+    return xs[j - 1], xs[n - j], 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+
 def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, window: int, workdir: str,
             args: list[str], pairs=(), warmup_cycles: int = WARMUP_CYCLES, say=print) -> dict:
     """``rounds`` lock-step interleavings, each with fresh processes (a process's own speed differs from
@@ -198,7 +221,8 @@ def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, wi
 
     Returns, per kind (and per pair ``(k1, k2)``: k1's ratio over k2's in the same cycle): each round's
     median ratio to the base, wall and CPU; the median of those (the figure); the spread of the round
-    medians; and the median turn in ms per step.
+    medians, and a 95% confidence interval of their median (``median_interval``); and the median turn
+    in ms per step.
     """
     rounds_wall: dict = {k: [] for k in (*kinds, *(f"{x}/{y}" for x, y in pairs))}
     rounds_cpu: dict = {k: [] for k in kinds}
@@ -218,6 +242,7 @@ def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, wi
             + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rounds_wall.items()))
     return {"ratio": {k: statistics.median(v) for k, v in rounds_wall.items()}, "rounds": rounds_wall,
             "spread": {k: (min(v), max(v)) for k, v in rounds_wall.items()},
+            "interval": {k: median_interval(v) for k, v in rounds_wall.items()},
             "cpu_ratio": {k: statistics.median(v) for k, v in rounds_cpu.items()},
             "per_step": {k: statistics.median(v) for k, v in turns.items()},
             "settings": {"rounds": rounds, "cycles": cycles, "window": window, "warmup_cycles": warmup_cycles}}

@@ -203,15 +203,14 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     """
     xs = sorted(values)
     n = len(xs)
-    # P(fewer than j of n values fall below the median) for a fair coin, j = 1, 2, ...
-    below, j = 0.0, 0
-    while j < n // 2:
-        below_next = below + math.comb(n, j) / 2 ** n
-        if 1 - 2 * below_next < level:
-            break
-        below, j = below_next, j + 1
-    j = max(j, 1)
-    return xs[j - 1], xs[n - j], 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    def coverage(j: int) -> float:  # P(the j-th lowest <= median <= the j-th highest): a fair coin's binomial
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    j = 1
+    while j < n // 2 and coverage(j + 1) >= level:
+        j += 1
+    return xs[j - 1], xs[n - j], coverage(j)
 
 
 def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, window: int, workdir: str,
@@ -221,7 +220,7 @@ def measure(mode: str, base: str, kinds: list[str], rounds: int, cycles: int, wi
 
     Returns, per kind (and per pair ``(k1, k2)``: k1's ratio over k2's in the same cycle): each round's
     median ratio to the base, wall and CPU; the median of those (the figure); the spread of the round
-    medians, and a 95% confidence interval of their median (``median_interval``); and the median turn
+    medians, and a confidence interval of their median, coverage at least 95% (``median_interval``); and the median turn
     in ms per step.
     """
     rounds_wall: dict = {k: [] for k in (*kinds, *(f"{x}/{y}" for x, y in pairs))}

@@ -270,16 +270,19 @@ class Total:
     def add(self, value: Count, fresh: bool = False) -> None:
         """Add ``value``; ``fresh``: a tensor nobody else holds (a count just computed), kept as it is."""
         if isinstance(value, torch.Tensor):
-            if self._parts and value.device != self.device:
+            parts, device = self._parts, value.device
+            if not parts:
+                self.device = device
+            elif device != self.device:
                 # A batch moved to another device (rare): bring the old counts along, on the host.
-                self.host += int(torch.stack(self._parts).sum())  # host sync, once per device change
-                self._parts = []
-            self.device = value.device
+                self.host += int(torch.stack(parts).sum())  # host sync, once per device change
+                parts = self._parts = []
+                self.device = device
             if type(value) is not torch.Tensor:  # a subclass's ops stay out of the row's sync
                 value = value.as_subclass(torch.Tensor)
-            self._parts.append(value if fresh else value.clone())  # a caller's tensor may change later
-            if len(self._parts) >= self.FOLD:
-                self._parts = [torch.stack(self._parts).sum()]  # queued on the device: no wait here
+            parts.append(value if fresh else value.clone())  # a caller's tensor may change later
+            if len(parts) >= self.FOLD:
+                self._parts = [torch.stack(parts).sum()]  # queued on the device: no wait here
         else:
             self.host += int(value)
 

@@ -31,6 +31,16 @@ class Progress:
     epoch_source: str = "none"
     flops: int | float | None = None  # None: FLOPs are not counted (no model= or flops_per_token=)
 
+    @classmethod
+    def _trusted(cls, *, step: int, samples: int, tokens: int | None, loss_tokens: int | None, epoch: float,
+                wall_clock: float, epoch_source: str, flops: int | float | None) -> "Progress":
+        """A Progress from every field, each already of its type (a row's sync): made without the
+        frozen dataclass's ``__init__``, which sets each field through ``object.__setattr__``."""
+        progress = object.__new__(cls)
+        progress.__dict__.update(step=step, samples=samples, tokens=tokens, loss_tokens=loss_tokens, epoch=epoch,
+                                 wall_clock=wall_clock, epoch_source=epoch_source, flops=flops)
+        return progress
+
     def __getitem__(self, name: str):
         """The value of an axis by the name users type (``"samples"``) or its key (``"progress/samples"``)."""
         return getattr(self, schema.axis_key(name, allowed=tuple(schema.AXES) + ("loss_tokens",),

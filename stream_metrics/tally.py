@@ -70,8 +70,9 @@ class Tally:
     def update(self, batch: Any = None, *, samples: Any = None, tokens: Any = None, loss_tokens: Any = None) -> None:
         """Account for one micro-batch (``Run.update``); explicit counts override what is read."""
         # Explicit counts are checked first: a bad one is a clear error at once, not hours later.
-        samples, tokens, loss_tokens = (None if value is None else check_count(name, value) for name, value in
-                                        (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)))
+        if samples is not None or tokens is not None or loss_tokens is not None:
+            samples, tokens, loss_tokens = (None if value is None else check_count(name, value) for name, value in
+                                            (("samples", samples), ("tokens", tokens), ("loss_tokens", loss_tokens)))
         counts = None
         if batch is not None:
             try:
@@ -143,9 +144,11 @@ class Tally:
         """
         now = time.monotonic()
         self.calls += 1
+        if distributed.one_process(self.launched):
+            return self._sync_alone(now, pending)
         base = self.base
-        alone = distributed.one_process(self.launched)
-        main = alone or distributed.is_main()
+        main = distributed.is_main()
+        samples_now = self.samples.value()
         fields = cast(RankRecord, {
             "has_tokens": int(self.has_tokens),
             "has_loss_tokens": int(self.has_loss_tokens),
@@ -154,51 +157,27 @@ class Tally:
             "passes": self.passes,
             **self.probe.local(rows=self.rows + (self.base_rows if main else 0),
                                batches=self.micro_batches + (self.base_batches if main else 0)),
+            "samples": samples_now, "tokens": self.tokens.value(), "loss_tokens": self.loss_tokens.value(),
+            "first_pass_samples": self.first_pass.value() if self.first_pass is not None else -1,
+            "samples_in_pass": self._in_pass(samples_now if self.passes == 0
+                                             else samples_now - self.pass_start.value()),
+            **(self.flops.local() if self.flops is not None else {}),
         })
-        if alone:  # one process: no other rank to meet, weigh or check (the hot path of a plain loop)
-            # The totals themselves go in: read_here adds their host ints to what it reads, so a row
-            # costs one read, and no device op for the sums.
-            cast(dict, fields).update(
-                samples=self.samples, tokens=self.tokens, loss_tokens=self.loss_tokens,
-                first_pass_samples=self.first_pass if self.first_pass is not None else -1,
-                samples_in_pass=self.pass_start if self.passes else 0,  # where this pass began, for now
-                **(self.flops.totals() if self.flops is not None else {}))
-            mine = distributed.read_here(fields, pending)
-            start = mine["samples_in_pass"]
-            if self.passes:
-                self.pass_start.settle(start)
-            if self.first_pass is not None:
-                self.first_pass.settle(mine["first_pass_samples"])
-            mine["samples_in_pass"] = _whole(self._in_pass(mine["samples"] - start))
-            ranks = reading = [mine]
-            weights = [1]
-            # Its own numbers, as they are.
-            samples, tokens, loss_tokens = mine["samples"], mine["tokens"], mine["loss_tokens"]
-            any_tokens, any_loss = mine["has_tokens"], mine["has_loss_tokens"]
-            steps, wall_clock = mine["steps"], mine["wall_clock"]
-        else:
-            samples_now = self.samples.value()
-            cast(dict, fields).update(
-                samples=samples_now, tokens=self.tokens.value(), loss_tokens=self.loss_tokens.value(),
-                first_pass_samples=self.first_pass.value() if self.first_pass is not None else -1,
-                samples_in_pass=self._in_pass(samples_now if self.passes == 0
-                                              else samples_now - self.pass_start.value()),
-                **(self.flops.local() if self.flops is not None else {}))
-            fields.update(self.layout.fields())
-            fields["call"], fields["call_seq"] = CALLS[call], self.calls
-            gathered = distributed.gather(fields, pending)
-            ranks = [cast(RankRecord, {k: _whole(v) for k, v in r.items()}) for r in gathered]
-            check_same_call(ranks)
-            # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
-            weights = layouts.weights(ranks)
-            reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
-            mine = ranks[distributed.rank()]
-            samples = sum(w * r["samples"] for r, w in zip(ranks, weights))
-            tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
-            loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
-            any_tokens = any(r["has_tokens"] for r in ranks)
-            any_loss = any(r["has_loss_tokens"] for r in ranks)
-            steps, wall_clock = max(r["steps"] for r in ranks), max(r["wall_clock"] for r in ranks)
+        fields.update(self.layout.fields())
+        fields["call"], fields["call_seq"] = CALLS[call], self.calls
+        gathered = distributed.gather(fields, pending)
+        ranks = [cast(RankRecord, {k: _whole(v) for k, v in r.items()}) for r in gathered]
+        check_same_call(ranks)
+        # Replicas (tensor-parallel peers, later pipeline stages, ranks sharing a batch) add nothing.
+        weights = layouts.weights(ranks)
+        reading = layouts.readers(ranks, weights)  # one per distinct batch: the epoch's ranks
+        mine = ranks[distributed.rank()]
+        samples = sum(w * r["samples"] for r, w in zip(ranks, weights))
+        tokens = sum(w * r["tokens"] for r, w in zip(ranks, weights))
+        loss_tokens = sum(w * r["loss_tokens"] for r, w in zip(ranks, weights))
+        any_tokens = any(r["has_tokens"] for r in ranks)
+        any_loss = any(r["has_loss_tokens"] for r in ranks)
+        steps, wall_clock = max(r["steps"] for r in ranks), max(r["wall_clock"] for r in ranks)
         # What this rank's totals were read as: kept as host ints, so the next row reads only what follows.
         self.samples.settle(mine["samples"])
         self.tokens.settle(mine["tokens"])
@@ -217,6 +196,52 @@ class Tally:
             epoch=float(epoch), wall_clock=float(wall_clock), epoch_source=source,
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
             flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
+        return self.latest
+
+    def _sync_alone(self, now: float, pending: Any) -> Progress:
+        """``sync`` of a process with no other rank (the hot path of a plain loop): no rank to meet,
+        weigh or check. Only the totals are read, in one wait: read_here adds their host ints to
+        what it reads, so a row costs one read and no device op for the sums."""
+        totals: dict = {"samples": self.samples, "tokens": self.tokens, "loss_tokens": self.loss_tokens}
+        if self.passes:
+            totals["pass_start"] = self.pass_start  # where this pass began
+        if self.first_pass is not None:
+            totals["first_pass"] = self.first_pass
+        if self.flops is not None:
+            totals.update(self.flops.totals())
+        mine = distributed.read_here(totals, pending)
+        samples, tokens, loss_tokens = mine["samples"], mine["tokens"], mine["loss_tokens"]
+        self.samples.settle(samples)
+        self.tokens.settle(tokens)
+        self.loss_tokens.settle(loss_tokens)
+        start = 0
+        if self.passes:
+            start = mine["pass_start"]
+            self.pass_start.settle(start)
+        first = -1
+        if self.first_pass is not None:
+            first = mine["first_pass"]
+            self.first_pass.settle(first)
+        base = self.base
+        record = cast(RankRecord, self.probe.local(rows=self.rows + self.base_rows,
+                                                   batches=self.micro_batches + self.base_batches))
+        record["passes"] = self.passes
+        record["first_pass_samples"] = first
+        record["samples_in_pass"] = _whole(self._in_pass(samples - start))
+        flop_total = base.flops
+        if self.flops is not None:
+            self.flops.settle(cast(RankRecord, mine))
+            flop_total = (base.flops or 0) + self.flops.total([cast(RankRecord, mine)])
+        total = samples + base.samples
+        epoch, source = self.estimator.estimate(total, [record])
+        self.latest = Progress._trusted(
+            step=int(self.step_override if self.step_override is not None else base.step + self.steps),
+            samples=int(total),
+            tokens=int((base.tokens or 0) + tokens) if base.tokens is not None or self.has_tokens else None,
+            loss_tokens=(int((base.loss_tokens or 0) + loss_tokens)
+                         if base.loss_tokens is not None or self.has_loss_tokens else None),
+            epoch=float(epoch), wall_clock=float(base.wall_clock + (now - self.t0)), epoch_source=source,
+            flops=flop_total)
         return self.latest
 
     def _in_pass(self, in_pass: Any) -> Any:

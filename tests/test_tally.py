@@ -119,6 +119,24 @@ def test_every_sync_is_counted_and_one_process_sends_no_call_check(monkeypatch):
     assert not any("call" in f for f in gathered)
 
 
+def test_a_one_process_row_makes_a_progress_like_any_other():
+    """A one-process sync builds its Progress without the dataclass __init__: it must be the same value."""
+    import dataclasses
+
+    tally = Tally(gradient_accumulation_steps=2)
+    for n in (3, 5, 4):  # a pass of 12 samples in 3 micro-batches: a window of 2, then one its end cuts short
+        tally.update(samples=n, tokens=torch.tensor(n + 1), loss_tokens=n - 1)
+    tally.end_pass()
+    tally.update(samples=7, tokens=8, loss_tokens=torch.tensor(6))
+    progress = tally.sync()
+    made = Progress(step=2, samples=19, tokens=23, loss_tokens=15, epoch=19 / 12, wall_clock=progress.wall_clock,
+                    epoch_source="pass")
+    assert progress == made and hash(progress) == hash(made) and type(progress) is Progress
+    assert dataclasses.asdict(progress) == dataclasses.asdict(made) and repr(progress) == repr(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        progress.samples = 0  # type: ignore[misc]
+
+
 @pytest.mark.parametrize("value, expected", [(3, 3), (3.0, 3), (0, 0)])
 def test_an_explicit_count_is_a_whole_number(value, expected):
     assert check_count("samples", value) == expected

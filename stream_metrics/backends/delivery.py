@@ -44,7 +44,9 @@ class Delivery:
         self.buffer_rows = max(1, int(buffer_rows))
         self.spill = SpillFile(backend, spill_dir)
         self._queue: collections.deque = collections.deque()  # (kind, payload), oldest first
-        self._lock = threading.Condition()
+        # The training thread takes the lock itself (a C call); the condition around it is for waiting.
+        self._mutex = threading.RLock()
+        self._lock = threading.Condition(self._mutex)
         self._thread: threading.Thread | None = None
         self._closing = False
         self._held_rows = 0          # "rows" operations in the queue
@@ -64,7 +66,7 @@ class Delivery:
     # ---------------------------------------------------------------- training thread side
     def submit(self, kind: str, payload) -> None:
         """Queue an operation; never waits for the backend (past the buffer, rows go to the spill file)."""
-        with self._lock:
+        with self._mutex:
             if kind == "start":
                 self._start_info = payload
             self._queue.append((kind, payload))

@@ -159,6 +159,42 @@ def bench_update(cfg) -> dict:
             **{f"{name}_share": median(v) / step for name, v in per_call.items()}}
 
 
+def bench_cold(cfg) -> dict:
+    """What a step of the plain loop (3b) costs the training thread, each piece timed right after a training
+    step (cold caches, as in training), in turn: the floor an exact count sets (the counting's torch ops on
+    the batch and a row's reads of its 0-d counts and loss), and our update() and log() (backend none)."""
+    batch = {k: v[:cfg.plain_batch, :cfg.plain_seq] for k, v in realistic_batch().items()}
+    mask, labels = batch["attention_mask"], batch["labels"]
+    _, train_step = tiny_training_step(batch)
+    run = stream_metrics.init(backend="none", pad_token_id=0)
+    counts: list = []
+
+    def count() -> None:  # what any exact count of tokens and loss tokens must run: three ops
+        counts[:] = [torch.count_nonzero(mask), torch.count_nonzero(labels != -100)]
+
+    pieces = {"ops": count, "reads": lambda: [t.item() for t in counts],
+              "update": lambda: run.update(batch), "log": lambda: run.log({"loss": 1.0})}
+    for _ in range(5):
+        train_step()
+    times: dict = {name: [] for name in pieces}
+    steps = []
+    for _ in range(cfg.cold_steps):
+        for name, piece in pieces.items():  # the reads read the counts "ops" made a step earlier
+            t = time.perf_counter_ns()
+            loss = train_step()
+            steps.append(time.perf_counter_ns() - t)
+            if name == "reads":
+                counts.append(loss.detach())  # the previous piece's counts and this step's loss, as a row has them
+            t = time.perf_counter_ns()
+            piece()
+            times[name].append(time.perf_counter_ns() - t)
+    run.finish()
+    us = {name: median(v) / 1e3 for name, v in times.items()}
+    step_us = median(steps) / 1e3
+    return {**{f"{k}_us": v for k, v in us.items()}, "step_ms": step_us / 1e3,
+            "floor_share": (us["ops"] + us["reads"]) / step_us, "ours_share": (us["update"] + us["log"]) / step_us}
+
+
 # ---------------------------------------------------------------------------------------------- 2. log()
 def bench_log(cfg, name, backend, options) -> dict:
     """log() as the training thread sees it: rows paced like training, after the runs have started."""
@@ -489,6 +525,13 @@ def table(r, cfg) -> tuple[str, list[bool]]:
     row("1", f"tiny model's CPU training step, same batch ({u['params']:,} parameters)", f"{u['step_ms']:.1f} ms")
     row("1", "update() as a share of that step, dict / tuple",
         f"{u['dict_share']:.4%} / {u['tuple_share']:.4%}", "(no target)")
+    c = r["cold"]
+    row("1", f"right after a training step (cold), plain loop's {cfg.plain_batch} x {cfg.plain_seq} batch: an exact "
+        "count's own torch ops (mask and labels != -100 counted) / a row's reads (2 counts and the loss) / update() "
+        "/ log(), backend none", f"{c['ops_us']:.0f} / {c['reads_us']:.0f} / {c['update_us']:.0f} / "
+        f"{c['log_us']:.0f} µs", "(no target)")
+    row("1", f"the floor an exact count sets on that loop's {c['step_ms']:.2f} ms step (its ops and reads); our "
+        "update() and log()", f"{c['floor_share']:.2%}; {c['ours_share']:.2%}", "(no target)")
     for b in r["log"]:
         row("2", f"log() {b['name']}, {cfg.gap_s * 1e3:.0f} ms between rows: median / p99 / max",
             f"{b['median_us']:.0f} / {b['p99_us']:.0f} / {b['max_us']:.0f} µs", "(no target)")
@@ -600,28 +643,27 @@ Written by `benchmarks/run.py`; benchmarks/README.md says what each figure means
 {text_table}
 
 Settings: update(): {cfg.repeats_update} interleaved repeats of {cfg.steps_update} training steps and
-{cfg.calls_update:,} calls per form. log(): {cfg.rows_log} rows per backend with {cfg.updates_per_row} update()
-calls and {cfg.gap_s * 1e3:.0f} ms of sleep (the training, during which the sender thread may work) before each,
-after 21 warm-up rows; 3 metrics per row. Trainer: the tiny Llama of examples/tiny.py on the demo's streamed
-JSONL corpus (6,000 lines), batch 8, gradient accumulation 2, logging every 5 steps, {cfg.trainer_steps} steps of
-which the first {cfg.warmup_steps} are warm-up; {cfg.repeats_trainer} repeats, each run between two runs of a
-(a b a c a d a e a, then a c a d a e a b a, ...), a ratio taken over the mean of those two; ms per timed step for
-each run: {runs}. Whole `trainer.train()` medians, start-up and teardown included
-(not a target): {", ".join(f"{k} {v:.1f} s" for k, v in t["train_s"].items())}. Plain loop: the same tiny model on
-an {cfg.plain_batch} x {cfg.plain_seq} batch, {cfg.plain_steps} timed steps per run after 5 untimed rows, a row (loss,
+{cfg.calls_update:,} calls per form. Cold: {cfg.cold_steps} turns of four training steps, each followed by one
+piece timed alone (the ops, the reads, update(), log()); medians. log(): {cfg.rows_log} rows per backend with
+{cfg.updates_per_row} update() calls and {cfg.gap_s * 1e3:.0f} ms of sleep (the training, during which the sender thread
+may work) before each, after 21 warm-up rows; 3 metrics per row. Trainer: the tiny Llama of examples/tiny.py on the
+demo's streamed JSONL corpus (6,000 lines), batch 8, gradient accumulation 2, logging every 5 steps,
+{cfg.trainer_steps} steps of which the first {cfg.warmup_steps} are warm-up; {cfg.repeats_trainer} repeats, each run
+between two runs of a (a b a c a d a e a, then a c a d a e a b a, ...), a ratio taken over the mean of those two; ms
+per timed step for each run: {runs}. Whole `trainer.train()` medians, start-up and teardown included (not a target):
+{", ".join(f"{k} {v:.1f} s" for k, v in t["train_s"].items())}. Plain loop: the same tiny model on an
+{cfg.plain_batch} x {cfg.plain_seq} batch, {cfg.plain_steps} timed steps per run after 5 untimed rows, a row (loss,
 learning rate) every step (every 5 steps for every5), {cfg.repeats_plain} repeats, each run between two bare runs, the
-order rotated; ms per step for each run: {plain_runs}. Lock-step (section 6, benchmarks/lockstep.py): each
-variant in its own process, {ls['rounds']} rounds (Trainer) and {lsp['rounds']} (plain loop) of fresh processes;
-in each, {ls['cycles']} cycles (after
-{ls['warmup_cycles']} untimed) of turns of {ls['window']} steps (plain loop: {lsp['window']}), the others' process
-trees stopped meanwhile, the base's turn before and after each other
-variant's (a b a c a d a for the Trainer, the order rotated each cycle; bare ours bare none bare for the plain loop);
-a ratio per cycle over the mean of the two base turns beside it, the median over cycles per round, and the
-median over rounds in the table. The confidence interval of that median is distribution-free (two of the
-round medians, picked by the sign test's binomial: lockstep.median_interval); a target inside it is neither
-shown held nor shown missed by this run, whatever the verdict, which reads the median alone.
-Round medians, Trainer: {rounds_text(r["lockstep"]["trainer"])}; plain loop:
-{rounds_text(r["lockstep"]["plain"])}.
+order rotated; ms per step for each run: {plain_runs}. Lock-step (section 6, benchmarks/lockstep.py): each variant in
+its own process, {ls['rounds']} rounds (Trainer) and {lsp['rounds']} (plain loop) of fresh processes; in each,
+{ls['cycles']} cycles (after {ls['warmup_cycles']} untimed) of turns of {ls['window']} steps (plain loop:
+{lsp['window']}), the others' process trees stopped meanwhile, the base's turn before and after each other variant's
+(a b a c a d a for the Trainer, the order rotated each cycle; bare ours bare none bare for the plain loop); a ratio
+per cycle over the mean of the two base turns beside it, the median over cycles per round, and the median over rounds
+in the table. The confidence interval of that median is distribution-free (two of the round medians, picked by the
+sign test's binomial: lockstep.median_interval); a target inside it is neither shown held nor shown missed by this
+run, whatever the verdict, which reads the median alone. Round medians, Trainer:
+{rounds_text(r["lockstep"]["trainer"])}; plain loop: {rounds_text(r["lockstep"]["plain"])}.
 """
     if not all(held):
         body += NOTES
@@ -680,6 +722,7 @@ def main(argv=None) -> int:
         mem_updates=100_000 if q else 1_000_000, mem_rows=10_000 if q else 100_000,
         mem_rows_backend=2_000 if q else 10_000, sync_updates=1_000,
         plain_steps=150 if q else 400, plain_batch=BATCH, plain_seq=128, repeats_plain=2 if q else 6,
+        cold_steps=100 if q else 400,
         lockstep_rounds_trainer=2 if q else 6, lockstep_rounds_plain=2 if q else 8, lockstep_cycles=6 if q else 10,
         lockstep_window_trainer=80, lockstep_window_plain=140, lockstep_kinds=args.kinds.split(","))
     if args.rounds > 0:
@@ -711,6 +754,8 @@ def main(argv=None) -> int:
             print("1. update() per micro-batch ...", flush=True)
             results["update"] = bench_update(cfg)
             print("   ", {k: round(v, 4) for k, v in results["update"].items()}, flush=True)
+            results["cold"] = bench_cold(cfg)
+            print("   ", {k: round(v, 4) for k, v in results["cold"].items()}, flush=True)
         if "2" in args.only:
             print("2. log() latency ...", flush=True)
             server.wait_healthy(180)

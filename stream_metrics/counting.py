@@ -51,19 +51,15 @@ class Counts(NamedTuple):
     rows: int = 0                     # leading dimension: the loader's own unit (packed rows)
 
 
-def _count_nonzero(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.count_nonzero(tensor)
-
-
 def _tokens_from_ids(ids: torch.Tensor, mask, pad_token_id) -> Count:
     if mask is not None:
         if mask.shape == ids.shape:
-            return _count_nonzero(mask)
+            return torch.count_nonzero(mask)
         warn_once("mask-shape", f"the attention mask's shape {tuple(mask.shape)} does not match the input ids' "
                                 f"{tuple(ids.shape)}; tokens are counted without it. Pass a mask shaped like the "
                                 "ids, or tokens= explicitly.")
     if pad_token_id is not None and not torch.is_floating_point(ids):
-        return _count_nonzero(ids != pad_token_id)
+        return torch.count_nonzero(ids != pad_token_id)
     warn_once("no-mask", "batches have no attention mask and no pad token id is known, so every token counts as "
                          "non-padding. Pass pad_token_id= to init(), or tokens= to update().")
     return ids.numel() if ids.dim() < 3 else ids.shape[0] * ids.shape[1]
@@ -99,7 +95,7 @@ def _samples(rows: int, positions, runs: bool, mask) -> Count:
     starts = _run_starts(positions == 0) if runs else positions == 0
     if mask is not None and mask.shape == positions.shape:
         starts = starts & (mask != 0)
-    return _count_nonzero(starts)
+    return torch.count_nonzero(starts)
 
 
 def _edge_runs(like: torch.Tensor) -> torch.Tensor:
@@ -143,7 +139,7 @@ def _padding_free(ids, positions, cu, labels, pad_token_id) -> tuple[torch.Tenso
     if outside is not None:
         like = like | outside
     padding = _edge_runs(like)
-    return _count_nonzero(sample_starts & ~padding), _count_nonzero(~padding)
+    return torch.count_nonzero(sample_starts & ~padding), torch.count_nonzero(~padding)
 
 
 def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
@@ -155,7 +151,7 @@ def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
     labels = batch.get("labels")
     loss_tokens = None
     if isinstance(labels, torch.Tensor):
-        loss_tokens = _count_nonzero(labels != IGNORE_INDEX)
+        loss_tokens = torch.count_nonzero(labels != IGNORE_INDEX)
     if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
         rows = ids.shape[0]
         grid = tuple(ids.shape[:2]) if ids.dim() >= 2 else (1, ids.shape[0])

@@ -137,6 +137,36 @@ def test_a_one_process_row_makes_a_progress_like_any_other():
         progress.samples = 0  # type: ignore[misc]
 
 
+def test_whether_a_process_group_exists_is_asked_afresh_at_every_row(tmp_path):
+    """A row reads torch's default group from its registry (cheaper than is_initialized()): before the
+    group exists, while it does, and after it is destroyed, the answer is is_initialized()'s. In a child
+    process, so no group outlives the test."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch.distributed as dist
+import stream_metrics
+from stream_metrics import distributed
+assert distributed._WORLD is not None, "this torch has no registry: the check falls back to is_initialized()"
+run = stream_metrics.init(backend="none")  # the run starts before the group, as it may under a launcher
+seen = [(distributed._active(), dist.is_initialized())]
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+seen.append((distributed._active(), dist.is_initialized()))
+run.update(samples=3)
+assert run.log().samples == 3
+dist.destroy_process_group()
+seen.append((distributed._active(), dist.is_initialized()))
+run.update(samples=2)
+assert run.log().samples == 5
+run.finish()
+print(seen)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[(False, False), (True, True), (False, False)]"
+
+
 @pytest.mark.parametrize("value, expected", [(3, 3), (3.0, 3), (0, 0)])
 def test_an_explicit_count_is_a_whole_number(value, expected):
     assert check_count("samples", value) == expected

@@ -211,13 +211,14 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
     """
     row = {}
     names = key_map._names
+    tensor = _torch().Tensor
     for key, value in metrics.items():
         # The common row, every step: finite floats under keys seen before; nothing to convert or check.
         kind = type(value)
         if kind is float and value - value == 0.0 and key in names:
             row[names[key]] = value
             continue
-        if kind is _torch().Tensor and pending is not None and key in names and _deferrable(value):
+        if kind is tensor and pending is not None and key in names and _deferrable(value):
             name = names[key]  # a tensor under a key seen before: read with the counts
             pending.append(Pending(key, name, value))
             row[name] = None

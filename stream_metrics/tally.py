@@ -184,19 +184,8 @@ class Tally:
         self.loss_tokens.settle(mine["loss_tokens"])
         if self.flops is not None:
             self.flops.settle(mine)
-        samples += base.samples
-        has_tokens = base.tokens is not None or any_tokens
-        has_loss = base.loss_tokens is not None or any_loss
-        step = self.step_override if self.step_override is not None else base.step + steps
-        epoch, source = self.estimator.estimate(samples, reading)
-        self.latest = Progress(
-            step=int(step), samples=int(samples),
-            tokens=int((base.tokens or 0) + tokens) if has_tokens else None,
-            loss_tokens=int((base.loss_tokens or 0) + loss_tokens) if has_loss else None,
-            epoch=float(epoch), wall_clock=float(wall_clock), epoch_source=source,
-            # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
-            flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
-        return self.latest
+        return self._progress(samples, tokens, loss_tokens, any_tokens, any_loss, steps, wall_clock, reading,
+                              ranks, weights)
 
     def _sync_alone(self, now: float, pending: Any) -> Progress:
         """``sync`` of a process with no other rank (the hot path of a plain loop): no rank to meet,
@@ -222,26 +211,32 @@ class Tally:
         if self.first_pass is not None:
             first = mine["first_pass"]
             self.first_pass.settle(first)
-        base = self.base
+        if self.flops is not None:
+            self.flops.settle(cast(RankRecord, mine))
         record = cast(RankRecord, self.probe.local(rows=self.rows + self.base_rows,
                                                    batches=self.micro_batches + self.base_batches))
         record["passes"] = self.passes
         record["first_pass_samples"] = first
         record["samples_in_pass"] = _whole(self._in_pass(samples - start))
-        flop_total = base.flops
-        if self.flops is not None:
-            self.flops.settle(cast(RankRecord, mine))
-            flop_total = (base.flops or 0) + self.flops.total([cast(RankRecord, mine)])
-        total = samples + base.samples
-        epoch, source = self.estimator.estimate(total, [record])
+        return self._progress(samples, tokens, loss_tokens, self.has_tokens, self.has_loss_tokens, self.steps,
+                              self.base.wall_clock + (now - self.t0), [record], [cast(RankRecord, mine)], None)
+
+    def _progress(self, samples: int, tokens: int, loss_tokens: int, any_tokens: Any, any_loss: Any, steps: int,
+                  wall_clock: float, reading: list[RankRecord], ranks: list[RankRecord],
+                  weights: list[int] | None) -> Progress:
+        """The row's Progress (``latest``): this session's sums plus the checkpoint's, and the epoch estimate."""
+        base = self.base
+        samples += base.samples
+        epoch, source = self.estimator.estimate(samples, reading)
         self.latest = Progress._trusted(
-            step=int(self.step_override if self.step_override is not None else base.step + self.steps),
-            samples=int(total),
-            tokens=int((base.tokens or 0) + tokens) if base.tokens is not None or self.has_tokens else None,
+            step=int(self.step_override if self.step_override is not None else base.step + steps),
+            samples=int(samples),
+            tokens=int((base.tokens or 0) + tokens) if base.tokens is not None or any_tokens else None,
             loss_tokens=(int((base.loss_tokens or 0) + loss_tokens)
-                         if base.loss_tokens is not None or self.has_loss_tokens else None),
-            epoch=float(epoch), wall_clock=float(base.wall_clock + (now - self.t0)), epoch_source=source,
-            flops=flop_total)
+                         if base.loss_tokens is not None or any_loss else None),
+            epoch=float(epoch), wall_clock=float(wall_clock), epoch_source=source,
+            # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
+            flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
         return self.latest
 
     def _in_pass(self, in_pass: Any) -> Any:

@@ -325,10 +325,14 @@ def bench_plain(cfg, mlflow_uri) -> dict:
     for _ in range(5):
         train_step()
     log_us: dict = {k: [] for k in PLAIN_KINDS}
+    # CPU seconds of the row's delivery, by where it runs, and the rows they delivered: "ours" only.
+    delivery_cpu: dict = {}
+    delivery_rows = [0]
 
     def one(kind: str) -> tuple[float, float]:
         """ms per step, and the training process's CPU ms per step."""
         run = None if kind == "bare" else plain_run(kind, batch, train_step, mlflow_uri)
+        before = delivery_cpu_s() if kind == "ours" else {}
         t, cpu0 = time.perf_counter(), time.process_time()
         every = 5 if kind == "every5" else 1
         for i in range(cfg.plain_steps):
@@ -342,6 +346,11 @@ def bench_plain(cfg, mlflow_uri) -> dict:
                 log_us[kind].append((time.perf_counter_ns() - t_log) / 1e3)
         per_step = (time.perf_counter() - t) / cfg.plain_steps
         cpu_per_step = (time.process_time() - cpu0) / cfg.plain_steps
+        if kind == "ours":
+            run.flush()  # every timed row stored: their storing is in the children's CPU time
+            for where, seconds in delivery_cpu_s().items():
+                delivery_cpu[where] = delivery_cpu.get(where, 0.0) + seconds - before.get(where, 0.0)
+            delivery_rows[0] += cfg.plain_steps
         if run is not None:
             run.finish()
         return per_step * 1e3, cpu_per_step * 1e3
@@ -356,7 +365,49 @@ def bench_plain(cfg, mlflow_uri) -> dict:
             "bare": {k: median(v) for k, v in ratios.items()},
             "cpu_ratios": {k: median(v) for k, v in got["cpu_ratios"].items()},
             "log": {k: (median(v), percentile(v, 99), max(v)) for k, v in log_us.items()},
-            "rows": len(log_us["ours"])}
+            "rows": len(log_us["ours"]),
+            "delivery_ms_per_row": {k: v / delivery_rows[0] * 1e3 for k, v in delivery_cpu.items()}}
+
+
+def delivery_cpu_s() -> dict:
+    """CPU seconds used so far by the row's delivery, by where it runs: our sender threads in this process,
+    the MLflow and W&B sender processes, and W&B's service (wandb-core, a child of the W&B sender), from
+    /proc (Linux; elsewhere empty). A process that ended is no longer counted: read it before finish()."""
+    import threading
+
+    from lockstep import process_tree
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(stat_path: str) -> float | None:
+        try:
+            with open(stat_path) as f:
+                stat = f.read()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()  # "pid (name) state ppid ...": utime, stime are 14, 15
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    out: dict = {}
+    if not os.path.isdir("/proc/self/task"):
+        return out
+    for thread in threading.enumerate():
+        if thread.name.startswith("stream_metrics-") and thread.native_id is not None:
+            seconds = cpu(f"/proc/self/task/{thread.native_id}/stat")
+            if seconds is not None:
+                out["sender threads"] = out.get("sender threads", 0.0) + seconds
+    for pid in process_tree(os.getpid())[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        where = ("MLflow sender" if "_mlflow_child" in command else "W&B sender" if "_wandb_child" in command
+                 else "W&B service" if "wandb-core" in command else None)
+        seconds = cpu(f"/proc/{pid}/stat") if where else None
+        if seconds is not None:
+            out[where] = out.get(where, 0.0) + seconds
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- 6. lock-step
@@ -578,6 +629,11 @@ def table(r, cfg) -> tuple[str, list[bool]]:
     row("3b", f"log() in that loop, MLflow + W&B, {pl['rows']:,} rows: median", f"{median_us:.0f} µs",
         "< 100 µs", median_us < 100)
     row("3b", "log() in that loop: p99 / max", f"{p99_us:.0f} / {max_us:.0f} µs", "p99 < 500 µs", p99_us < 500)
+    spent = pl.get("delivery_ms_per_row") or {}
+    if spent:
+        row("3b", "CPU time per row of ours (MLflow + W&B) delivering it, by where it runs: "
+            + ", ".join(spent) + " (the processes beside the training process share the machine's other core)",
+            ", ".join(f"{v:.3f}" for v in spent.values()) + " ms", "(no target)")
     row("3b", "log() in that loop, median / p99, with: " + ", ".join(names),
         ", ".join(f"{pl['log'][k][0]:.0f} / {pl['log'][k][1]:.0f}" for k in names) + " µs", "(no target)")
     ls = r["lockstep"]

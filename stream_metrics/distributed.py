@@ -145,7 +145,10 @@ def gather(fields: R, pending=()) -> list[R]:
 
 def _on_host(tensors: list) -> bool:
     """Every tensor is in host memory (CPU): reading them one by one waits for nothing."""
-    return all(t.is_cpu for t in tensors)
+    for t in tensors:  # a loop, not a generator: this runs at every row, right after a training step
+        if not t.is_cpu:
+            return False
+    return True
 
 
 def read_here(fields: R, pending=()) -> R:
@@ -171,13 +174,16 @@ def read_here(fields: R, pending=()) -> R:
             names.append(k)
             tensors.append(v)
             offsets.append(0)
-    tensors += [p.tensor for p in pending]
+    for p in pending:
+        tensors.append(p.tensor)
     if not tensors:
         return fields
     if _on_host(tensors):
         # No device to wait for: each is read as it is (an int64 count as an int, a float exactly),
         # which costs fewer ops than converting them all for one stack.
-        values = [t.item() for t in tensors]
+        values = []
+        for t in tensors:
+            values.append(t.item())
     else:
         device = tensors[0].device
         slots = [_slot(t, device) for t in tensors]

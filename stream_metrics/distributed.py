@@ -159,7 +159,7 @@ def read_here(fields: R, pending=()) -> R:
     (floats by their bits, so reads are exact); host numbers stay as they are. ``fields`` is updated
     in place and returned.
     """
-    out = cast(dict, fields)  # the caller's record, updated in place
+    out: dict = fields  # type: ignore[assignment]  # the caller's record, updated in place
     names, tensors, offsets = [], [], []
     for k, v in fields.items():
         if type(v) is Total:

@@ -211,18 +211,22 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
     """
     row = {}
     names = key_map._names
-    tensor = _torch().Tensor
+    torch = _torch()
+    tensor = torch.Tensor
     for key, value in metrics.items():
         # The common row, every step: finite floats under keys seen before; nothing to convert or check.
         kind = type(value)
         if kind is float and value - value == 0.0 and key in names:
             row[names[key]] = value
             continue
-        if kind is tensor and pending is not None and key in names and _deferrable(value):
-            name = names[key]  # a tensor under a key seen before: read with the counts
-            pending.append(Pending(key, name, value))
-            row[name] = None
-            continue
+        if kind is tensor and pending is not None and key in names:
+            # A tensor under a key seen before (a loss): _deferrable's checks, inlined for this path.
+            dtype = value.dtype
+            if value.numel() == 1 and not dtype.is_complex and dtype is not torch.bool and not value.is_meta:
+                name = names[key]
+                pending.append(Pending(key, name, value))
+                row[name] = None
+                continue
         for full, item in flatten({key: value}):
             if pending is not None and _deferrable(item):
                 name = key_map(full)

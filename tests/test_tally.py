@@ -182,3 +182,50 @@ def test_a_float_tensor_count_is_rounded_on_its_device():
     with pytest.warns(UserWarning, match="rounded on the device"):
         count = check_count("loss_tokens", torch.tensor([2.6]))
     assert count.dtype == torch.int64 and count.shape == () and int(count) == 3
+
+
+def rank_record(passes=0, first_pass=-1, in_pass=0, units=-1, length=-1, loader=0, metadata=-1, files=-1,
+                shard=-1, within=-1, shards=-1) -> dict:
+    """One rank's gathered numbers as the epoch estimate reads them (-1: unknown)."""
+    return {"passes": passes, "first_pass_samples": first_pass, "samples_in_pass": in_pass,
+            "sized_units": units, "sized_length": length, "sized_is_loader": loader, "metadata": metadata,
+            "metadata_files": files, "shard_idx": shard, "shard_example_idx": within, "num_shards": shards}
+
+
+@pytest.mark.parametrize("ranks, samples, expected", [
+    # Shard positions on both ranks: 8 shards x (45 - 5) / 2 done, and 8 x (30 - 10) / 1 done = 160 + 160.
+    ([rank_record(in_pass=45, shard=2, within=5, shards=8), rank_record(in_pass=30, shard=1, within=10, shards=8)],
+     75, (75 / 320, "shards")),
+    # One rank's position unknown: no share of a pass can be told for it, so no estimate at all.
+    ([rank_record(in_pass=45, shard=2, within=5, shards=8), rank_record(in_pass=30)], 75, (0.0, "none")),
+    # A rank still in its first shard (none completed) tells nothing either.
+    ([rank_record(in_pass=45, shard=2, within=5, shards=8), rank_record(in_pass=3, shard=0, within=3, shards=8)],
+     48, (0.0, "none")),
+    # Metadata: one size per file list, so two ranks reading the same files count it once ...
+    ([rank_record(metadata=1000, files=7), rank_record(metadata=1000, files=7)], 250, (0.25, "metadata")),
+    # ... and two different file lists add up.
+    ([rank_record(metadata=1000, files=7), rank_record(metadata=600, files=9)], 400, (0.25, "metadata")),
+    # Metadata on one rank only is not a size for both: the shard positions decide.
+    ([rank_record(metadata=1000, files=7, in_pass=45, shard=2, within=5, shards=8),
+      rank_record(in_pass=30, shard=1, within=10, shards=8)], 75, (75 / 320, "shards")),
+    # Sized loaders: batches read over the loaders' lengths, summed over ranks.
+    ([rank_record(units=30, length=100, loader=1), rank_record(units=20, length=100, loader=1)], 0, (0.25, "sized")),
+    # A sized dataset (not a loader): the rows read over one copy of its length.
+    ([rank_record(units=30, length=200), rank_record(units=20, length=200)], 0, (0.25, "sized")),
+    # One rank without a length: not sized.
+    ([rank_record(units=30, length=100, loader=1), rank_record(units=20)], 0, (0.0, "none")),
+])
+def test_the_epoch_estimate_from_several_ranks_records(ranks, samples, expected):
+    epoch, source = EpochEstimator().estimate(samples, ranks)
+    assert (source, epoch) == (expected[1], pytest.approx(expected[0]))
+
+
+def test_the_pass_size_is_measured_once_every_rank_has_ended_a_pass():
+    estimator = EpochEstimator()
+    # Rank 1 has not ended its pass: the smallest count of passes is what every rank has done.
+    epoch, source = estimator.estimate(150, [rank_record(passes=1, first_pass=80), rank_record(passes=0)])
+    assert (epoch, source, estimator.pass_size) == (0.0, "none", None)
+    # Both have: one pass is the samples both read in their first pass (80 + 70); 330 samples are 2.2 passes.
+    ranks = [rank_record(passes=2, first_pass=80), rank_record(passes=2, first_pass=70)]
+    epoch, source = estimator.estimate(330, ranks)
+    assert (source, estimator.pass_size, epoch) == ("pass", 150, pytest.approx(2.2))

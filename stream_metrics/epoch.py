@@ -228,7 +228,7 @@ class EpochEstimator:
         if _least(ranks, "metadata") > 0:
             size = sum({r["metadata_files"]: r["metadata"] for r in ranks}.values())  # one per file list
             return samples / size, "metadata"
-        if passes == 0 and _least(ranks, "num_shards") >= 1:
+        if passes == 0:
             known = 0.0
             for r in ranks:
                 size = _shard_size(r)

@@ -196,8 +196,11 @@ def _torch():
 def _deferrable(value) -> bool:
     # A one-element real tensor with data: read later, together with the counts (distributed.gather).
     torch = _torch()
-    if not isinstance(value, torch.Tensor):
-        return False
+    return isinstance(value, torch.Tensor) and _deferrable_tensor(value, torch)
+
+
+def _deferrable_tensor(value, torch) -> bool:
+    """``_deferrable`` for a value known to be a tensor (clean_metrics' path for a known key)."""
     dtype = value.dtype
     return not dtype.is_complex and dtype is not torch.bool and value.numel() == 1 and not value.is_meta
 
@@ -219,14 +222,11 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
         if kind is float and value - value == 0.0 and key in names:
             row[names[key]] = value
             continue
-        if kind is tensor and pending is not None and key in names:
-            # A tensor under a key seen before (a loss): _deferrable's checks, inlined for this path.
-            dtype = value.dtype
-            if value.numel() == 1 and not dtype.is_complex and dtype is not torch.bool and not value.is_meta:
-                name = names[key]
-                pending.append(Pending(key, name, value))
-                row[name] = None
-                continue
+        if kind is tensor and pending is not None and key in names and _deferrable_tensor(value, torch):
+            name = names[key]  # a tensor under a key seen before (a loss): read with the counts
+            pending.append(Pending(key, name, value))
+            row[name] = None
+            continue
         for full, item in flatten({key: value}):
             if pending is not None and _deferrable(item):
                 name = key_map(full)

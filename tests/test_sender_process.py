@@ -2,6 +2,7 @@
 real SQLite stores and a real unreachable server, with real signals; what MLflow stored is read back."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -192,6 +193,43 @@ def test_sender_thread_writes_from_the_training_process_and_a_bad_sender_is_name
     assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == [(4, 0.25)]
     with pytest.raises(ValueError, match="'process'.*'thread'"):
         stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "sender": "subprocess"})
+
+
+def collector() -> tuple:
+    return gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()
+
+
+@pytest.mark.parametrize("sender", ["process", "thread"])
+def test_the_training_process_s_garbage_collector_is_left_as_it_is(mlflow_uri, sender):
+    """MLflow's child freezes its own heap after its first rows (gc.freeze); the thread sender runs the same
+    log_rows in the training process, whose collector must stay as the training set it. The rows sent
+    before and after the child froze are all stored, once each."""
+    before = collector()
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "sender": sender})
+    for i in range(6):
+        run.update(samples=3, tokens=30)
+        run.log({"loss": float(i)})
+        assert run.flush()  # a request of its own each: the first, then those after the freeze
+    run.finish()
+    assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == [(3 * (i + 1), float(i)) for i in range(6)]
+    assert collector() == before
+
+
+def test_the_mlflow_child_freezes_its_heap_once():
+    program = os.path.join(ROOT, "stream_metrics", "backends", "_mlflow_child.py")
+    code = textwrap.dedent(f"""
+        import gc, runpy
+        child = runpy.run_path({program!r})
+        assert gc.get_freeze_count() == 0
+        child["freeze_heap"]()
+        frozen = gc.get_freeze_count()
+        kept = [[i] for i in range(1000)]  # made after the first freeze: they stay the collector's
+        child["freeze_heap"]()
+        print(frozen > 0, gc.get_freeze_count() == frozen)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -20,8 +20,8 @@ first; it then ends with its stdin).
 Once MLflow is loaded and has stored its first rows, the process's objects (MLflow's and
 SQLAlchemy's modules, about 270,000) are moved out of the garbage collector's way (``gc.freeze``):
 each collection would otherwise walk them all again, and the SQLAlchemy objects a row makes set one
-off every few rows. It cuts the CPU a row costs here by about a fifth (benchmarks/README.md); the
-training process's own collector is left as it is.
+off every few rows. It cuts the CPU a row costs here by a tenth to a fifth (benchmarks/README.md);
+the training process's own collector is left as it is (the thread sender's ``log_rows`` never freezes).
 """
 import gc
 import json

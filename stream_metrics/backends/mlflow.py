@@ -11,6 +11,7 @@ and rows count as stored call by call (MLflow also keeps one copy of identical p
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from .. import invisible, schema
@@ -48,7 +49,7 @@ class MLflowBackend(Backend):
         # URI text for the life of the process: given the relative text, a later run started in
         # another folder would open its run in the first folder's store and send its rows to its own.
         self.store_uri = absolute_store(self.tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.store_uri)
+        self.client = open_client(MlflowClient, self.store_uri)
         invisible.keep_mlflow_off_the_global_random()  # its own draws never consume the training's random
         self.run_id: str | None = None
         self.step_key = schema.SAMPLES  # the row's axis whose value is its MLflow step (RunInfo's mlflow_step tag)
@@ -178,6 +179,65 @@ class MLflowBackend(Backend):
         self.run_id = info.run_id  # continue it as it is: its status changes only with a "finish" op
         self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
                                         allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
+
+
+class MLflowStoreError(RuntimeError):
+    """The tracking store cannot be opened by this MLflow (its schema is another release's)."""
+
+
+def open_client(client_class, uri: str, *, writing: bool = True):
+    """``client_class(tracking_uri=uri)``; a database store whose schema this MLflow cannot use
+    raises ``MLflowStoreError`` naming whose it is and what to do, instead of MLflow's advice to
+    upgrade (wrong, and unusable, for a store a newer MLflow wrote: two environments sharing the
+    default ``sqlite:///mlflow.db``, one of them LLaMA-Factory's). ``writing``: a run is to be
+    logged there (so a store of its own is a way out), not only read."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client_class(tracking_uri=uri)
+    except MlflowException as exc:
+        message = schema_mismatch(str(exc), uri, writing)
+        if message is None:
+            raise
+        raise MLflowStoreError(message) from exc
+
+
+def schema_mismatch(error: str, uri: str, writing: bool = True) -> str | None:
+    """What to say about MLflow's "out-of-date database schema" error, or None for another error."""
+    import mlflow
+
+    found = re.search(r"found version (\w+), but expected (\w+)", error)
+    if found is None or found.group(1) == "None":  # no revision stamped: MLflow's own message
+        return None
+    store, expected = found.groups()
+    where = redact_uri(uri)
+    own_store = (", or give this run a store of its own (MLFLOW_TRACKING_URI=sqlite:///another.db, or "
+                 "mlflow={'tracking_uri': ...})" if writing else "")
+    newer = (f"Use that newer MLflow here (pip install -U mlflow, or the release of the environment that wrote "
+             f"the store){own_store}. Do not run `mlflow db upgrade` with this release: it cannot go past its "
+             "own revision")
+    older = (f"Back the store up, then run `mlflow db upgrade {where}` (older MLflow releases cannot open it "
+             f"afterwards){own_store}")
+    head = f"MLflow {mlflow.__version__} cannot open the tracking store {where}: "
+    known = known_revision(store)
+    if known is False:
+        return (head + f"a newer MLflow has upgraded its schema (revision {store}, which this release does not "
+                f"know; it expects {expected}). " + newer)
+    if known:
+        return head + f"its schema (revision {store}) is older than this release's ({expected}). " + older
+    return (head + f"its schema is revision {store}, and this release expects {expected}. If a newer MLflow "
+            f"wrote it: {newer[0].lower() + newer[1:]}. If an older one did: {older[0].lower() + older[1:]}")
+
+
+def known_revision(revision: str) -> bool | None:
+    """Whether this MLflow's migrations know a schema revision (None: cannot tell)."""
+    try:
+        from mlflow.store import db_migrations
+
+        folder = os.path.join(os.path.dirname(db_migrations.__file__), "versions")
+        return any(name.startswith(revision + "_") for name in os.listdir(folder))
+    except (ImportError, OSError, TypeError):
+        return None
 
 
 def absolute_store(uri: str) -> str:

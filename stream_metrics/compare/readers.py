@@ -135,8 +135,13 @@ class _MlflowReader:
             from mlflow.exceptions import MlflowException
         except ImportError:
             raise CompareError("reading MLflow runs needs MLflow: pip install 'stream_metrics[mlflow]'") from None
+        from ..backends.mlflow import MLflowStoreError, open_client
+
         self.uri = mlflow_store(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.client = open_client(MlflowClient, self.uri, writing=False)
+        except MLflowStoreError as exc:
+            raise CompareError(str(exc)) from None
         self._missing = MlflowException
 
     def find(self, ref: str) -> list:

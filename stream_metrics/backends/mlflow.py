@@ -218,15 +218,16 @@ def schema_mismatch(error: str, uri: str, writing: bool = True) -> str | None:
              "own revision")
     older = (f"Back the store up, then run `mlflow db upgrade {where}` (older MLflow releases cannot open it "
              f"afterwards){own_store}")
-    head = f"MLflow {mlflow.__version__} cannot open the tracking store {where}: "
     known = known_revision(store)
     if known is False:
-        return (head + f"a newer MLflow has upgraded its schema (revision {store}, which this release does not "
-                f"know; it expects {expected}). " + newer)
-    if known:
-        return head + f"its schema (revision {store}) is older than this release's ({expected}). " + older
-    return (head + f"its schema is revision {store}, and this release expects {expected}. If a newer MLflow "
-            f"wrote it: {newer[0].lower() + newer[1:]}. If an older one did: {older[0].lower() + older[1:]}")
+        what = (f"a newer MLflow has upgraded its schema (revision {store}, which this release does not know; it "
+                f"expects {expected}). {newer}")
+    elif known:
+        what = f"its schema (revision {store}) is older than this release's ({expected}). {older}"
+    else:
+        what = (f"its schema is revision {store}, and this release expects {expected}. If a newer MLflow wrote it: "
+                f"{newer}. If an older one did: {older}")
+    return f"MLflow {mlflow.__version__} cannot open the tracking store {where}: {what}"
 
 
 def known_revision(revision: str) -> bool | None:

@@ -199,3 +199,33 @@ def test_finish_waits_for_every_backend_at_once_with_one_deadline(monkeypatch, w
     assert 3 <= waited < 5.5  # one deadline for both, not 3 s each
     assert all("3 row(s) could not be delivered to mlflow" in m for m in messages)
     assert len({d.spill_path for d in deliveries}) == 2
+
+
+def test_a_backend_refused_a_thread_at_interpreter_exit_spills_at_once_with_the_reason(workdir, caplog):
+    """Python 3.12.0 and 3.12.1 start no thread once a script has ended, and W&B's client needs one to
+    open a run: a run that had not opened by then can never open. Its rows go to the spill file at
+    once, with why and what to do, not after retrying until the deadline."""
+    import time
+
+    from support import InMemory
+
+    class RefusedAtExit(InMemory):
+        name = "wandb"
+
+        def start(self, info):
+            raise RuntimeError("can't create new thread at interpreter shutdown")  # Python's own words
+
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    delivery = Delivery(RefusedAtExit())
+    delivery.submit("start", info("wandb"))
+    for row in rows(5):
+        delivery.submit("rows", row)
+    started = time.monotonic()
+    message = delivery.close("FINISHED", 30)
+    assert time.monotonic() - started < 5  # not the 30 s deadline
+    assert "5 row(s) could not be delivered to wandb (RuntimeError: can't create new thread at interpreter " \
+           "shutdown)" in message and "stream-metrics replay" in message
+    with open(delivery.spill_path) as f:
+        assert f.read().count('"train/loss"') == 5
+    warnings = [r.getMessage() for r in caplog.records if "while the interpreter exits" in r.getMessage()]
+    assert len(warnings) == 1 and "run.finish() before the script ends" in warnings[0]

@@ -56,6 +56,7 @@ class Delivery:
         self._idle = False           # the sender waits for the queue to fill, with no deadline
         self._lingering = False      # the sender waits (until its deadline) for a batch to fill
         self._failures = 0
+        self._stopped = False        # the sender gave up for good (no thread can start at interpreter exit)
         self._failing_since: float | None = None
         self._last_error: str | None = None
         self._next_warning = 0.0
@@ -110,12 +111,12 @@ class Delivery:
 
     def _wait_delivered(self, deadline: float) -> bool:
         with self._lock:
-            while self._queue:
+            while self._queue and not self._stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._lock.wait(min(left, 0.1))
-        return True
+            return not self._queue
 
     def close(self, status: str, timeout: float) -> str | None:
         """Deliver what is queued and finish the backend's run, waiting at most ``timeout`` seconds.
@@ -194,6 +195,9 @@ class Delivery:
                     if self._closing:
                         self._note_late_outcome(kind, batch, ok=False)
                         return
+                if refused_at_exit(exc):
+                    self._give_up(exc)
+                    return
                 self._on_failure(exc)
                 continue
             with self._lock:
@@ -250,6 +254,18 @@ class Delivery:
         elif kind == "finish":
             self.backend.finish(payload)
 
+    def _give_up(self, exc: Exception) -> None:
+        # The interpreter is exiting and refuses a thread the backend's client needs: no retry can
+        # succeed, so the run's end spills what is queued at once, not after retrying for flush_timeout.
+        error = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
+        log.warning("stream_metrics: %s cannot go on while the interpreter exits (%s: Python starts no new thread "
+                    "then; 3.12.0 and 3.12.1 refuse from the moment the script ends): its undelivered rows go to "
+                    "the spill file at once. Call run.finish() before the script ends", self.backend.name, error)
+        with self._lock:  # after the warning: the run's end, waiting for this, then spills and says where
+            self._last_error = error
+            self._stopped = True
+            self._lock.notify_all()
+
     def _on_failure(self, exc: Exception) -> None:
         now = time.monotonic()
         with self._lock:
@@ -291,6 +307,11 @@ class Delivery:
             log.warning("stream_metrics: the buffer of %d rows for %s is full: %d row(s) so far saved in %s; "
                         "replay them with `%s %s`", self.buffer_rows, self.backend.name, self.spilled_rows,
                         self.spill_path, REPLAY_COMMAND, self.spill_path)
+
+
+def refused_at_exit(exc: BaseException) -> bool:
+    """Whether ``exc`` is Python refusing a new thread because the interpreter is exiting."""
+    return isinstance(exc, RuntimeError) and "interpreter shutdown" in str(exc)
 
 
 def close_all(deliveries: list[Delivery], status: str, timeout: float) -> list[str | None]:

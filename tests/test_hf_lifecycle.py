@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 import tiny
-from conftest import mlflow_rows, wandb_rows, wandb_run_dirs, wandb_run_id
+from conftest import mlflow_rows, needs_trainer_resume, wandb_rows, wandb_run_dirs, wandb_run_id
 from test_hf import consumed
 
 from stream_metrics import schema
@@ -54,6 +54,7 @@ def saved_progress(checkpoint) -> dict:
     return saved["progress"]
 
 
+@needs_trainer_resume
 def test_save_strategy_best_checkpoints_hold_the_state_and_a_resume_continues_the_same_runs(workdir, corpus):
     uri = f"sqlite:///{workdir}/mlflow.db"
     out = workdir / "out"

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, assert_conformant, wandb_rows, wandb_run_dirs, wandb_run_id
+from conftest import ROOT, assert_conformant, needs_trainer_resume, wandb_rows, wandb_run_dirs, wandb_run_id
 from streaming_trainer import build_trainer
 
 from stream_metrics import schema
@@ -44,6 +44,7 @@ def checkpoint_progress(folder) -> dict:
     return stored["attributes"]["saved_state"]["progress"]
 
 
+@needs_trainer_resume
 @pytest.mark.parametrize("restore_callback_states, resume_at", [(False, 12), (True, 12), (False, 6)],
                          ids=["second-pass", "second-pass-restoring-callbacks", "first-pass"])
 def test_resume_from_a_checkpoint_continues_every_axis_and_the_same_runs(workdir, corpus, restore_callback_states,
@@ -99,6 +100,7 @@ def stored_rows(uri: str, experiment: str) -> int:
         return 0
 
 
+@needs_trainer_resume
 def test_a_killed_training_process_resumes_from_its_last_checkpoint(workdir):
     """SIGKILL after a checkpoint, then the same command with --resume last."""
     uri = f"sqlite:///{workdir}/mlflow.db"

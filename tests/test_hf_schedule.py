@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 import tiny
-from conftest import mlflow_rows
+from conftest import mlflow_rows, needs_trainer_resume
 from streaming_trainer import build_trainer
 from test_hf import consumed
 
@@ -81,6 +81,7 @@ def test_evaluation_and_checkpoints_come_at_the_right_sample_and_token_counts(wo
     assert schedules["eval_every"]["boundaries"] == counts[last][0] // 40
 
 
+@needs_trainer_resume
 def test_a_resumed_run_saves_at_the_remaining_boundaries_only(workdir, corpus):
     steps, token_interval = 14, 2000
     counts = per_step(corpus["texts"], steps)

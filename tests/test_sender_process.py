@@ -220,12 +220,12 @@ def test_the_mlflow_child_freezes_its_heap_once():
     code = textwrap.dedent(f"""
         import gc, runpy
         child = runpy.run_path({program!r})
-        assert gc.get_freeze_count() == 0
+        before = gc.get_freeze_count()  # 0, or the interpreter's own (375 objects on Python 3.12.1)
         child["freeze_heap"]()
         frozen = gc.get_freeze_count()
         kept = [[i] for i in range(1000)]  # made after the first freeze: they stay the collector's
         child["freeze_heap"]()
-        print(frozen > 0, gc.get_freeze_count() == frozen)
+        print(frozen > before, gc.get_freeze_count() == frozen)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -257,7 +257,7 @@ class Delivery:
     def _give_up(self, exc: Exception) -> None:
         # The interpreter is exiting and refuses a thread the backend's client needs: no retry can
         # succeed, so the run's end spills what is queued at once, not after retrying for flush_timeout.
-        error = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
+        error = _error_text(exc)
         log.warning("stream_metrics: %s cannot go on while the interpreter exits (%s: Python starts no new thread "
                     "then; 3.12.0 and 3.12.1 refuse from the moment the script ends): its undelivered rows go to "
                     "the spill file at once. Call run.finish() before the script ends", self.backend.name, error)
@@ -269,7 +269,7 @@ class Delivery:
     def _on_failure(self, exc: Exception) -> None:
         now = time.monotonic()
         with self._lock:
-            self._last_error = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
+            self._last_error = _error_text(exc)
             if self._failing_since is None:
                 self._failing_since = now
             if now >= self._next_warning:
@@ -307,6 +307,11 @@ class Delivery:
             log.warning("stream_metrics: the buffer of %d rows for %s is full: %d row(s) so far saved in %s; "
                         "replay them with `%s %s`", self.buffer_rows, self.backend.name, self.spilled_rows,
                         self.spill_path, REPLAY_COMMAND, self.spill_path)
+
+
+def _error_text(exc: BaseException) -> str:
+    """A backend's error as warnings and the spill message quote it: its type and text, any URI's secrets redacted."""
+    return redact_uri(f"{type(exc).__name__}: {exc}")[:300]
 
 
 def refused_at_exit(exc: BaseException) -> bool:

@@ -167,6 +167,47 @@ def test_finish_with_the_server_down_saves_the_rows_and_says_how_to_replay(mlflo
     assert_conformant("--mlflow-uri", url, "--run-id", run_id, "--expect-samples", 10 * BATCH)
 
 
+def test_a_run_that_never_opened_is_replayed_into_its_own_experiment(fail_fast, caplog, workdir):
+    """The server was down from the start: the replay creates the run where the training would have."""
+    from mlflow import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": down, "experiment": "never-opened"},
+                              name="late", flush_timeout=3)
+    train(run, 3)
+    run.finish()
+    [path] = spill_files(workdir)
+    assert os.path.basename(path).startswith("mlflow-unstarted-")
+
+    store = f"sqlite:///{workdir}/replayed.db"
+    from stream_metrics.cli import main
+
+    assert main(["replay", path, "--mlflow-uri", store]) == 0
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("never-opened")
+    assert experiment is not None, [e.name for e in client.search_experiments()]
+    [stored] = client.search_runs([experiment.experiment_id])
+    assert stored.info.run_name == "late" and stored.info.status == "FINISHED"
+    assert sorted(p.step for p in client.get_metric_history(stored.info.run_id, "loss")) == [BATCH, 2 * BATCH,
+                                                                                           3 * BATCH]
+    assert_conformant("--mlflow-uri", store, "--run-id", stored.info.run_id, "--expect-samples", 3 * BATCH)
+
+
+def test_a_spill_file_keeps_where_a_run_that_never_opened_belongs(workdir):
+    """W&B's project and entity, MLflow's experiment: the header keeps them for the replay."""
+    from stream_metrics.backends.mlflow import MLflowBackend
+    from stream_metrics.backends.wandb import WandbBackend
+
+    wandb_target = WandbBackend(project="proj", entity="team", sender="thread").target()
+    assert wandb_target == {"project": "proj", "entity": "team"}
+    again = WandbBackend.for_replay(wandb_target, {})
+    assert (again.project, again.entity) == ("proj", "team")
+    mlflow_target = MLflowBackend(tracking_uri="http://127.0.0.1:9", experiment="exp", sender="thread").target()
+    assert mlflow_target == {"tracking_uri": "http://127.0.0.1:9", "experiment": "exp"}
+    assert MLflowBackend.for_replay(mlflow_target, {}).experiment == "exp"
+
+
 def test_finish_keeps_to_flush_timeout_even_while_mlflow_retries_a_call_for_minutes(monkeypatch, caplog, workdir):
     # MLflow's own defaults (7 HTTP retries with backoff) hold one call for minutes; nothing listens here.
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)

@@ -162,14 +162,16 @@ class MLflowBackend(Backend):
         return f"MLflow run {self.run_id} at {uri}"
 
     def target(self) -> dict:
-        # Absolute: a spill file is replayed from any folder (its message gives its full path).
-        return {"tracking_uri": redact_uri(self.store_uri)}
+        # Absolute: a spill file is replayed from any folder (its message gives its full path). The
+        # experiment too: a run that never opened is created in it by the replay, not in "Default".
+        return {"tracking_uri": redact_uri(self.store_uri), "experiment": self.experiment}
 
     @classmethod
     def for_replay(cls, target: dict, options: dict) -> "MLflowBackend":
         # The file's URI has no password: the environment's, with its credentials, comes first.
         uri = options.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or target.get("tracking_uri")
-        return cls(tracking_uri=uri, sender="thread")  # a replay has no training to keep the GIL for
+        # A replay has no training to keep the GIL for.
+        return cls(tracking_uri=uri, experiment=target.get("experiment"), sender="thread")
 
     def reopen(self, info: RunInfo) -> None:
         if not info.run_id:

@@ -168,12 +168,15 @@ class WandbBackend(Backend):
         return f"W&B run {self.run.id}" + (f" at {url}" if url else "")
 
     def target(self) -> dict:
-        return {"project": self.project or getattr(self.run, "project", None)}
+        # The entity too: a run that never opened is created under it by the replay, not the default one.
+        return {"project": self.project or getattr(self.run, "project", None),
+                "entity": self.entity or getattr(self.run, "entity", None)}
 
     @classmethod
     def for_replay(cls, target: dict, options: dict) -> "WandbBackend":
         # A replay has no training to keep the GIL for.
-        return cls(project=options.get("project") or target.get("project"), sender="thread")
+        return cls(project=options.get("project") or target.get("project"), entity=target.get("entity"),
+                   sender="thread")
 
     def release(self, finished: bool) -> None:
         if not finished:

@@ -2,7 +2,7 @@
 
 A tiny causal LM (built from a config) trains on JSONL files streamed with
 ``datasets.load_dataset("json", ..., streaming=True)``; ``max_steps`` goes beyond one pass, so the
-stream starts again and the epoch estimate switches from the files' shard position to the measured
+stream starts again and the epoch estimate switches from none (no size known) to the measured
 pass. MLflow writes to ./mlflow.db (SQLite) and W&B to ./wandb (offline): no account or server.
 
     python examples/streaming_trainer.py [--max-steps 60] [--batch-size 8] [--out runs/demo]

@@ -1,11 +1,13 @@
 """The user-facing contract: every key, tag and user-typed name, spelled once.
 
 Nothing else in the package writes a key as a string literal; it imports it from here.
-See SCHEMA.md (version 1) for the meaning of each.
+They follow the project's contract, SCHEMA.md version 1.1 (kept beside the repository, not in it;
+its "section N" is cited below); for users, the README's "What every row carries" and docs/ say
+what each key means.
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = "1.1"
 
 # Progress axes (SCHEMA section 1).
 STEP = "progress/step"

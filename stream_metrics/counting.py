@@ -53,7 +53,8 @@ class Counts(NamedTuple):
 
 def _tokens_from_ids(ids: torch.Tensor, mask, pad_token_id) -> Count:
     if mask is not None:
-        if mask.shape == ids.shape:
+        # Token ids are (batch, length); embeddings (inputs_embeds) are (batch, length, hidden).
+        if mask.shape == ids.shape or (ids.dim() == 3 and mask.shape == ids.shape[:2]):
             return torch.count_nonzero(mask)
         warn_once("mask-shape", f"the attention mask's shape {tuple(mask.shape)} does not match the input ids' "
                                 f"{tuple(ids.shape)}; tokens are counted without it. Pass a mask shaped like the "
@@ -164,7 +165,12 @@ def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
         return Counts(_samples(rows, positions, runs, mask), _tokens_from_ids(ids, mask, pad_token_id),
                       loss_tokens, rows)
     if isinstance(ids, (list, tuple)) and ids:  # an uncollated batch: {"input_ids": [[...], [...]]}
-        return _from_sequence(ids, pad_token_id)._replace(loss_tokens=loss_tokens)
+        counts = _from_sequence(ids, pad_token_id)._replace(loss_tokens=loss_tokens)
+        list_mask = batch.get("attention_mask")
+        if isinstance(list_mask, (list, tuple)) and len(list_mask) == len(ids):
+            # A tokenizer's padded output without return_tensors: the mask says which tokens are padding.
+            counts = counts._replace(tokens=sum(_nonzero(row) for row in list_mask))
+        return counts
     for value in batch.values():  # no ids: the leading dimension of the first array-like value
         rows = _length(value)
         if rows is not None:
@@ -172,6 +178,13 @@ def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
                                        "Pass tokens= to update() to count them.")
             return Counts(rows, None, loss_tokens, rows)
     raise BatchError("a batch with no tensors or lists in it", "pass samples= (and tokens=) to update()")
+
+
+def _nonzero(row) -> Count:
+    """Non-zero entries of one mask row: a list, or a 1-D tensor (counted on its device, unread)."""
+    if isinstance(row, torch.Tensor):
+        return torch.count_nonzero(row)
+    return sum(1 for v in row if v)
 
 
 def _length(value):
@@ -191,6 +204,8 @@ def _from_sequence(batch, pad_token_id) -> Counts:
             # Unpadded token sequences of their own lengths: a sample each, every token counts (shapes only).
             return Counts(len(batch), sum(seq.shape[0] for seq in batch), None, len(batch))
         return _from_tensor(first, pad_token_id)  # (ids, mask, ...) or (inputs, targets): the first is the batch
+    if isinstance(first, Mapping) and not all(isinstance(example, Mapping) for example in batch):
+        return read_batch(first, pad_token_id)  # (inputs, targets) with the inputs a dict: the first is the batch
     if isinstance(first, Mapping):  # a list of examples, not collated
         tokens = 0
         for example in batch:
@@ -219,7 +234,7 @@ def _from_tensor(batch: torch.Tensor, pad_token_id) -> Counts:
 class BatchError(ValueError):
     def __init__(self, what: str, fix: str):
         super().__init__(f"stream_metrics cannot count {what}: {fix}")
-        self.what = what
+        self.what, self.fix = what, fix
 
 
 def read_batch(batch, pad_token_id: int | None = None) -> Counts:

@@ -130,7 +130,9 @@ class DatasetProbe:
     positioned: bool = False
 
     @classmethod
-    def of(cls, dataset) -> "DatasetProbe":
+    def of(cls, dataset, *, yields_batches: bool = False) -> "DatasetProbe":
+        """``yields_batches``: each element of ``dataset`` is one micro-batch (``Run.iterate``'s), so its
+        length counts batches, as a loader's does, whatever its type (a list of batches, say)."""
         if dataset is None:
             return cls()
         probe = cls(dataset=dataset)
@@ -140,8 +142,9 @@ class DatasetProbe:
             probe.length = None
         if probe.length == 0:
             probe.length = None
-        probe.is_loader = hasattr(dataset, "batch_size") and hasattr(dataset, "dataset")
-        inner = getattr(dataset, "dataset", dataset) if probe.is_loader else dataset
+        is_loader_type = hasattr(dataset, "batch_size") and hasattr(dataset, "dataset")
+        probe.is_loader = yields_batches or is_loader_type
+        inner = getattr(dataset, "dataset", dataset) if is_loader_type else dataset
         probe.metadata, probe.metadata_files = metadata_size(inner)
         # Only a datasets IterableDataset can have a shard position (a map-style Dataset never has one).
         iterable_type = getattr(sys.modules.get("datasets"), "IterableDataset", ())

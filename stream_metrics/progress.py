@@ -43,6 +43,8 @@ class Progress:
 
     def __getitem__(self, name: str):
         """The value of an axis by the name users type (``"samples"``) or its key (``"progress/samples"``)."""
+        if name in ("loss_tokens", schema.LOSS_TOKENS):  # a row's key, though not an x-axis
+            return self.loss_tokens
         return getattr(self, schema.axis_key(name, allowed=tuple(schema.AXES) + ("loss_tokens",),
                                              what="axis")[len(schema.AXIS_PREFIX):])
 

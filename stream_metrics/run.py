@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import distributed, flops, layout as layouts, lifecycle, schema, tracking
@@ -26,6 +26,7 @@ log = logging.getLogger("stream_metrics")
 
 STATE_FORMAT = "stream_metrics.run"
 STATE_VERSION = 1
+STATUSES = ("FINISHED", "FAILED", "KILLED")  # how a run ends, in every backend
 
 
 class Run:
@@ -114,6 +115,9 @@ class Run:
         when a row is written. Every ``gradient_accumulation_steps`` calls make one step, and a
         pass's end (``iterate``, ``end_pass``) closes a window it cut short, as optimizers step there.
         """
+        if self._finished:
+            warn_once("update-after-finish", "update() after finish() (or after the `with` block): the run is "
+                                             "closed, so no later row will show these counts; start a new run")
         self.tally.update(batch, samples=samples, tokens=tokens, loss_tokens=loss_tokens)
 
     def iterate(self, loader: Iterable, *, count: bool = True) -> Iterator:
@@ -122,7 +126,7 @@ class Run:
         >>> for batch in run.iterate(loader):   # doctest: +SKIP
         ...     loss = model(**batch).loss
         """
-        self.watch(loader)
+        self._watch(loader, yields_batches=True)  # its length, if any, counts batches
         for batch in loader:
             if count:
                 self.tally.update(batch)
@@ -136,8 +140,11 @@ class Run:
 
     def watch(self, dataset: Any) -> None:
         """Use ``dataset`` (a dataset or loader) for the epoch estimate, and expect pass ends."""
+        self._watch(dataset)
+
+    def _watch(self, dataset: Any, yields_batches: bool = False) -> None:
         if self.tally.probe.dataset is None:
-            self.tally.probe = DatasetProbe.of(dataset)
+            self.tally.probe = DatasetProbe.of(dataset, yields_batches=yields_batches)
         self.estimator.watching = True
 
     def end_pass(self) -> None:
@@ -161,6 +168,8 @@ class Run:
         Values: numbers, bools, NumPy scalars, 0-d/1-element tensors; nested dicts become
         '/'-joined keys; None, text and arrays are skipped with a one-time warning.
         """
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise TypeError(f"log() takes a dict of metrics, such as {{'loss': loss}}, not a {type(metrics).__name__}")
         if self._finished:
             warn_once("log-after-finish", "log() after finish() (or after the `with` block): the run is closed, "
                                           "so this row is not stored; log before finishing, or start a new run")
@@ -232,9 +241,14 @@ class Run:
             schedules = Schedules.read_state(state.get("schedules"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"corrupt stream_metrics state dict: {exc}") from None
+        if self.tracking.started:
+            # The rows go on into the runs already open: only their own state may continue them.
+            open_ids = self.run_ids  # waits briefly for runs still opening
+            if run_ids != open_ids:
+                raise ValueError(f"load_state_dict() after the first log() takes only a state of the runs already "
+                                 f"open ({open_ids or 'none open'}), not of {run_ids or 'no run'}: load a "
+                                 "checkpoint's state before the first log(), or pass it as init(resume=state)")
         known = self.tracking.run_ids
-        if self.tracking.started and run_ids != {k: v for k, v in known.items() if k in run_ids}:
-            raise ValueError("load_state_dict() must come before the first log(): the tracking runs are open")
         known.update(run_ids)
         if self.tracking.progress_file is not None:
             wall_clock = self.tracking.progress_file.wall_clock_at_last_row(run_ids)
@@ -283,6 +297,8 @@ class Run:
         ``status``: ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``. A run never finished is finished when
         the process ends, however it ends (lifecycle.py). Starts no collective.
         """
+        if status not in STATUSES:
+            raise ValueError(f"finish(status={status!r}): the status is one of {', '.join(map(repr, STATUSES))}")
         if self._finished:
             if self.tracking.active and lifecycle.is_open(self):
                 # A signal came while finish() waited for the backends: deliver or spill now, in its time.

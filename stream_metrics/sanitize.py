@@ -68,11 +68,14 @@ class KeyMap:
         self._taken: set[str] = set(reserved)
         self._warned: set[str] = set()
 
-    def __call__(self, key) -> str:
+    def __call__(self, key, text: str | None = None) -> str:
+        """The stored name of ``key``: any hashable identity (a nested metric's path is a tuple);
+        ``text`` is how the user wrote it (``str(key)`` by default), sanitised into the name."""
         name = self._names.get(key)
         if name is not None:
             return name
-        base = sanitize_key(key)
+        text = str(key) if text is None else text
+        base = sanitize_key(text)
         name, n = base, 1
         while name in self._taken:
             n += 1
@@ -80,9 +83,9 @@ class KeyMap:
             name = _normalise_parts(base[:MAX_KEY_LENGTH - len(suffix)] + suffix)
         self._names[key] = name
         self._taken.add(name)
-        if name != key and key not in self._warned:
+        if name != text and key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"stream_metrics: {self.what} {key!r} is stored as {name!r} (keys allow letters, digits, "
+            warnings.warn(f"stream_metrics: {self.what} {text!r} is stored as {name!r} (keys allow letters, digits, "
                           f"'_-./: ' and space, at most {MAX_KEY_LENGTH} characters, no empty or '..' parts, and do "
                           "not start with '_' or '.'; two keys never share a name)", stacklevel=4)
         return name
@@ -163,14 +166,19 @@ def to_number(key: str, value):
     return to_number(key, number)
 
 
-def flatten(metrics, prefix: str = ""):
-    """Nested dicts become '/'-joined keys: ``{"eval": {"loss": 1}}`` -> ``{"eval/loss": 1}``."""
+def flatten(metrics, prefix: str = "", path: tuple = ()):
+    """Nested dicts become '/'-joined keys: ``{"eval": {"loss": 1}}`` -> ``("eval", "loss"), "eval/loss", 1``.
+
+    Yields ``(identity, text, value)``: a top-level key is its own identity, a nested one its path
+    (a tuple), so ``{"a/b": 1}`` and ``{"a": {"b": 2}}``, or the keys ``7`` and ``"7"``, stay two
+    metrics (KeyMap names the second ``a/b_2``, with its warning) rather than one overwriting the other.
+    """
     for key, value in metrics.items():
         full = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, dict):
-            yield from flatten(value, full)
+            yield from flatten(value, full, (*path, key))
         else:
-            yield full, value
+            yield ((*path, key) if path else key), full, value
 
 
 class Pending:
@@ -227,9 +235,9 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
             pending.append(Pending(key, name, value))
             row[name] = None
             continue
-        for full, item in flatten({key: value}):
+        for ident, full, item in flatten({key: value}):
             if pending is not None and _deferrable(item):
-                name = key_map(full)
+                name = key_map(ident, full)
                 pending.append(Pending(full, name, item))
                 row[name] = None  # keeps the row's order; filled in by resolve()
                 continue
@@ -237,7 +245,7 @@ def clean_metrics(metrics, key_map: KeyMap, pending: list | None = None) -> dict
                 number = to_number(full, item)
             except _Skip:
                 continue
-            row[key_map(full)] = number
+            row[key_map(ident, full)] = number
     return row
 
 

@@ -219,6 +219,9 @@ class Schedules:
         """``Run.due``: from ``progress`` where given; else from ``tally``'s latest sync, syncing near a boundary."""
         schedule = self.get(every, None, tally.base)
         if progress is not None:
+            if not isinstance(progress, Progress):
+                raise TypeError(f"due({every!r}, {type(progress).__name__}): the second argument is the Progress "
+                                "that log() or run.progress returned (or leave it out)")
             return schedule.crossed(progress) > 0
         look = self._lookahead(str(schedule.amount), schedule.amount, tally.base)
         # The clock is this schedule's calls, the same on every rank; a sync seen now (a row) was made

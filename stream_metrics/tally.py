@@ -79,7 +79,7 @@ class Tally:
                 counts = read_batch(batch, self.pad_token_id)
             except BatchError as exc:
                 if samples is None:
-                    warn_once("batch:" + exc.what, f"{exc}; this batch is not counted")
+                    warn_once("batch:" + exc.what, f"cannot count {exc.what}: {exc.fix}; this batch is not counted")
                     self.micro_batch_done()  # it was still trained on: the optimizer's steps go on
                     return
         elif samples is None:
@@ -284,7 +284,10 @@ def check_count(name: str, value: Any) -> Count:
                 value = torch.nan_to_num(value.real if value.is_complex() else value, nan=0.0).round()
             value = value.to(torch.int64)
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (isinstance(value, float) and (
-            not math.isfinite(value) or not value.is_integer())) or value < 0:
+    # Any Real that is not an Integral (float, NumPy's floats, Fraction) must be whole: int()
+    # would cut 2.5 to 2 without a word.
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                                    and math.isfinite(float(value)) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or value < 0:
         raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
     return int(value)  # type: ignore[call-overload]  # a whole numbers.Real, checked above

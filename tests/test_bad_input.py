@@ -6,6 +6,7 @@ What the backends stored is read back from MLflow's SQLite store and W&B's offli
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 import math
 import warnings
 
@@ -260,3 +261,99 @@ def test_a_key_map_never_gives_two_keys_of_a_run_one_name(keys):
     assert not set(names.values()) & set(AXIS_NAMES)
     for name in names.values():
         assert_valid_everywhere(name)
+
+
+def test_keys_that_flatten_to_one_name_stay_two_metrics(mlflow_uri, workdir):
+    """A nested key and a '/'-joined one, or the keys 7 and "7": neither overwrites the other."""
+    metrics = {"a/b": 1.0, "a": {"b": 10.0}, 7: 3.0, "7": 4.0}
+    run_id, messages = log_rows(mlflow_uri, [metrics, metrics])
+    for stored in (stored_mlflow(mlflow_uri, run_id), stored_wandb(workdir)):
+        assert user_keys(stored) == {"a/b", "a/b_2", "7", "7_2"}
+        assert (stored["a/b"], stored["a/b_2"], stored["7"], stored["7_2"]) == ([1.0] * 2, [10.0] * 2, [3.0] * 2,
+                                                                                [4.0] * 2)
+    assert len([m for m in messages if "metric key 'a/b' is stored as 'a/b_2'" in m]) == 1
+    assert len([m for m in messages if "metric key '7' is stored as '7_2'" in m]) == 1
+
+
+def test_more_batch_forms_count_their_tokens_by_the_mask():
+    """(inputs dict, targets) tuples, inputs_embeds with a mask, and a tokenizer's padded lists."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (4, 8), generator=gen)
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+    list_ids = [[1, 2, 0, 0], [4, 5, 6, 0], [7, 0, 0, 0]]
+    list_mask = [[1 if t else 0 for t in row] for row in list_ids]
+    batches = [
+        ({"input_ids": ids, "attention_mask": mask}, torch.zeros(4)),      # (inputs, targets): 4 samples
+        {"inputs_embeds": torch.randn(4, 8, 16, generator=gen), "attention_mask": mask},
+        {"input_ids": list_ids, "attention_mask": list_mask},              # tokenizer(..., padding=True)
+    ]
+    truth_tokens = 2 * int(mask.sum()) + sum(sum(row) for row in list_mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = stream_metrics.init(backend="none")
+        for batch in batches:
+            run.update(batch)
+        progress = run.progress
+    assert (progress.samples, progress.tokens) == (4 + 4 + 3, truth_tokens) == (11, 2 * 24 + 6)
+    assert not [w for w in caught if "stream_metrics" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("value", [np.float32(2.5), np.float64(0.5), Fraction(5, 2), np.float32("nan"),
+                                   np.float16("inf")])
+def test_a_fractional_count_of_any_number_type_is_refused(value):
+    run = stream_metrics.init(backend="none")
+    with pytest.raises(ValueError, match=r"a count must be a whole number >= 0"):
+        run.update(samples=value)
+    run.update(samples=np.float32(2.0), tokens=Fraction(8, 2))  # whole ones are taken
+    assert (run.progress.samples, run.progress.tokens) == (2, 4)
+
+
+def test_wrong_arguments_to_log_due_and_finish_are_clear_errors_and_the_run_goes_on(mlflow_uri):
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+    run.update(samples=4)
+    for metrics in ("loss", [("loss", 1.0)], 5):
+        with pytest.raises(TypeError, match=r"log\(\) takes a dict of metrics"):
+            run.log(metrics)
+    for progress in ({"samples": 10}, 10):
+        with pytest.raises(TypeError, match=r"the second argument is the Progress that log\(\)"):
+            run.due("5sp", progress)
+    assert run.log({"loss": 1.0})["loss_tokens"] is None and run.progress["progress/samples"] == 4
+    for status in ("finished", "DONE"):
+        with pytest.raises(ValueError, match=r"the status is one of 'FINISHED', 'FAILED', 'KILLED'"):
+            run.finish(status)
+    run_id = run.run_ids["mlflow"]
+    run.finish()
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.update(samples=4)
+        run.update(samples=4)
+    assert len([w for w in caught if "update() after finish()" in str(w.message)]) == 1
+
+
+def test_a_state_of_other_runs_is_refused_once_rows_went_out(mlflow_uri):
+    """Loading it would send this run's axes back (and mix two runs' counts in one)."""
+    foreign = stream_metrics.init(backend="none").state_dict()  # no run ids
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri})
+    run.update(samples=10, tokens=100)
+    run.log({"x": 1.0})
+    with pytest.raises(ValueError, match=r"load_state_dict\(\) after the first log\(\) takes only a state of the runs"):
+        run.load_state_dict(foreign)
+    own = run.state_dict()
+    run.update(samples=2)
+    run.load_state_dict(own)  # its own state: the same runs go on from it
+    assert run.log({"x": 2.0}).samples == 10
+    run.finish()
+
+
+def test_iterating_a_list_of_batches_estimates_the_epoch_in_batches():
+    ids = torch.arange(1, 161).reshape(20, 8)
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=4)  # 5 batches
+    for batches in (loader, list(loader)):
+        run = stream_metrics.init(backend="none")
+        for i, _ in enumerate(run.iterate(batches)):
+            if i == 2:
+                break
+        assert (run.progress.epoch, run.progress.epoch_source) == (pytest.approx(3 / 5), "sized")

@@ -169,19 +169,22 @@ def _check(args) -> int:
 
 
 def _replay(args) -> int:
-    from .backends.spill import replay
+    from .backends.spill import SpillFileError, replay_file
 
     if not os.path.isfile(args.file):
         raise comparing.CompareError(f"there is no file {args.file!r} to replay")
     try:
-        sent = replay(args.file, tracking_uri=args.mlflow_uri)
+        sent, where = replay_file(args.file, tracking_uri=args.mlflow_uri)
+    except SpillFileError as exc:
+        raise comparing.CompareError(f"cannot replay: {exc}") from None
     except Exception as exc:  # the backend is still away, or the run is gone: say so in one sentence
         from .redact import redact_uri
 
         reason = redact_uri(f"{type(exc).__name__}: {exc}")[:300]
-        raise comparing.CompareError(f"could not replay {args.file} ({reason}); "
-                                     "the file is kept: try again once the backend is reachable") from None
-    print(f"sent {sent} row(s) from {args.file}")
+        raise comparing.CompareError(f"could not replay {args.file} ({reason}); the file is kept, with a note of "
+                                     "what was stored: run the same command again once the backend is reachable "
+                                     "(or what the error names is put right)") from None
+    print(f"sent {sent} row(s) from {args.file} into {where}")
     return 0
 
 

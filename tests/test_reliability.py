@@ -192,6 +192,135 @@ def test_a_run_that_never_opened_is_replayed_into_its_own_experiment(fail_fast, 
     assert sorted(p.step for p in client.get_metric_history(stored.info.run_id, "loss")) == [BATCH, 2 * BATCH,
                                                                                            3 * BATCH]
     assert_conformant("--mlflow-uri", store, "--run-id", stored.info.run_id, "--expect-samples", 3 * BATCH)
+    # The file names the run the replay made (a replay cut short goes on into it), and is not sent twice.
+    with open(path + ".replayed") as f:
+        assert {"op": "run", "run_id": stored.info.run_id} in [json.loads(line) for line in f]
+    assert main(["replay", path + ".replayed", "--mlflow-uri", store]) == 1
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_rows_saved_before_the_run_opened_are_replayed_into_that_run(mlflow_server, fail_fast, caplog, workdir):
+    """The buffer overflowed while the server was down; then it came up and the run opened."""
+    from mlflow import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    url = mlflow_server.url()
+    mlflow_server.stop()
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": url, "experiment": "late-open"},
+                              buffer_rows=5, flush_timeout=60)
+    train(run, 12)  # 7 rows past the buffer go to the spill file, before any run exists
+    [path] = spill_files(workdir)
+    mlflow_server.start()
+    train(run, 3)
+    assert run.flush(60)
+    run_id = run.run_ids["mlflow"]
+    run.finish()
+    [message] = messages(caplog, "could not be delivered")
+    # 7 rows or more (the sender may still be backing off while the last 3 are logged)
+    spilled = re.match(r"stream_metrics: (\d+) row\(s\) could not be delivered to mlflow \(the buffer of 5 rows "
+                       r"was full while it failed: MlflowException", message)
+    assert spilled and 7 <= int(spilled.group(1)) <= 10, message
+
+    from stream_metrics.cli import main
+
+    assert main(["replay", path]) == 0
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("late-open")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    assert sorted(p.step for p in history(url, run_id)) == [BATCH * i for i in range(1, 16)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_conformant("--mlflow-uri", url, "--run-id", run_id, "--expect-samples", 15 * BATCH)
+
+
+@pytest.mark.parametrize("how", ["resume", "MLFLOW_RUN_ID"])
+def test_a_continued_run_whose_server_was_down_is_replayed_into_it(mlflow_server, fail_fast, caplog, workdir,
+                                                                 monkeypatch, how):
+    from mlflow import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    url = mlflow_server.url()
+    options = dict(backend="mlflow", mlflow={"tracking_uri": url, "experiment": "continued"}, flush_timeout=3)
+    first = stream_metrics.init(**options)
+    train(first, 3)
+    state = first.state_dict()
+    run_id = state["run_ids"]["mlflow"]
+    first.finish()
+    mlflow_server.stop()
+    if how == "MLFLOW_RUN_ID":
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+        state = dict(state, run_ids={})  # the environment alone names the run
+    second = stream_metrics.init(resume=state, **options)
+    train(second, 3)
+    second.finish()
+    [path] = spill_files(workdir)
+    mlflow_server.start()
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+
+    from stream_metrics.cli import main
+
+    assert main(["replay", path]) == 0
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("continued")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    assert sorted(p.step for p in history(url, run_id)) == [BATCH * i for i in range(1, 7)]
+    assert_conformant("--mlflow-uri", url, "--run-id", run_id, "--expect-samples", 6 * BATCH)
+
+
+def test_an_unwritable_spill_folder_loses_rows_with_a_count_and_never_stops_training(fail_fast, caplog, workdir,
+                                                                                    monkeypatch):
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    (workdir / "a_file").write_text("not a folder")
+    monkeypatch.setenv("STREAM_METRICS_SPILL_DIR", str(workdir / "a_file" / "spill"))
+    down = f"http://127.0.0.1:{free_port()}"
+    run = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": down}, buffer_rows=5, flush_timeout=2)
+    train(run, 30)  # every call returns, though rows past the buffer cannot be saved
+    run.finish()
+    [full] = messages(caplog, "the spill file cannot be written")  # once, not once per row
+    assert "set STREAM_METRICS_SPILL_DIR to a writable folder, training goes on" in full
+    [message] = messages(caplog, "are lost")
+    assert message.startswith("stream_metrics: 30 row(s) for mlflow could not be delivered (")
+    assert "nor saved (NotADirectoryError: " in message and "STREAM_METRICS_SPILL_DIR" in message
+
+
+def test_replay_finishes_an_undelivered_start_and_skips_a_last_line_cut_short(mlflow_uri, workdir, caplog):
+    """The run was created but its tags and parameters never went in; the file's last row is torn."""
+    from mlflow import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="stream_metrics")
+    client = MlflowClient(mlflow_uri)
+    experiment_id = client.create_experiment("half-started")
+    run_id = client.create_run(experiment_id, run_name="half").info.run_id
+    run = stream_metrics.init(backend="none")
+    rows = []
+    for i in range(4):
+        run.update(samples=BATCH, tokens=BATCH * WIDTH)
+        p = run.log()
+        rows.append({"metrics": {**p.axes(), "loss": 1.0 / (i + 1)}, "timestamp_ms": 1000 + i, "seq": i + 1})
+    start = {"name": "half", "project": None, "run_id": run_id, "config": {"lr": 0.1},
+             "tags": {"version": stream_metrics.__version__, "x_axis": "progress/samples", "data_parallel": "1",
+                      "epoch_source": "none", "mlflow_step": "progress/samples"},
+             "x_axis": "progress/samples", "axes": list(schema_axes())}
+    path = workdir / "mlflow-half.jsonl"
+    lines = [json.dumps({"header": {"backend": "mlflow", "run_id": run_id, "start": start,
+                                    "target": {"tracking_uri": mlflow_uri}}}), json.dumps({"op": "start"})]
+    lines += [json.dumps(row) for row in rows]
+    lines[-1] = lines[-1][:25]  # the last row, cut short (no newline after it)
+    path.write_text("\n".join(lines))
+
+    sent, where = spill.replay_file(str(path))
+    assert sent == 3 and where.startswith(f"MLflow run {run_id} in {mlflow_uri}")
+    assert messages(caplog, "was cut short")
+    stored = client.get_run(run_id)
+    assert stored.data.params == {"lr": "0.1"}
+    assert stored.data.tags["stream_metrics.x_axis"] == "progress/samples"
+    assert sorted(p.step for p in history(mlflow_uri, run_id)) == [BATCH, 2 * BATCH, 3 * BATCH]
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_id, "--expect-samples", 3 * BATCH)
+
+
+def schema_axes():
+    from stream_metrics import schema
+
+    return (*schema.AXES.values(), schema.LOSS_TOKENS)
 
 
 def test_a_spill_file_keeps_where_a_run_that_never_opened_belongs(workdir):

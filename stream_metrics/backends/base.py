@@ -135,5 +135,9 @@ class Backend:
         """Continue the run ``info.run_id`` (or open a new one without it) to replay rows into it."""
         self.start(info)
 
+    def complete_start(self, info: RunInfo) -> None:
+        """Replay of a start that was not delivered, into the run ``reopen`` continued: whatever of
+        ``start`` (tags, parameters) ``reopen`` left out. ``start`` itself did it all here."""
+
     def release(self, finished: bool) -> None:
         """Let go of a run after a replay; ``finished``: the replay has already recorded its end."""

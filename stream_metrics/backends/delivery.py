@@ -63,6 +63,9 @@ class Delivery:
         self._start_info: RunInfo | None = None
         self._finish_queued = False
         self.delivered_rows = 0
+        self.lost_rows = 0           # rows neither delivered nor saved: the spill file could not be written
+        self._spill_error: str | None = None
+        self._spill_reason: str | None = None  # why rows went to the file before the run's end
 
     # ---------------------------------------------------------------- training thread side
     def submit(self, kind: str, payload) -> None:
@@ -142,14 +145,20 @@ class Delivery:
             self._queue.clear()
             self._held_rows = 0
             self._lock.notify_all()
-            if left:
-                self.spill.write(left, self._start_info)
-        if not (self.spilled_rows or left):
+            saved = self._write_spill(left, warn=False) if left else True  # the message below says what was lost
+        if not (self.spilled_rows or self.lost_rows or left):
             return None
+        reason = self._last_error or self._spill_reason or "no answer in time"
+        if self.lost_rows or not saved:
+            what = f"{self.lost_rows} row(s)" if self.lost_rows else "the end of the run"
+            are = "are" if self.lost_rows else "is"
+            kept = (f"; {self.spilled_rows} other row(s) are saved in {self.spill_path}: send them with "
+                    f"`{self.spill.command()}`") if self.spilled_rows else ""
+            return (f"stream_metrics: {what} for {self.backend.name} could not be delivered ({reason}) nor saved "
+                    f"({self._spill_error}), and {are} lost; set STREAM_METRICS_SPILL_DIR to a writable folder{kept}")
         what = f"{self.spilled_rows} row(s)" if self.spilled_rows else "the end of the run"
         return (f"stream_metrics: {what} could not be delivered to {self.backend.name} "
-                f"({self._last_error or 'no answer in time'}); saved in {self.spill_path}: send them with "
-                f"`{self.spill.command()}`")
+                f"({reason}); saved in {self.spill_path}: send them with `{self.spill.command()}`")
 
     def _warn_if_stalled(self) -> None:
         # With the lock held. Failures the sender sees are warned about in _on_failure; this catches
@@ -209,6 +218,9 @@ class Delivery:
                 if kind == "rows":
                     self._held_rows -= len(batch)
                     self.delivered_rows += len(batch)
+                elif kind == "start" and self.spill.path is not None and self.backend.run_id:
+                    # Rows saved before the run opened: their replay goes into this run, not a new one.
+                    self._mark_run(self.backend.run_id)
                 self._in_flight, self._sending_since = 0, None
                 self._lock.notify_all()
             del batch, payload  # delivered: not kept while the sender waits for more
@@ -216,6 +228,7 @@ class Delivery:
                 log.warning("stream_metrics: %s is reachable again after %.0f s; held-back rows are being delivered",
                             self.backend.name, time.monotonic() - self._failing_since)
                 self._failing_since, self._failures, self._next_warning = None, 0, 0.0
+                self._last_error = None  # a later message names a later failure, not this one
             if kind == "finish":
                 return
 
@@ -224,9 +237,13 @@ class Delivery:
         # what reached the backend after all, so replay stores each point once.
         if kind in ("rows", "summary"):
             rows = batch if kind == "rows" else [batch[0][1]]
-            self.spill.mark_stored([row.seq for row in rows if row.seq <= self.backend.stored_seq])
+            try:
+                self.spill.mark_stored([row.seq for row in rows if row.seq <= self.backend.stored_seq])
+            except OSError as exc:  # replay may then store those rows twice: say so
+                log.error("stream_metrics: could not note in %s which rows %s stored after all (%s); a replay may "
+                          "store them twice", self.spill_path, self.backend.name, _error_text(exc))
         elif kind == "start" and ok and self.backend.run_id:
-            self.spill.mark_run(self.backend.run_id)
+            self._mark_run(self.backend.run_id)
 
     def _linger(self) -> None:
         # With the lock held: let a few more rows arrive, so they go out in one call.
@@ -300,13 +317,44 @@ class Delivery:
         self._queue = collections.deque(head + kept)
         self._held_rows -= len(spilled)
         first = self.spill_path is None
-        self.spill.write(spilled, self._start_info)
+        why = f"failed: {self._last_error}" if self._last_error else "did not answer"
+        self._spill_reason = f"the buffer of {self.buffer_rows} rows was full while it {why}"
+        if not self._write_spill(spilled, warn=True):
+            return
         now = time.monotonic()
         if first or now >= self._next_warning:
             self._next_warning = now + STALL_SECONDS
             log.warning("stream_metrics: the buffer of %d rows for %s is full: %d row(s) so far saved in %s; "
                         "replay them with `%s %s`", self.buffer_rows, self.backend.name, self.spilled_rows,
                         self.spill_path, REPLAY_COMMAND, self.spill_path)
+
+
+    def _write_spill(self, ops: list, warn: bool) -> bool:
+        """With the lock held: save ``ops`` to the spill file. Where the file cannot be written (a
+        read-only folder, a full disk) its rows are lost: counted, and said, never raised to training."""
+        try:
+            self.spill.write(ops, self._start_info)
+            return True
+        except OSError as exc:
+            rows = sum(1 for kind, _ in ops if kind == "rows")
+            self.lost_rows += rows
+            first = self._spill_error is None
+            self._spill_error = _error_text(exc)
+            now = time.monotonic()
+            if warn and (first or now >= self._next_warning):
+                self._next_warning = now + STALL_SECONDS
+                log.error("stream_metrics: the buffer of %d rows for %s is full and the spill file cannot be written "
+                          "(%s): %d row(s) lost so far; set STREAM_METRICS_SPILL_DIR to a writable folder, training "
+                          "goes on", self.buffer_rows, self.backend.name, self._spill_error, self.lost_rows)
+            return False
+
+    def _mark_run(self, run_id: str) -> None:
+        # With the lock held: the spill file names the run that opened (a failed write is only said).
+        try:
+            self.spill.mark_run(run_id)
+        except OSError as exc:
+            log.error("stream_metrics: could not note %s's run %s in %s (%s); replay it with the run's id in mind",
+                      self.backend.name, run_id, self.spill_path, _error_text(exc))
 
 
 def _error_text(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ and rows count as stored call by call (MLflow also keeps one copy of identical p
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -19,6 +20,8 @@ from ..counting import warn_once
 from ..redact import flat_params, redact_uri
 from ..sanitize import KeyMap
 from .base import Backend, Row, RunInfo
+
+log = logging.getLogger("stream_metrics")
 
 _MAX_PARAMS = 100  # MLflow's limits per log_batch call
 _MAX_METRICS = 1000
@@ -171,7 +174,13 @@ class MLflowBackend(Backend):
         # The file's URI has no password: the environment's, with its credentials, comes first.
         uri = options.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or target.get("tracking_uri")
         # A replay has no training to keep the GIL for.
-        return cls(tracking_uri=uri, experiment=target.get("experiment"), sender="thread")
+        backend = cls(tracking_uri=uri, experiment=target.get("experiment"), sender="thread")
+        meant, there = target.get("tracking_uri"), redact_uri(backend.store_uri)
+        if not options.get("tracking_uri") and meant and there != meant:
+            log.warning("stream_metrics: these rows were saved for %s, but MLFLOW_TRACKING_URI sends them to %s; "
+                        "to send them where they were meant to go, unset it or pass --mlflow-uri %s",
+                        meant, there, meant)
+        return backend
 
     def reopen(self, info: RunInfo) -> None:
         if not info.run_id:
@@ -181,6 +190,13 @@ class MLflowBackend(Backend):
         self.run_id = info.run_id  # continue it as it is: its status changes only with a "finish" op
         self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
                                         allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
+
+    def complete_start(self, info: RunInfo) -> None:
+        # The run was created, but its tags and parameters may not have gone in: put them in now
+        # (a parameter already there keeps its value, as at any resume).
+        self._logged_params = dict(self.client.get_run(self._id()).data.params)
+        self.set_tags(info.tags)
+        self._log_params(flat_params(info.config))
 
 
 class MLflowStoreError(RuntimeError):

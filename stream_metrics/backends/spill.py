@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 
@@ -21,6 +22,7 @@ from ..redact import redact_uri
 from .base import Backend, Row, RunInfo
 
 SPILL_DIR = "stream_metrics_undelivered"
+log = logging.getLogger("stream_metrics")
 REPLAY_COMMAND = "stream-metrics replay"  # cli.py; also `python -m stream_metrics replay`
 
 
@@ -88,21 +90,61 @@ def _op_json(kind: str, payload) -> dict:
     return {"op": kind}  # "start": its RunInfo is in the header
 
 
+class SpillFileError(ValueError):
+    """The file is not one replay can send: not a spill file, damaged, or sent already."""
+
+
+def _load(path: str) -> tuple[dict, list[dict]]:
+    """The header and the operations of a spill file. A last line cut short (the process was killed
+    while writing it) is cut off the file with a warning, so lines added later start on their own;
+    any other damage is a ``SpillFileError``."""
+    if path.endswith(".replayed"):
+        raise SpillFileError(f"{path} was replayed already (replay renames a file once every row in it is sent)")
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # after the last newline: b"" unless the last line was cut short
+    try:
+        header = json.loads(lines[0])["header"] if lines else None
+    except (ValueError, KeyError, TypeError):
+        header = None
+    if not isinstance(header, dict) or "backend" not in header:
+        raise SpillFileError(f"{path} is not a stream_metrics spill file (its first line is not a spill header)")
+    ops = []
+    for number, line in enumerate(lines[1:], start=2):
+        if line.strip():
+            try:
+                ops.append(json.loads(line))
+            except ValueError:
+                raise SpillFileError(f"{path} is damaged at line {number}: it is not JSON") from None
+    if torn.strip():
+        os.truncate(path, len(data) - len(torn))
+        log.warning("stream_metrics: the last line of %s was cut short (the process ended while writing it): it is "
+                    "left out, and cut off the file", path)
+    return header, ops
+
+
 def replay(path: str, tracking_uri: str | None = None) -> int:
     """Send a spill file's rows (and any undelivered tags and end of run) into their run.
 
     Returns how many rows were sent, and renames the file to ``<path>.replayed``. The target
     comes from the file; credentials from the environment (``MLFLOW_TRACKING_URI``,
-    ``WANDB_API_KEY``), since the file never holds them. A run that never opened is created.
+    ``WANDB_API_KEY``), since the file never holds them. A run that never opened is created, and
+    the file notes it at once, so a replay cut short goes on into that run when it is run again.
     Rows already stored (named by a "stored" line) are left out; a replay cut short by a failure
     notes in the file what it stored, so running it again sends only the rest.
     """
+    return replay_file(path, tracking_uri)[0]
+
+
+def replay_file(path: str, tracking_uri: str | None = None) -> tuple[int, str]:
+    """``replay``, and where the rows went (the backend's ``where()``)."""
     from . import backend_class
 
-    with open(path) as f:
-        header = json.loads(f.readline())["header"]
-        ops = [json.loads(line) for line in f if line.strip()]
-    run_id = header.get("run_id")
+    header, ops = _load(path)
+    start = dict(header.get("start") or {})
+    # The run the training continued (a resume, MLFLOW_RUN_ID) where it never opened it itself.
+    run_id = header.get("run_id") or start.get("run_id")
     stored: set[int] = set()
     for op in ops:
         if op.get("op") == "run":
@@ -113,10 +155,12 @@ def replay(path: str, tracking_uri: str | None = None) -> int:
     target = header.get("target") or {k: header[k] for k in ("tracking_uri", "project") if header.get(k)}
     backend = backend_class(header["backend"]).for_replay(target, {"tracking_uri": tracking_uri} if tracking_uri
                                                           else {})
-    start = dict(header.get("start") or {})
-    backend.reopen(RunInfo(**{**start, "run_id": run_id, "axes": tuple(start.get("axes") or ())}))
+    info = RunInfo(**{**start, "run_id": run_id, "axes": tuple(start.get("axes") or ())})
+    backend.reopen(info)
     spill = SpillFile(backend)
     spill.path = path
+    if backend.run_id and backend.run_id != run_id:
+        spill.mark_run(backend.run_id)  # the run this replay created: a second replay continues it
 
     sent, finished = 0, False
     pending: list = []
@@ -141,7 +185,9 @@ def replay(path: str, tracking_uri: str | None = None) -> int:
                 pending.append(row)
             continue
         send_pending()
-        if kind == "tags":
+        if kind == "start" and run_id:
+            backend.complete_start(info)  # the run was there, its start undelivered: tags, parameters
+        elif kind == "tags":
             backend.set_tags(op["tags"])
         elif kind == "summary":
             backend.log_summary(op["metrics"], Row.from_json(op["row"]))
@@ -151,4 +197,4 @@ def replay(path: str, tracking_uri: str | None = None) -> int:
     send_pending()
     backend.release(finished)
     os.replace(path, path + ".replayed")
-    return sent
+    return sent, backend.where()

@@ -168,7 +168,7 @@ class Run:
         Values: numbers, bools, NumPy scalars, 0-d/1-element tensors; nested dicts become
         '/'-joined keys; None, text and arrays are skipped with a one-time warning.
         """
-        if metrics is not None and not isinstance(metrics, Mapping):
+        if metrics is not None and type(metrics) is not dict and not isinstance(metrics, Mapping):
             raise TypeError(f"log() takes a dict of metrics, such as {{'loss': loss}}, not a {type(metrics).__name__}")
         if self._finished:
             warn_once("log-after-finish", "log() after finish() (or after the `with` block): the run is closed, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -64,7 +65,7 @@ class Amount:
         try:
             number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
         except OverflowError:  # an int beyond any float
-            number = math.inf
+            raise ValueError(f"{reprlib.repr(value)} is too large an amount of training") from None
         if not math.isfinite(number) or number < 0:
             raise ValueError(f"an amount of training must be a finite number >= 0, not {reprlib.repr(value)}")
         object.__setattr__(self, "unit", unit)
@@ -97,6 +98,10 @@ def parse_amount(text: str) -> Amount:
         raise ValueError(f"{text!r} is too large an amount of training")
     number = Fraction(written) * SUFFIXES.get(match["suffix"], 1)  # exact: "2.5M" is 2500000, not 2499999.99
     value = number.numerator if number.denominator == 1 else float(number)
+    if number and not value:
+        raise ValueError(f"{text!r} is too small an amount of training (below the smallest float)")
+    if number > sys.float_info.max:
+        raise ValueError(f"{text!r} is too large an amount of training")
     return Amount(value, match["unit"])
 
 

@@ -44,6 +44,14 @@ def test_a_bad_string_says_what_is_accepted(text):
         assert "500ksp" in str(info.value) and "tok" in str(info.value) and "steps" in str(info.value)
 
 
+@pytest.mark.parametrize("text, error", [("1e309sp", "'1e309sp' is too large an amount of training"),
+                                         ("1e400sp", "'1e400sp' is too large an amount of training"),
+                                         ("1e-400sp", "'1e-400sp' is too small an amount of training")])
+def test_an_amount_beyond_a_float_names_what_was_written(text, error):
+    with pytest.raises(ValueError, match=error):
+        parse_amount(text)
+
+
 def test_str_is_short_and_reads_back():
     assert [str(parse_amount(t)) for t in ("500ksp", "2.5Mtok", "0.5ep", "30min", "1000steps", "12000sp",
                                            "1234567tok")] == \

@@ -167,7 +167,10 @@ class MLflowBackend(Backend):
     def target(self) -> dict:
         # Absolute: a spill file is replayed from any folder (its message gives its full path). The
         # experiment too: a run that never opened is created in it by the replay, not in "Default".
-        return {"tracking_uri": redact_uri(self.store_uri), "experiment": self.experiment}
+        target = {"tracking_uri": redact_uri(self.store_uri)}
+        if self.experiment:
+            target["experiment"] = self.experiment
+        return target
 
     @classmethod
     def for_replay(cls, target: dict, options: dict) -> "MLflowBackend":

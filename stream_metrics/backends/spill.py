@@ -104,6 +104,9 @@ def _load(path: str) -> tuple[dict, list[dict]]:
         data = f.read()
     lines = data.split(b"\n")
     torn = lines.pop()  # after the last newline: b"" unless the last line was cut short
+    unended = not lines and bool(torn.strip())  # the header alone, without its newline
+    if unended:
+        lines, torn = [torn], b""
     try:
         header = json.loads(lines[0])["header"] if lines else None
     except (ValueError, KeyError, TypeError):
@@ -118,9 +121,16 @@ def _load(path: str) -> tuple[dict, list[dict]]:
             except ValueError:
                 raise SpillFileError(f"{path} is damaged at line {number}: it is not JSON") from None
     if torn.strip():
-        os.truncate(path, len(data) - len(torn))
-        log.warning("stream_metrics: the last line of %s was cut short (the process ended while writing it): it is "
-                    "left out, and cut off the file", path)
+        try:
+            ops.append(json.loads(torn))  # whole, only without its newline (a file written by hand)
+            unended = True
+        except ValueError:
+            os.truncate(path, len(data) - len(torn))
+            log.warning("stream_metrics: the last line of %s was cut short (the process ended while writing it): "
+                        "it is left out, and cut off the file", path)
+    if unended:
+        with open(path, "a") as f:
+            f.write("\n")  # so that what replay notes in the file starts on a line of its own
     return header, ops
 
 

@@ -169,8 +169,11 @@ class WandbBackend(Backend):
 
     def target(self) -> dict:
         # The entity too: a run that never opened is created under it by the replay, not the default one.
-        return {"project": self.project or getattr(self.run, "project", None),
-                "entity": self.entity or getattr(self.run, "entity", None)}
+        target = {"project": self.project or getattr(self.run, "project", None)}
+        entity = self.entity or getattr(self.run, "entity", None)
+        if entity:
+            target["entity"] = entity
+        return target
 
     @classmethod
     def for_replay(cls, target: dict, options: dict) -> "WandbBackend":

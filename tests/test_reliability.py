@@ -233,37 +233,36 @@ def test_rows_saved_before_the_run_opened_are_replayed_into_that_run(mlflow_serv
 
 
 @pytest.mark.parametrize("how", ["resume", "MLFLOW_RUN_ID"])
-def test_a_continued_run_whose_server_was_down_is_replayed_into_it(mlflow_server, fail_fast, caplog, workdir,
+def test_a_continued_run_whose_server_was_down_is_replayed_into_it(mlflow_uri, fail_fast, caplog, workdir,
                                                                  monkeypatch, how):
+    """The first session wrote to a store; the second, continuing its run, found its server down."""
     from mlflow import MlflowClient
 
     caplog.set_level(logging.WARNING, logger="stream_metrics")
-    url = mlflow_server.url()
-    options = dict(backend="mlflow", mlflow={"tracking_uri": url, "experiment": "continued"}, flush_timeout=3)
-    first = stream_metrics.init(**options)
+    first = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri, "experiment": "continued"})
     train(first, 3)
     state = first.state_dict()
     run_id = state["run_ids"]["mlflow"]
     first.finish()
-    mlflow_server.stop()
     if how == "MLFLOW_RUN_ID":
         monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
         state = dict(state, run_ids={})  # the environment alone names the run
-    second = stream_metrics.init(resume=state, **options)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    second = stream_metrics.init(resume=state, backend="mlflow",
+                                 mlflow={"tracking_uri": down, "experiment": "continued"}, flush_timeout=3)
     train(second, 3)
     second.finish()
     [path] = spill_files(workdir)
-    mlflow_server.start()
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
 
     from stream_metrics.cli import main
 
-    assert main(["replay", path]) == 0
-    client = MlflowClient(url)
+    assert main(["replay", path, "--mlflow-uri", mlflow_uri]) == 0  # the store, back (here: the first one's)
+    client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("continued")
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
-    assert sorted(p.step for p in history(url, run_id)) == [BATCH * i for i in range(1, 7)]
-    assert_conformant("--mlflow-uri", url, "--run-id", run_id, "--expect-samples", 6 * BATCH)
+    assert sorted(p.step for p in history(mlflow_uri, run_id)) == [BATCH * i for i in range(1, 7)]
+    assert_conformant("--mlflow-uri", mlflow_uri, "--run-id", run_id, "--expect-samples", 6 * BATCH)
 
 
 def test_an_unwritable_spill_folder_loses_rows_with_a_count_and_never_stops_training(fail_fast, caplog, workdir,

@@ -12,15 +12,13 @@ replicas' weighed out (layout.py), the epoch estimated (epoch.py), and one ``Pro
 """
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from typing import Any, cast
 
 import torch
 
 from . import distributed, flops, layout as layouts
-from ._checks import warn_once
+from ._checks import warn_once, whole_number
 from .counting import BatchError, Count, Total, read_batch
 from .record import RankRecord
 from .epoch import DatasetProbe, EpochEstimator
@@ -284,10 +282,7 @@ def check_count(name: str, value: Any) -> Count:
                 value = torch.nan_to_num(value.real if value.is_complex() else value, nan=0.0).round()
             value = value.to(torch.int64)
         return value
-    # Any Real that is not an Integral (float, NumPy's floats, Fraction) must be whole: int()
-    # would cut 2.5 to 2 without a word.
-    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                                                    and math.isfinite(float(value)) and float(value).is_integer())
-    if isinstance(value, bool) or not whole or value < 0:
-        raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)")
-    return int(value)  # type: ignore[call-overload]  # a whole numbers.Real, checked above
+    try:  # any number type: NumPy's floats and Fraction too must be whole (int() would cut 2.5 to 2)
+        return whole_number(name, value)
+    except ValueError:
+        raise ValueError(f"update({name}={value!r}): a count must be a whole number >= 0 (or a 0-d tensor)") from None

@@ -7,7 +7,6 @@ epoch-source tag as it changes, the summary, the run ids for checkpoints and the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -50,10 +49,7 @@ class Tracking:
             tags = {**self.tags, schema.TAG_EPOCH_SOURCE: epoch_source}
             if d.backend.name == "mlflow":
                 tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
-            # MLFLOW_RUN_ID names the run to continue: kept in the start, so a spill file replays into it.
-            run_id = self.run_ids.get(d.backend.name) or (os.environ.get("MLFLOW_RUN_ID") or None
-                                                          if d.backend.name == "mlflow" else None)
-            d.submit("start", RunInfo(name=self.name, project=self.project, run_id=run_id,
+            d.submit("start", RunInfo(name=self.name, project=self.project, run_id=self.run_ids.get(d.backend.name),
                                       config=self.config, tags=tags, x_axis=self.x_axis,
                                       axes=(*schema.AXES.values(), schema.LOSS_TOKENS)))
 

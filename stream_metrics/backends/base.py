@@ -135,6 +135,10 @@ class Backend:
         """Continue the run ``info.run_id`` (or open a new one without it) to replay rows into it."""
         self.start(info)
 
+    def run_to_continue(self, info: RunInfo) -> str | None:
+        """The existing run ``start(info)`` continues (None: it opens a new one)."""
+        return info.run_id
+
     def complete_start(self, info: RunInfo) -> None:
         """Replay of a start that was not delivered, into the run ``reopen`` continued: whatever of
         ``start`` (tags, parameters) ``reopen`` left out. ``start`` itself did it all here."""

@@ -328,7 +328,6 @@ class Delivery:
                         "replay them with `%s %s`", self.buffer_rows, self.backend.name, self.spilled_rows,
                         self.spill_path, REPLAY_COMMAND, self.spill_path)
 
-
     def _write_spill(self, ops: list, warn: bool) -> bool:
         """With the lock held: save ``ops`` to the spill file. Where the file cannot be written (a
         read-only folder, a full disk) its rows are lost: counted, and said, never raised to training."""

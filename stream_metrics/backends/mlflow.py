@@ -68,7 +68,7 @@ class MLflowBackend(Backend):
         self.step_key = schema.axis_key(info.tags.get(schema.TAG_MLFLOW_STEP, schema.SAMPLES),
                                         allowed=schema.MLFLOW_STEP_AXES, what="mlflow_step")
         if self.run_id is None:
-            run_id = info.run_id or os.environ.get("MLFLOW_RUN_ID")
+            run_id = self.run_to_continue(info)
             if run_id:
                 self._continue(run_id)
             else:
@@ -84,6 +84,9 @@ class MLflowBackend(Backend):
         self._log_params(flat_params(info.config))
         assert self.run_id is not None  # set above, or start() raised
         return self.run_id
+
+    def run_to_continue(self, info: RunInfo) -> str | None:
+        return info.run_id or os.environ.get("MLFLOW_RUN_ID") or None  # as the Hugging Face integration
 
     def _continue(self, run_id: str) -> None:
         run = self.client.get_run(run_id)  # raises where the run does not exist: a clear failure at start

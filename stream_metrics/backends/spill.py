@@ -48,7 +48,9 @@ class SpillFile:
                                         dir=self.folder)
             self.path = os.path.abspath(path)
             target = {k: redact_uri(v) if isinstance(v, str) else v for k, v in self.backend.target().items() if v}
-            header = {"backend": self.backend.name, "run_id": run_id,
+            # The run to replay into: the open one, else the one the start continues (a resume, MLFLOW_RUN_ID).
+            header = {"backend": self.backend.name,
+                      "run_id": run_id or (self.backend.run_to_continue(start) if start else None),
                       "start": start and dataclasses.asdict(start), "target": target}
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps({"header": header}) + "\n")
@@ -103,10 +105,14 @@ def _load(path: str) -> tuple[dict, list[dict]]:
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
-    torn = lines.pop()  # after the last newline: b"" unless the last line was cut short
-    unended = not lines and bool(torn.strip())  # the header alone, without its newline
-    if unended:
-        lines, torn = [torn], b""
+    last = lines.pop()  # after the last newline: b"" unless the last line has none
+    torn = False
+    if last.strip():
+        try:
+            json.loads(last)
+            lines.append(last)  # whole, only without its newline (a file written by hand)
+        except ValueError:
+            torn = True  # cut short: the process ended while writing it
     try:
         header = json.loads(lines[0])["header"] if lines else None
     except (ValueError, KeyError, TypeError):
@@ -120,15 +126,11 @@ def _load(path: str) -> tuple[dict, list[dict]]:
                 ops.append(json.loads(line))
             except ValueError:
                 raise SpillFileError(f"{path} is damaged at line {number}: it is not JSON") from None
-    if torn.strip():
-        try:
-            ops.append(json.loads(torn))  # whole, only without its newline (a file written by hand)
-            unended = True
-        except ValueError:
-            os.truncate(path, len(data) - len(torn))
-            log.warning("stream_metrics: the last line of %s was cut short (the process ended while writing it): "
-                        "it is left out, and cut off the file", path)
-    if unended:
+    if torn:
+        os.truncate(path, len(data) - len(last))
+        log.warning("stream_metrics: the last line of %s was cut short (the process ended while writing it): "
+                    "it is left out, and cut off the file", path)
+    elif last.strip():
         with open(path, "a") as f:
             f.write("\n")  # so that what replay notes in the file starts on a line of its own
     return header, ops

@@ -30,6 +30,8 @@ Which rule counts a batch (SCHEMA section 1):
 - No mask and no positions: tokens are ``input_ids != pad_token_id`` where the pad id is known,
   else all of them (one warning). A list of 1-D token tensors, or of token lists, is a batch of
   unpadded sequences: one sample each, every token counts.
+- NumPy arrays (a loader that yields them) count as the tensors they would become; they share the
+  array's memory and are only read.
 """
 from __future__ import annotations
 
@@ -143,10 +145,28 @@ def _padding_free(ids, positions, cu, labels, pad_token_id) -> tuple[torch.Tenso
     return torch.count_nonzero(sample_starts & ~padding), torch.count_nonzero(~padding)
 
 
-def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
+def _tensor(value):
+    """A NumPy array of numbers as a tensor sharing its memory (read here, never written); else ``value``."""
+    if type(value).__module__ != "numpy" or not hasattr(value, "__array_interface__"):
+        return value
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # "not writable": these tensors are only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(value)
+    except (TypeError, ValueError, RuntimeError):  # object or string arrays: not counted as numbers
+        return value
+
+
+def _from_mapping(batch: Mapping, pad_token_id, want_tokens: bool = True) -> Counts:
     ids = batch.get("input_ids")
     if not isinstance(ids, (torch.Tensor, list, tuple)):
-        ids = batch.get("inputs_embeds")
+        if "numpy" in (type(ids).__module__, type(batch.get("inputs_embeds")).__module__):
+            batch = {key: _tensor(value) for key, value in batch.items()}  # a NumPy batch: read as tensors
+            ids = batch.get("input_ids")
+        if not isinstance(ids, (torch.Tensor, list, tuple)):
+            ids = batch.get("inputs_embeds")
     mask = batch.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) else None
     labels = batch.get("labels")
@@ -162,10 +182,10 @@ def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
         if mask is None and (cu is not None or (positions is not None and not runs)):
             samples, tokens = _padding_free(ids, positions, cu, labels, pad_token_id)
             return Counts(samples, tokens, loss_tokens, rows)
-        return Counts(_samples(rows, positions, runs, mask), _tokens_from_ids(ids, mask, pad_token_id),
-                      loss_tokens, rows)
+        return Counts(_samples(rows, positions, runs, mask),
+                      _tokens_from_ids(ids, mask, pad_token_id) if want_tokens else None, loss_tokens, rows)
     if isinstance(ids, (list, tuple)) and ids:  # an uncollated batch: {"input_ids": [[...], [...]]}
-        counts = _from_sequence(ids, pad_token_id)._replace(loss_tokens=loss_tokens)
+        counts = _from_sequence(ids, pad_token_id, want_tokens)._replace(loss_tokens=loss_tokens)
         list_mask = batch.get("attention_mask")
         if isinstance(list_mask, (list, tuple)) and len(list_mask) == len(ids):
             # A tokenizer's padded output without return_tensors: the mask says which tokens are padding.
@@ -174,8 +194,9 @@ def _from_mapping(batch: Mapping, pad_token_id) -> Counts:
     for value in batch.values():  # no ids: the leading dimension of the first array-like value
         rows = _length(value)
         if rows is not None:
-            warn_once("no-token-info", "batches carry no input_ids, so progress/tokens is left out of every row. "
-                                       "Pass tokens= to update() to count them.")
+            if want_tokens:
+                warn_once("no-token-info", "batches carry no input_ids, so progress/tokens is left out of every row. "
+                                           "Pass tokens= to update() to count them.")
             return Counts(rows, None, loss_tokens, rows)
     raise BatchError("a batch with no tensors or lists in it", "pass samples= (and tokens=) to update()")
 
@@ -196,16 +217,18 @@ def _length(value):
     return shape[0] if shape else None
 
 
-def _from_sequence(batch, pad_token_id) -> Counts:
+def _from_sequence(batch, pad_token_id, want_tokens: bool = True) -> Counts:
     first = batch[0]
     if isinstance(first, torch.Tensor):
         if all(isinstance(seq, torch.Tensor) and seq.dim() == 1 and not torch.is_floating_point(seq)
                for seq in batch):
             # Unpadded token sequences of their own lengths: a sample each, every token counts (shapes only).
             return Counts(len(batch), sum(seq.shape[0] for seq in batch), None, len(batch))
-        return _from_tensor(first, pad_token_id)  # (ids, mask, ...) or (inputs, targets): the first is the batch
+        # (ids, mask, ...) or (inputs, targets): the first is the batch
+        return _from_tensor(first, pad_token_id, want_tokens)
     if isinstance(first, Mapping) and not all(isinstance(example, Mapping) for example in batch):
-        return read_batch(first, pad_token_id)  # (inputs, targets) with the inputs a dict: the first is the batch
+        # (inputs, targets) with the inputs a dict: the first is the batch
+        return read_batch(first, pad_token_id, want_tokens=want_tokens)
     if isinstance(first, Mapping):  # a list of examples, not collated
         tokens = 0
         for example in batch:
@@ -220,10 +243,12 @@ def _from_sequence(batch, pad_token_id) -> Counts:
                      "pass a batch of sequences, a tensor, or samples= to update()")
 
 
-def _from_tensor(batch: torch.Tensor, pad_token_id) -> Counts:
+def _from_tensor(batch: torch.Tensor, pad_token_id, want_tokens: bool = True) -> Counts:
     if batch.dim() == 0:
         raise BatchError("a 0-d tensor", "pass a batch with a leading batch dimension, or samples=")
     rows = batch.shape[0]
+    if not want_tokens:
+        return Counts(rows, None, None, rows)
     if batch.dim() >= 2 and not torch.is_floating_point(batch):  # token ids, (batch, sequence)
         return Counts(rows, _tokens_from_ids(batch, None, pad_token_id), None, rows)
     warn_once("no-token-info-tensor", "batches are tensors without token ids, so progress/tokens is left out of "
@@ -237,8 +262,11 @@ class BatchError(ValueError):
         self.what, self.fix = what, fix
 
 
-def read_batch(batch, pad_token_id: int | None = None) -> Counts:
+def read_batch(batch, pad_token_id: int | None = None, *, want_tokens: bool = True) -> Counts:
     """Samples, tokens and loss tokens in one batch; see the module docstring.
+
+    ``want_tokens=False`` (the caller has the token count): tokens read from values are not
+    counted, and nothing is said about how they would be.
 
     >>> import torch
     >>> c = read_batch({"input_ids": torch.ones(2, 4, dtype=torch.long),
@@ -249,16 +277,17 @@ def read_batch(batch, pad_token_id: int | None = None) -> Counts:
     if isinstance(batch, Mapping):
         if not batch:
             raise BatchError("an empty batch", "skip empty batches, or pass samples=0")
-        return _from_mapping(batch, pad_token_id)
+        return _from_mapping(batch, pad_token_id, want_tokens)
+    batch = _tensor(batch)
     if isinstance(batch, torch.Tensor):
-        return _from_tensor(batch, pad_token_id)
+        return _from_tensor(batch, pad_token_id, want_tokens)
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise BatchError("an empty batch", "skip empty batches, or pass samples=0")
-        return _from_sequence(batch, pad_token_id)
+        return _from_sequence(batch, pad_token_id, want_tokens)
     data = getattr(batch, "data", None)  # BatchEncoding-like objects that are not Mappings
     if isinstance(data, Mapping):
-        return read_batch(data, pad_token_id)
+        return read_batch(data, pad_token_id, want_tokens=want_tokens)
     raise BatchError(f"a batch of type {type(batch).__name__}", "pass a dict, tuple, list or tensor, or samples=")
 
 

@@ -235,7 +235,7 @@ class Run:
                              f"one this release ({__version__}) reads")
         try:
             base = Progress.from_dict(state["progress"])
-            rows, batches = int(state.get("rows", 0)), int(state.get("batches", 0))
+            rows, batches = (whole_number(f"state {key}", state.get(key, 0)) for key in ("rows", "batches"))
             run_ids = {str(k): str(v) for k, v in dict(state.get("run_ids") or {}).items()}
             self.estimator.load_state_dict(dict(state.get("epoch") or {}), base.samples)
             schedules = Schedules.read_state(state.get("schedules"))

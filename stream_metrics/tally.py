@@ -74,12 +74,18 @@ class Tally:
         counts = None
         if batch is not None:
             try:
-                counts = read_batch(batch, self.pad_token_id)
+                counts = read_batch(batch, self.pad_token_id, want_tokens=tokens is None)
             except BatchError as exc:
                 if samples is None:
-                    warn_once("batch:" + exc.what, f"cannot count {exc.what}: {exc.fix}; this batch is not counted")
-                    self.micro_batch_done()  # it was still trained on: the optimizer's steps go on
-                    return
+                    given = " and ".join(name for name, value in (("tokens", tokens), ("loss_tokens", loss_tokens))
+                                         if value is not None)
+                    warn_once("batch:" + exc.what, f"cannot count {exc.what}: {exc.fix}; " + (
+                        f"its samples are not counted (the {given} passed are)" if given
+                        else "this batch is not counted"))
+                    if not given:
+                        self.micro_batch_done()  # it was still trained on: the optimizer's steps go on
+                        return
+                    samples = 0
         elif samples is None:
             raise TypeError("update() needs a batch or samples=")
         if counts is not None:

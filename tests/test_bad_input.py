@@ -199,6 +199,8 @@ def good_state() -> dict:
     (lambda s: {**s, "progress": {**s["progress"], "surprise": 1}}, "corrupt stream_metrics state dict"),
     (lambda s: {**s, "progress": "garbage"}, "corrupt stream_metrics state dict"),
     (lambda s: {**s, "rows": "many"}, "corrupt stream_metrics state dict"),
+    (lambda s: {**s, "rows": -5}, "corrupt stream_metrics state dict: state rows=-5 must be a whole number >= 0"),
+    (lambda s: {**s, "batches": 2.5}, "corrupt stream_metrics state dict: state batches=2.5 must be a whole number"),
 ])
 def test_a_corrupt_or_foreign_state_dict_is_refused_with_a_clear_error(spoil, error):
     state = spoil(good_state())
@@ -298,6 +300,31 @@ def test_more_batch_forms_count_their_tokens_by_the_mask():
         progress = run.progress
     assert (progress.samples, progress.tokens) == (4 + 4 + 3, truth_tokens) == (11, 2 * 24 + 6)
     assert not [w for w in caught if "stream_metrics" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_numpy_batches_count_like_tensors_and_given_tokens_are_never_dropped():
+    """A loader yielding NumPy arrays (read-only ones too, as Arrow gives them); tokens= with a batch that
+    cannot be counted, or with one that would warn about how its tokens are read."""
+    ids = np.array([[5, 6, 7, 0, 0], [5, 6, 0, 0, 0], [9, 9, 9, 9, 9]])
+    mask = (ids != 0).astype(np.int64)
+    labels = np.where(mask == 1, ids, -100)
+    labels[:, 0] = -100  # the first token of each example is not predicted
+    frozen = ids.copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = stream_metrics.init(backend="none", pad_token_id=0)
+        run.update({"input_ids": ids, "attention_mask": mask, "labels": labels})  # 3 samples, 10 tokens, 7 loss
+        run.update(frozen)                                                         # 3 samples, 10 tokens
+        quiet = [str(w.message) for w in caught if "stream_metrics" in str(w.message)]
+        run.update({"input_ids": torch.ones(2, 4, dtype=torch.long)}, tokens=5)  # no mask, no pad id needed
+        run.update("not a batch", tokens=6, loss_tokens=4)                          # the counts given are kept
+        progress = run.progress
+    said = [str(w.message) for w in caught if "stream_metrics" in str(w.message)]
+    assert quiet == [] and ids.flags.writeable and not frozen.flags.writeable
+    assert (progress.samples, progress.tokens, progress.loss_tokens) == (3 + 3 + 2, 10 + 10 + 5 + 6, 7 + 4)
+    assert said == ["stream_metrics: cannot count a batch of type str: pass a dict, tuple, list or tensor, or "
+                    "samples=; its samples are not counted (the tokens and loss_tokens passed are)"], said
 
 
 @pytest.mark.parametrize("value", [np.float32(2.5), np.float64(0.5), Fraction(5, 2), np.float32("nan"),

@@ -42,20 +42,25 @@ _RESUME_REFUSAL = _trainer_resume_refusal()
 needs_trainer_resume = pytest.mark.skipif(_RESUME_REFUSAL is not None, reason=_RESUME_REFUSAL or "")
 
 
-@pytest.fixture(autouse=True)
-def workdir(tmp_path, monkeypatch):
-    """A fresh folder as the working directory, and the environment of a user with no accounts."""
-    monkeypatch.chdir(tmp_path)
+def user_environment(monkeypatch, folder) -> None:
+    """``folder`` as the working directory, and the environment of a user with no accounts."""
+    monkeypatch.chdir(folder)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "WANDB_API_KEY",
                 "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(folder))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("STREAM_METRICS_SPILL_DIR", str(tmp_path / "undelivered"))
+    monkeypatch.setenv("STREAM_METRICS_SPILL_DIR", str(folder / "undelivered"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def workdir(tmp_path, monkeypatch):
+    """A fresh folder as the working directory, and the environment of a user with no accounts."""
+    user_environment(monkeypatch, tmp_path)
     from stream_metrics import _checks
 
     _checks.reset_warnings()  # one-time warnings are process-wide: each test sees its own

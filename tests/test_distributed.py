@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT, assert_conformant, wandb_run_dirs
+from conftest import ROOT, assert_conformant, user_environment, wandb_run_dirs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -226,18 +226,17 @@ def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow
 
 
 # ---------------------------------------------------------------------- several ranks on one batch
-def layout_corpus(workdir, files=2):
-    """Data-parallel rank i reads file i: 37 and 50 examples (and 37, 50 again for 4 files)."""
+def layout_truth(paths) -> dict:
+    """What data-parallel ranks reading a file each see: 37 and 50 examples (and 37, 50 again for 4 files)."""
     import math
 
     import tiny
 
-    paths = tiny.write_corpus(str(workdir / "data"), files=files, lines_per_file=(37, 50))
     shares = [tiny.read_texts([path]) for path in paths]
     texts = [t for share in shares for t in share]
     # Batches of 4, accumulation 2; the window a pass end cuts short still makes a step (SCHEMA section 1).
     steps = max(math.ceil(math.ceil(len(share) / 4) / 2) for share in shares)
-    return paths, {"samples": len(texts), "tokens": sum(tiny.token_count(t) for t in texts), "steps": steps}
+    return {"samples": len(texts), "tokens": sum(tiny.token_count(t) for t in texts), "steps": steps}
 
 
 def assert_one_collective_per_row(reports) -> None:
@@ -246,24 +245,45 @@ def assert_one_collective_per_row(reports) -> None:
         assert all(calls == ["all_gather"] for calls in report["at_rows"]), (rank, report["at_rows"])
 
 
-@pytest.mark.parametrize("layout, tag", [
-    ("tp-mesh", "2 (given: data_parallel_group=DeviceMesh)"),     # (dp=2, tp=2): TP pairs feed identical batches
-    ("tp-group", "2 (given: data_parallel_group=ProcessGroup)"),  # the same, given as mesh.get_group("dp")
-    ("cp-sliced", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
-                  "context parallel 2, sliced)"),                # each rank of a pair counts half of each row
-    ("cp-packed", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
-                  "context parallel 2, sliced)"),                # packed rows: example starts on both ranks
-    ("cp-whole", "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
-                 "context parallel 2, whole batch)"),            # each rank counts the batch before the split
-    ("pp", "2 (given: data_parallel_group=DeviceMesh)"),          # only the first stage reads batches
+LAYOUTS = {  # layout -> the tag saying how ranks were counted
+    "tp-mesh": "2 (given: data_parallel_group=DeviceMesh)",     # (dp=2, tp=2): TP pairs feed identical batches
+    "tp-group": "2 (given: data_parallel_group=ProcessGroup)",  # the same, given as mesh.get_group("dp")
+    "cp-sliced": "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
+                 "context parallel 2, sliced)",                # each rank of a pair counts half of each row
+    "cp-packed": "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
+                 "context parallel 2, sliced)",                # packed rows: example starts on both ranks
+    "cp-whole": "2 (given: data_parallel_group=DeviceMesh, context_parallel_group=DeviceMesh; "
+                "context parallel 2, whole batch)",            # each rank counts the batch before the split
+    "pp": "2 (given: data_parallel_group=DeviceMesh)",          # only the first stage reads batches
     # No option: detected from the Trainer's arguments holding accelerate's ParallelismConfig, with
     # batches shared as accelerate's own device mesh says (the Trainer refuses it on CPU: see the worker).
-    ("accelerate-tp", "2 (detected: ParallelismConfig(dp_shard=2, tp=2))"),
-    ("accelerate-cp", "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)"),
-])
-def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
-    paths, truth = layout_corpus(workdir)
-    reports = torchrun("layouts", "--layout", layout, "--mlflow-uri", mlflow_uri, *paths, nproc=4)
+    "accelerate-tp": "2 (detected: ParallelismConfig(dp_shard=2, tp=2))",
+    "accelerate-cp": "2 (detected: ParallelismConfig(dp_shard=2, cp=2); context parallel 2, sliced)",
+    "dp": "4 (every rank)",                                     # pure data parallelism: 4 files, 4 readers
+}
+
+
+@pytest.fixture(scope="module")
+def layout_job(tmp_path_factory):
+    """Every layout in one 4-rank job (a job's start-up is most of its time): per layout, what each rank
+    saw (rank order); the MLflow URI the runs went to; the truth for the 2 files a pair-sharing layout
+    reads and for the 4 that ``dp`` reads."""
+    import tiny
+
+    folder = tmp_path_factory.mktemp("layouts")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        user_environment(monkeypatch, folder)
+        paths = tiny.write_corpus(str(folder / "data"), files=4, lines_per_file=(37, 50))
+        uri = f"sqlite:///{folder}/mlflow.db"
+        reports = torchrun("layouts", "--layouts", ",".join(LAYOUTS), "--mlflow-uri", uri, *paths, nproc=4)
+    return {layout: [r[layout] for r in reports] for layout in LAYOUTS}, uri, layout_truth(paths[:2]), \
+        layout_truth(paths)
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "dp"])
+def test_ranks_sharing_a_batch_count_it_once(layout_job, layout):
+    jobs, mlflow_uri, truth, _ = layout_job
+    reports, tag = jobs[layout], LAYOUTS[layout]
 
     assert all(progress_rows(r) == progress_rows(reports[0]) for r in reports)  # the same values everywhere
     final = reports[0]["rows"][-1]
@@ -275,6 +295,7 @@ def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
     assert final["flops"] == 10 * sum(r["fed"] for r in readers)
     assert_one_collective_per_row(reports)
     assert [r["distinct_devices"] for r in reports] == [4] * 4
+    assert [r["tag"] for r in reports] == [tag] * 4
     if layout == "tp-mesh":  # the whole mesh given where mesh["dp"] was meant: refused, saying what to pass
         assert all("dimension(s) ['tp']" in r["whole_mesh_refused"] and "mesh['dp']" in r["whole_mesh_refused"]
                    for r in reports)
@@ -282,22 +303,23 @@ def test_ranks_sharing_a_batch_count_it_once(workdir, mlflow_uri, layout, tag):
     # What MLflow stored: the totals, and the tag saying how ranks were counted.
     from mlflow import MlflowClient
 
-    [run_id] = mlflow_run_ids(mlflow_uri, "layouts")
+    [run_id] = mlflow_run_ids(mlflow_uri, f"layouts-{layout}")
+    assert run_id == reports[0]["run_ids"]["mlflow"]
     stored = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).data
     assert (stored.metrics["progress/samples"], stored.metrics["progress/tokens"]) == \
         (truth["samples"], truth["tokens"])
     assert stored.tags["stream_metrics.data_parallel"] == tag
 
 
-def test_pure_data_parallelism_on_four_ranks_adds_every_rank(workdir, mlflow_uri):
-    paths, truth = layout_corpus(workdir, files=4)
-    reports = torchrun("layouts", "--layout", "dp", "--mlflow-uri", mlflow_uri, *paths, nproc=4)
+def test_pure_data_parallelism_on_four_ranks_adds_every_rank(layout_job):
+    jobs, _, _, truth = layout_job
+    reports = jobs["dp"]
     final = reports[0]["rows"][-1]
     assert (final["samples"], final["tokens"], final["step"], final["epoch"]) == \
         (truth["samples"], truth["tokens"], truth["steps"], 1.0)
     assert final["flops"] == 10 * sum(r["fed"] for r in reports)  # every rank's own batches: all added
     assert_one_collective_per_row(reports)
-    assert reports[0]["tag"] == "4 (every rank)"
+    assert reports[0]["tag"] == LAYOUTS["dp"]
 
 
 @pytest.mark.parametrize("call", ["state_dict", "progress"])

@@ -201,6 +201,8 @@ _COUNT_SUFFIXES = [(SUFFIXES[s], s) for s in ("T", "B", "M", "k")]
 
 def _count(number: float) -> str:
     """3 significant digits with the amount suffixes: 245760 -> "246k", 2500000 -> "2.5M", 12 -> "12"."""
+    if abs(number) >= 1e15:  # beyond the largest suffix (FLOPs): 1.5e+18, not 1.5e+06T
+        return f"{number:.3g}"
     for scale, suffix in _COUNT_SUFFIXES:
         if abs(number) >= scale * 0.9995:  # 999.7k shows as 1M, not 1e+03k
             return f"{number / scale:.3g}{suffix}"
@@ -208,12 +210,13 @@ def _count(number: float) -> str:
 
 
 # The unit of an amount as a reader says it ("3k steps", not "3kba").
-_UNIT_WORDS = {"sp": "samples", "tok": "tokens", "ep": "epochs", "ba": "steps", "s": "s", "min": "min", "h": "h"}
+_UNIT_WORDS = {"sp": "samples", "tok": "tokens", "ep": "epochs", "ba": "steps", "s": "s", "min": "min", "h": "h",
+               "flop": "FLOPs"}
 
 
 def _amount_text(amount: Amount) -> str:
     """``Amount(3000, "ba")`` -> "3k steps"; ``Amount(2e9, "tok")`` -> "2B tokens"; ``(30, "min")`` -> "30 min"."""
-    return f"{_count(amount.value)} {_UNIT_WORDS[amount.unit]}"
+    return f"{_count(amount.value)} {_UNIT_WORDS.get(amount.unit, amount.unit)}"
 
 
 def _duration(seconds: float) -> str:

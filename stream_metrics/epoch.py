@@ -103,17 +103,46 @@ def shard_position(dataset):
         state = state_dict()
     except Exception:
         return None
-    # Follow the chain of wrapped iterables down to the one reading the files; several sources
-    # (interleave, shuffled sources) have no single position.
-    node = state
+    # Follow the chain of wrapped iterables (and the objects beside their states) down to the one
+    # reading the files; several sources (interleave, shuffled sources) have no single position.
+    node, iterable = state, dataset
     while isinstance(node, dict) and "shard_idx" not in node:
-        node = node.get("examples_iterable")
+        inner = node.get("examples_iterable")
+        if "previous_state" in node and isinstance(inner, dict) and "shard_idx" in inner:
+            return _rebatched_position(node, iterable, int(num_shards))
+        node = inner
+        iterable = getattr(iterable, "_ex_iterable", None) or getattr(iterable, "ex_iterable", None)
     if not isinstance(node, dict) or "shard_example_idx" not in node:
         return None
     shard_idx, num_shards = int(node["shard_idx"]), int(num_shards)
     if shard_idx >= num_shards:  # read ahead to the end of the last shard: the position says nothing
         return None
     return shard_idx, int(node["shard_example_idx"]), num_shards
+
+
+def _rebatched_position(node: dict, iterable, num_shards: int):
+    """The position of the examples handed on by a rebatching step over the files' reader (datasets'
+    ``RebatchedArrowExamplesIterable``, 4.x and later), not the reader's own: the reader has read a
+    whole table ahead (a small file at once). The step keeps the reader's state before that table
+    (``previous_state``) and how many of its chunks it handed on since."""
+    # The step that iteration itself adds (examples one by one, as a DataLoader reads them) is in the
+    # state only; one made by a step of the dataset (a batched map) is also in its chain of objects.
+    size = getattr(iterable, "batch_size", None) if type(iterable).__name__ == type(node).__name__ or (
+        type(iterable).__name__ == node.get("type")) else 1
+    reader, before = node["examples_iterable"], node.get("previous_state")
+    if not isinstance(size, int) or size <= 0 or not isinstance(before, dict) or "shard_idx" not in before:
+        return None  # one table of everything, or nothing read yet
+    handed_on = int(node.get("num_chunks_since_previous_state") or 0) * size
+    shard_idx = int(reader["shard_idx"])
+    if shard_idx >= num_shards:
+        return None
+    if int(before["shard_idx"]) == shard_idx:  # the table being handed on began where the reader stood
+        return shard_idx, int(before["shard_example_idx"]) + handed_on, num_shards
+    # It is the first table of the reader's shard, so it began at the shard's start. Its first example
+    # is counted from the state before the previous table (the step notes the new table only after
+    # handing that example on).
+    within = handed_on if handed_on <= int(reader["shard_example_idx"]) else 1
+    return shard_idx, within, num_shards
 
 
 @dataclass

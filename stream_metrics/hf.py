@@ -49,7 +49,8 @@ from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
 from .schedule import Every, StepSchedules
-from .takeover import TakenOver, auto_backends, handler_from_stack, is_the_trainers_own, replaced_by
+from .takeover import (TakenOver, auto_backends, handler_from_stack, is_the_trainers_own, replaced_by,
+                       trainer_from_stack)
 
 log = logging.getLogger("stream_metrics")
 
@@ -179,18 +180,38 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, **kwargs):
         self._take_over_integrations()
 
+    def _check_eval_dataset(self) -> None:
+        """eval_every needs something to evaluate on: refused when train() begins (the eval_dataset may be
+        set on the Trainer after it is built), not at the first boundary, hours later."""
+        if self.eval_every is None:
+            return
+        trainer = trainer_from_stack()
+        if trainer is not None and getattr(trainer, "eval_dataset", None) is None:
+            raise ValueError(f"StreamMetricsCallback(eval_every={self.eval_every!r}) evaluates on the Trainer's "
+                             "eval_dataset, and this Trainer has none: pass eval_dataset= to the Trainer, or leave "
+                             "eval_every out")
+
     # ------------------------------------------------------------------ training
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
         self._log_first()
+        self._check_eval_dataset()
+        interrupted = self._hook is not None  # the last train() raised: on_train_end never came
+        if self._hook is not None:
+            self._hook.remove()  # or every batch would be counted twice from now on
+            self._hook = None
         resume = self._resume_state(state)
         if self._opened_by_evaluate and resume is None and self.run is not None and not self.run.finished:
             # trainer.evaluate() before train() opened the runs at progress 0: training goes on in them.
             self.run.watch(train_dataloader)
         else:
-            if self.run is not None:
-                self.run.finish()  # a run left open by an earlier train(); finish() is idempotent
+            if self.run is not None and not self.run.finished:
+                if interrupted:
+                    log.warning("stream_metrics: train() began again after a train() that raised (an error, a "
+                                "KeyboardInterrupt, or auto_find_batch_size retrying with a smaller batch): that "
+                                "attempt's runs are closed as FAILED, and this train() logs to new ones")
+                self.run.finish("FAILED" if interrupted else "FINISHED")  # a run left open by an earlier train()
             self.run = self._new_run(args, model=model, processing_class=processing_class, dataset=train_dataloader,
                                      resume=resume)
         self._opened_by_evaluate = False
@@ -337,9 +358,14 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if entry is not None and (entry.get("step") != state.global_step or set(entry) - {"step"} != set(logs)):
             entry = None  # not this entry (a subclass logged differently): leave the history alone
         axes = progress.axes()
+        # An evaluation's entry is also the dict evaluate() returns, which hyperparameter search's
+        # default objective sums (less epoch and the timings): only the epoch the Trainer put in it is
+        # replaced there; samples and tokens go into the history alone.
+        evaluation = any(key.startswith(("eval_", "test_")) for key in logs)
         for log_key, axis in schema.HF_LOG_AXES.items():
             if axis in axes:
-                logs[log_key] = axes[axis]
+                if not evaluation or log_key in logs:
+                    logs[log_key] = axes[axis]
                 if entry is not None:
                     entry[log_key] = axes[axis]
 

@@ -58,12 +58,22 @@ def handler_from_stack() -> CallbackHandler | None:
     callbacks out (so every metric is logged once) and finding the Trainer's progress bar. Its
     ``call_event`` is a few frames up, as ``self``; None when it is not (then nothing is taken over).
     """
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(8):
+    return _self_up_the_stack(CallbackHandler, sys._getframe(1), 8)
+
+
+def trainer_from_stack():
+    """The Trainer whose event is being handled (a few frames above the handler), or None."""
+    from transformers import Trainer
+
+    return _self_up_the_stack(Trainer, sys._getframe(1), 12)
+
+
+def _self_up_the_stack(kind: type, frame: FrameType | None, depth: int):
+    for _ in range(depth):
         if frame is None:
             return None
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
+        if isinstance(candidate, kind):
             return candidate
         frame = frame.f_back
     return None

@@ -119,3 +119,18 @@ def test_only_the_main_process_shows_progress(monkeypatch):
     display.update(Progress(samples=1))
     display.close()
     assert out.getvalue() == ""
+
+
+def test_a_target_in_flops_is_shown_in_flops_as_every_unit_an_amount_takes_is():
+    """stop_at="1e18flop" (docs/schedule.md) on the display: once a KeyError out of training."""
+    from stream_metrics import amount, display as display_module
+
+    assert set(display_module._UNIT_WORDS) == set(amount.UNITS)
+    out = io.StringIO()
+    display = ProgressDisplay(targets="1.5e18flop", file=out, every_seconds=0)
+    for t in range(3):
+        display.update(Progress(step=t, samples=32 * t, tokens=2000 * t, epoch=0.0, wall_clock=float(t),
+                                epoch_source="none", flops=2.5e17 * t))
+    display.close()
+    last = out.getvalue().splitlines()[-1]
+    assert last.endswith("| 33% of 1.5e+18 FLOPs | ETA 0:00:04"), last

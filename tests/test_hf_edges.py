@@ -1,0 +1,91 @@
+"""The Trainer used the way people use it beyond one clean train(): a train() that raised and is run
+again, auto_find_batch_size's retry, evaluate()'s returned metrics, eval_every without an eval set.
+
+Counts are checked against what the data holds (test_hf.consumed); MLflow's SQLite store is read back.
+"""
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+from transformers import TrainerCallback
+
+import tiny
+from streaming_trainer import build_trainer
+from test_hf import consumed
+
+from stream_metrics.hf import StreamMetricsCallback
+
+pytestmark = pytest.mark.slow
+
+
+class RaiseOnce(TrainerCallback):
+    """Raise ``error`` once, at the step given: a Ctrl-C in a notebook, or an out-of-memory error."""
+
+    def __init__(self, error: BaseException, at_step: int):
+        self.error, self.at_step = error, at_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.error is not None and state.global_step == self.at_step:
+            error, self.error = self.error, None
+            raise error
+
+
+def runs_by_status(uri) -> dict[str, list[float]]:
+    """Each MLflow run's status -> the samples of its rows (every run of the Default experiment)."""
+    client = MlflowClient(uri)
+    out: dict[str, list[float]] = {}
+    for run in client.search_runs(["0"]):
+        history = client.get_metric_history(run.info.run_id, "progress/samples")
+        out.setdefault(run.info.status, []).append(max((m.value for m in history), default=None))
+    return out
+
+
+@pytest.mark.parametrize("how", ["train-again", "auto_find_batch_size"])
+def test_a_train_that_raised_then_runs_again_counts_each_batch_once(workdir, corpus, how):
+    """The first train() ends without on_train_end (its forward hook stays): the next one must not count twice."""
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    callback = StreamMetricsCallback(backend=["mlflow"], mlflow={"tracking_uri": uri})
+    if how == "train-again":  # interrupted at step 2 of a notebook's train(); train() is called again
+        raiser = RaiseOnce(KeyboardInterrupt(), at_step=2)
+        extra = {}
+    else:  # the Trainer's own retry after an out-of-memory error, with a smaller batch (accelerate's rule)
+        raiser = RaiseOnce(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), at_step=0)
+        extra = {"auto_find_batch_size": True}
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=7, batch_size=8, grad_accum=2, logging_steps=3,
+                               callbacks=[callback, raiser], data=corpus["paths"], **extra)
+    if how == "train-again":
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    trainer.train()
+    batch_size = trainer._train_batch_size
+    assert batch_size == 8 if how == "train-again" else batch_size < 8  # accelerate's retry: 8 * 0.9 -> 7
+    samples, tokens, _ = consumed(corpus["texts"], batch_size, 2, 7)
+    progress = callback.run.last_progress
+    assert (progress.step, progress.samples, progress.tokens) == (7, samples, tokens)
+    stored = runs_by_status(uri)
+    assert stored["FINISHED"] == [samples]  # the run the completed train() logged to
+    assert list(stored) == ["FINISHED", "FAILED"] or list(stored) == ["FAILED", "FINISHED"], stored
+
+
+def test_evaluate_returns_the_trainers_own_metrics_while_the_history_gets_our_axes(workdir, corpus):
+    """hyperparameter_search's default objective sums what evaluate() returns (less epoch and timings)."""
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=3, batch_size=8, data=corpus["paths"],
+                               callbacks=[StreamMetricsCallback(backend="none")], per_device_eval_batch_size=8)
+    trainer.eval_dataset = tiny.streaming_dataset(corpus["paths"][:1], tiny.byte_tokenizer())
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert sorted(metrics) == ["epoch", "eval_loss", "eval_runtime", "eval_samples_per_second",
+                               "eval_steps_per_second"]
+    samples, tokens, _ = consumed(corpus["texts"], 8, 2, 3)
+    entry = trainer.state.log_history[-1]
+    assert (entry["samples"], entry["tokens"], entry["epoch"]) == (samples, tokens, metrics["epoch"])
+    assert entry["eval_loss"] == metrics["eval_loss"]
+
+
+def test_eval_every_without_an_eval_dataset_is_refused_before_the_first_step(workdir, corpus):
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=3, batch_size=8, data=corpus["paths"],
+                               callbacks=[StreamMetricsCallback(backend="none", eval_every="20sp")])
+    with pytest.raises(ValueError, match=r"eval_every='20sp'\) evaluates on the Trainer's eval_dataset, and this "
+                                         r"Trainer has none: pass eval_dataset= to the Trainer, or leave eval_every"):
+        trainer.train()
+    assert trainer.state.global_step == 0

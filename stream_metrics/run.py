@@ -310,8 +310,11 @@ class Run:
         if self.tracking.active:
             try:
                 progress, last = (self.tally.sync() if distributed.world_size() == 1 else self.tally.latest), self._last
-                if (progress.samples, progress.tokens, progress.loss_tokens, progress.step) != (
-                        last.samples, last.tokens, last.loss_tokens, last.step):
+                # The epoch too: a pass that ended after the last row (the loop's last batch) makes
+                # the epoch whole and its source 'pass' without another sample.
+                if (progress.samples, progress.tokens, progress.loss_tokens, progress.step, progress.epoch,
+                        progress.epoch_source) != (last.samples, last.tokens, last.loss_tokens, last.step,
+                                                   last.epoch, last.epoch_source):
                     self.tracking.submit_row(progress.axes(), progress)
                     self._last = progress
             except Exception:

@@ -66,10 +66,7 @@ class Tracking:
             metrics, int(time.time() * 1000))
         for d in self.deliveries:
             d.submit("rows", row)
-        if progress.epoch_source != self.epoch_source:
-            self.epoch_source = progress.epoch_source
-            for d in self.deliveries:
-                d.submit("tags", {schema.TAG_EPOCH_SOURCE: progress.epoch_source})
+        self._follow_epoch_source(progress)
         if self.progress_file is not None:
             # The wall-clock of the latest row, beside the checkpoints (progress.py says why).
             self.progress_file.write({d.backend.name: d.backend.run_id for d in self.deliveries if d.backend.run_id},
@@ -80,6 +77,14 @@ class Tracking:
         row = Row(progress.axes(), int(time.time() * 1000))
         for d in self.deliveries:
             d.submit("summary", (figures, row))
+        self._follow_epoch_source(progress)
+
+    def _follow_epoch_source(self, progress: Progress) -> None:
+        """The epoch-source tag says how the epoch of the latest row (or summary row) was estimated."""
+        if progress.epoch_source != self.epoch_source:
+            self.epoch_source = progress.epoch_source
+            for d in self.deliveries:
+                d.submit("tags", {schema.TAG_EPOCH_SOURCE: progress.epoch_source})
 
     def ids(self, timeout: float, epoch_source: str) -> dict[str, str]:
         """The runs' ids, once open (waits up to ``timeout`` seconds for each)."""

@@ -89,3 +89,18 @@ def test_eval_every_without_an_eval_dataset_is_refused_before_the_first_step(wor
                                          r"Trainer has none: pass eval_dataset= to the Trainer, or leave eval_every"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_the_epoch_source_tag_follows_a_pass_that_ended_after_the_last_training_row(workdir):
+    """22 examples, batches of 4: rows at steps 3 and 6 (epoch source 'none'), the pass ends while step 7
+    fetches, training ends at step 8; the final (summary) row's epoch is measured from the pass."""
+    paths = tiny.write_corpus(str(workdir / "data"), files=1, lines_per_file=(22,))
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    callback = StreamMetricsCallback(backend=["mlflow"], mlflow={"tracking_uri": uri})
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=8, batch_size=4, grad_accum=1, logging_steps=3,
+                               callbacks=[callback], data=paths)
+    trainer.train()
+    run = MlflowClient(uri).get_run(callback.run.run_ids["mlflow"])
+    assert run.data.metrics["progress/samples"] == 4 * 8 - 2  # the pass's last batch holds 2
+    assert run.data.metrics["progress/epoch"] == pytest.approx(30 / 22)
+    assert run.data.tags["stream_metrics.epoch_source"] == "pass"

@@ -196,3 +196,19 @@ def test_bad_settings_fail_at_init_with_the_fix(workdir):
         stream_metrics.init(backend="none", gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="mlflow_step='epoch'"):
         stream_metrics.init(backend="none", mlflow_step="epoch")
+
+
+def test_a_run_that_ends_with_its_pass_stores_the_whole_epoch_and_its_source(workdir, mlflow_uri):
+    """The README's loop over one pass, a row every 4 batches of a pass of 8: the pass ends after the last
+    row, changing only the epoch (0 -> 1) and its source (none -> pass); finish() must store them."""
+    texts = [{"text": f"text {i}"} for i in range(80)]
+    with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:
+        for i, _ in enumerate(run.iterate(texts_loader(texts)), start=1):
+            if i % 4 == 0:
+                run.log({"loss": 1.0 / i})
+        ids = run.run_ids
+    rows = mlflow_rows(mlflow_uri, ids["mlflow"])
+    assert [(r["progress/samples"], r["progress/epoch"]) for r in rows][-1] == (80, 1.0)
+    assert MlflowClient(mlflow_uri).get_run(ids["mlflow"]).data.tags["stream_metrics.epoch_source"] == "pass"
+    [folder] = wandb_run_dirs(workdir)
+    assert [(r["progress/samples"], r["progress/epoch"]) for r in wandb_rows(folder)][-1] == (80, 1.0)

@@ -45,6 +45,7 @@ except ImportError as exc:  # one sentence naming the extra to install
 
 from . import conventions, distributed, flops, schema
 from .amount import as_amount
+from .backends import backend_names
 from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
@@ -148,9 +149,12 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if handler is None:
             return
         self._handler = handler
+        # backend="auto" logs to what report_to names, so it takes every integration over; a backend list
+        # takes over its own only (report_to's others go on logging as the Trainer set them up).
+        ours = None if self.backend == "auto" else backend_names(self.backend)
         for i, cb in enumerate(handler.callbacks):
             name = replaced_by(cb)
-            if name:
+            if name and (ours is None or name in ours):
                 handler.callbacks[i] = taken = TakenOver(cb)  # replaced in place: the handler is iterating
                 if name not in self._taken_over:
                     self._taken_over.append(name)

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from transformers import TrainerCallback
 
 import tiny
+from conftest import wandb_rows, wandb_run_dirs
 from streaming_trainer import build_trainer
 from test_hf import consumed
 
@@ -104,3 +105,21 @@ def test_the_epoch_source_tag_follows_a_pass_that_ended_after_the_last_training_
     assert run.data.metrics["progress/samples"] == 4 * 8 - 2  # the pass's last batch holds 2
     assert run.data.metrics["progress/epoch"] == pytest.approx(30 / 22)
     assert run.data.tags["stream_metrics.epoch_source"] == "pass"
+
+
+def test_a_backend_list_takes_over_only_its_own_integrations(workdir, corpus, monkeypatch):
+    """report_to=["wandb", "mlflow"] with backend="mlflow": MLflow is ours (one run), W&B stays the Trainer's."""
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where the Trainer's own MLflowCallback would log too
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=4, batch_size=8, logging_steps=2, data=corpus["paths"],
+                               callbacks=[StreamMetricsCallback(backend="mlflow")], report_to=["wandb", "mlflow"])
+    trainer.train()
+    import wandb
+
+    wandb.finish()  # the Trainer's WandbCallback leaves its run open
+    client = MlflowClient(uri)
+    [run] = client.search_runs(["0"])
+    assert "progress/samples" in run.data.metrics
+    [folder] = wandb_run_dirs(workdir)
+    rows = wandb_rows(folder)
+    assert [row["train/global_step"] for row in rows if "train/loss" in row] == [2, 4]  # the Trainer's own rows

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import weakref
 
 import torch
@@ -50,8 +51,8 @@ from .display import ProgressDisplay
 from .layout import detect as detect_layout
 from .run import Run
 from .schedule import Every, StepSchedules
-from .takeover import (TakenOver, auto_backends, handler_from_stack, is_the_trainers_own, replaced_by,
-                       trainer_from_stack)
+from .takeover import (TakenOver, auto_backends, handler_from_stack, is_the_trainers_own, local_up_the_stack,
+                       replaced_by, trainer_from_stack)
 
 log = logging.getLogger("stream_metrics")
 
@@ -67,6 +68,12 @@ def _share_state(callback: "StreamMetricsCallback", original: "StreamMetricsCall
     options that are not JSON). Sharing the attributes keeps one callback, whichever object is asked.
     """
     callback.__dict__ = original.__dict__
+
+
+def _replaced_callback(frame) -> "StreamMetricsCallback | None":
+    """The callback ``restore_callback_states_from_checkpoint`` replaces: transformers' ``_load_callback_state``
+    builds the successor as ``type(callback)(**args)``, with the Trainer's own callback in ``callback``."""
+    return local_up_the_stack("callback", StreamMetricsCallback, frame, 3)
 
 
 class StreamMetricsCallback(TrainerCallback, ExportableState):
@@ -100,7 +107,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                  finish_on_train_end: bool = True, saved_state: dict | None = None, eval_every=None,
                  save_every=None, stop_at=None, progress: bool | None = None, rewrite_logs: bool = True,
                  restored: bool = False, **options):
-        original = StreamMetricsCallback._latest() if restored and StreamMetricsCallback._latest else None
+        original = None
+        if restored:  # the callback this one succeeds; else the last one built (another caller's restore)
+            original = _replaced_callback(sys._getframe(1)) or (
+                StreamMetricsCallback._latest() if StreamMetricsCallback._latest else None)
         if original is not None:
             _share_state(self, original)
             return

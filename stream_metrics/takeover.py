@@ -58,21 +58,22 @@ def handler_from_stack() -> CallbackHandler | None:
     callbacks out (so every metric is logged once) and finding the Trainer's progress bar. Its
     ``call_event`` is a few frames up, as ``self``; None when it is not (then nothing is taken over).
     """
-    return _self_up_the_stack(CallbackHandler, sys._getframe(1), 8)
+    return local_up_the_stack("self", CallbackHandler, sys._getframe(1), 8)
 
 
 def trainer_from_stack():
     """The Trainer whose event is being handled (a few frames above the handler), or None."""
     from transformers import Trainer
 
-    return _self_up_the_stack(Trainer, sys._getframe(1), 12)
+    return local_up_the_stack("self", Trainer, sys._getframe(1), 12)
 
 
-def _self_up_the_stack(kind: type, frame: FrameType | None, depth: int):
+def local_up_the_stack(name: str, kind: type, frame: FrameType | None, depth: int):
+    """The first local ``name`` of type ``kind`` in ``frame`` and the ``depth - 1`` frames above it, or None."""
     for _ in range(depth):
         if frame is None:
             return None
-        candidate = frame.f_locals.get("self")
+        candidate = frame.f_locals.get(name)
         if isinstance(candidate, kind):
             return candidate
         frame = frame.f_back

@@ -65,8 +65,12 @@ def test_resume_from_a_checkpoint_continues_every_axis_and_the_same_runs(workdir
     ids = cb1.run.run_ids
 
     second, cb2 = trainer(18)
+    # Another Trainer's callback, built later in the process (a probe, a second stage): the restored
+    # callback is still this Trainer's own.
+    other = StreamMetricsCallback(backend="none")
     capsys.readouterr()
     second.train(resume_from_checkpoint=str(out / f"checkpoint-{resume_at}"))
+    assert other.run is None
     resumed = cb2.run.progress
     # The Trainer's printed lines show our figures in the resumed session too (restored callbacks included).
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'loss'")]

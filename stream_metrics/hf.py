@@ -459,10 +459,16 @@ def _json_safe(value) -> bool:
 
 
 def _pad_token_id(processing_class, model):
-    for owner in (processing_class, getattr(processing_class, "tokenizer", None), getattr(model, "config", None)):
+    """The pad token's id; -1 (no token's) where the Trainer's tokenizer has no pad token, so no batch
+    can hold padding by token (GPT-2 with DataCollatorWithFlattening: a one-token example at a row's
+    edge is an example); None where nothing says (every reading of padding stays open)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    for owner in (processing_class, tokenizer, getattr(model, "config", None)):
         pad = getattr(owner, "pad_token_id", None)
         if isinstance(pad, int):
             return pad
+    if tokenizer is not None and hasattr(tokenizer, "pad_token_id") and hasattr(tokenizer, "convert_tokens_to_ids"):
+        return -1
     return None
 
 

@@ -123,3 +123,28 @@ def test_a_backend_list_takes_over_only_its_own_integrations(workdir, corpus, mo
     [folder] = wandb_run_dirs(workdir)
     rows = wandb_rows(folder)
     assert [row["train/global_step"] for row in rows if "train/loss" in row] == [2, 4]  # the Trainer's own rows
+
+
+def test_padding_free_batches_from_a_tokenizer_without_a_pad_token_count_one_token_examples(workdir):
+    """DataCollatorWithFlattening never pads, and marks every example's first label -100: with a tokenizer
+    that has no pad token (GPT-2's), a one-token example first or last in a batch is an example."""
+    import json
+
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    texts = ["a", "stream data token", "b", "model train loss", "step batch", "c", "shard file metric", "d"]
+    path = workdir / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = tiny.byte_tokenizer()
+    tokenizer.pad_token = None  # as GPT-2's
+    assert tokenizer.pad_token_id is None
+    model = tiny.tiny_model()
+    model.config.pad_token_id = None
+    callback = StreamMetricsCallback(backend="none")
+    args = TrainingArguments(str(workdir / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=tiny.streaming_dataset([str(path)], tokenizer),
+                      data_collator=DataCollatorWithFlattening(), processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    progress = callback.run.last_progress
+    assert (progress.samples, progress.tokens) == (len(texts), sum(len(t.encode()) for t in texts)) == (8, 64)

@@ -125,10 +125,14 @@ class FlopCount:
 
     def add(self, batch, tokens: Count | None) -> None:
         """Account for one micro-batch (its padded shape; ``tokens`` where the batch has no ids)."""
+        batch = _as_batch(batch)
         shape = _shape(batch)
         if shape is None:
             if tokens is not None:
                 self.tokens.add(tokens)
+            lengths = _ragged_lengths(batch)
+            if lengths is not None and self.formula.per_pair:  # sequences of their own lengths, each alone
+                self.pairs.add(sum(n * n for n in lengths))
             return
         rows, length = shape
         self.tokens.add(rows * length)
@@ -157,6 +161,29 @@ class FlopCount:
         tokens = sum(w * int(r["flop_tokens"]) for r, w in zip(ranks, weights))
         pairs = sum(w * int(r["flop_pairs"]) for r, w in zip(ranks, weights))
         return self.formula.of_tokens(tokens, pairs)
+
+
+def _as_batch(batch):
+    """A tuple or list batch as the dict its token ids would be in (counting.py reads them alike): the
+    inputs dict of ``(inputs, targets)``, or the ids first in ``(ids, mask, labels)``."""
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if hasattr(first, "get"):
+            return first
+        if isinstance(first, torch.Tensor) and first.dim() >= 2 and not torch.is_floating_point(first):
+            return {"input_ids": first}
+    return batch
+
+
+def _ragged_lengths(batch) -> list[int] | None:
+    """The lengths of a batch of unpadded sequences (1-D token tensors or token lists), or None."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        return None
+    if all(isinstance(seq, torch.Tensor) and seq.dim() == 1 for seq in batch):
+        return [seq.shape[0] for seq in batch]
+    if all(isinstance(seq, (list, tuple)) for seq in batch):
+        return [len(seq) for seq in batch]
+    return None
 
 
 def _shape(batch) -> tuple[int, int] | None:

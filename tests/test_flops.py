@@ -60,6 +60,31 @@ def test_the_formula_equals_flop_counter_mode_for_trained_and_frozen_weights():
         assert run.progress.flops == counter.get_total_flops()
 
 
+def test_tuple_list_and_ragged_batches_count_what_flop_counter_mode_counts():
+    """A DataLoader over a TensorDataset yields [ids, labels]; (inputs, targets) tuples; unpadded sequences."""
+    model = eager(tiny.tiny_model())
+    model.train()
+    ids = torch.randint(2, 250, (3, 40))
+
+    def measured(*sequences):
+        total = 0
+        for seq in sequences:
+            with FlopCounterMode(display=False) as counter:
+                model(input_ids=seq, labels=seq).loss.backward()
+            total += counter.get_total_flops()
+        return total
+
+    padded = measured(ids)
+    ragged = [ids[0, :10], ids[1, :7], ids[2, :4]]
+    cases = [([ids, ids], padded), ((ids, ids), padded), (({"input_ids": ids}, ids), padded),
+             (ragged, measured(*(seq[None] for seq in ragged))),
+             ([seq.tolist() for seq in ragged], measured(*(seq[None] for seq in ragged)))]
+    for batch, truth in cases:
+        with stream_metrics.init(backend="none", model=model) as run:
+            run.update(batch)
+            assert run.progress.flops == truth, type(batch[0])
+
+
 def test_variable_length_attention_counts_squared_example_lengths_without_a_sync():
     from support import SyncCounter
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling

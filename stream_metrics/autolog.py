@@ -131,6 +131,7 @@ def _with_callback(signature, trainer, args, kwargs):
         return args, kwargs
     options = _options or {}
     callback = StreamMetricsCallback(**options)
+    callback.added_by_autolog = True  # gives way to one the user adds later (trainer.add_callback)
     log.info("stream_metrics: autolog gives %s a StreamMetricsCallback(%s)", type(trainer).__name__,
              ", ".join(f"{k}={v!r}" for k, v in options.items()))
     bound.arguments["callbacks"] = [callback, *given]  # a new list: the caller's is left as it was

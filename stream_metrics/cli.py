@@ -239,7 +239,9 @@ def _run(args) -> int:
         print(f"stream-metrics: {exc}", file=sys.stderr)
         return 2
     startup = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_startup")
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != startup]
+    # An empty entry is the current folder to Python (`PYTHONPATH=$PYTHONPATH:/x` makes one): kept.
+    entries = env["PYTHONPATH"].split(os.pathsep) if env.get("PYTHONPATH") else []
+    paths = [p for p in entries if not p or os.path.abspath(p) != startup]
     env["PYTHONPATH"] = os.pathsep.join([startup, *paths])
     sys.stdout.flush()
     sys.stderr.flush()

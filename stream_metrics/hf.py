@@ -135,6 +135,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.finish_on_train_end = finish_on_train_end
         self.saved_state = saved_state  # the state of the last checkpoint (set on restore too)
         self.run: Run | None = None
+        self.added_by_autolog = False
         self._taken_over: list[str] = []
         self._handler: CallbackHandler | None = None
         self._opened_by_evaluate = False  # the run was opened by trainer.evaluate() before train()
@@ -206,9 +207,26 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                              "eval_every out")
 
     # ------------------------------------------------------------------ training
+    def _give_way(self) -> bool:
+        """autolog's callback gives way to a StreamMetricsCallback added to the Trainer after it was built
+        (``trainer.add_callback``): one run per backend, not two. It puts a callback that does nothing
+        in its place (the handler may be iterating its list)."""
+        callbacks = self._handler.callbacks if self._handler is not None else []
+        if not self.added_by_autolog or not any(isinstance(cb, StreamMetricsCallback) and cb.__dict__ is not
+                                                self.__dict__ for cb in callbacks):
+            return False
+        for i, cb in enumerate(callbacks):
+            if cb is self:
+                callbacks[i] = TrainerCallback()
+        log.info("stream_metrics: this Trainer was given a StreamMetricsCallback after autolog gave it one: "
+                 "autolog's steps aside")
+        return True
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        **kwargs):
         self._take_over_integrations()
+        if self._give_way():
+            return
         self._log_first()
         self._check_eval_dataset()
         interrupted = self._hook is not None  # the last train() raised: on_train_end never came
@@ -333,7 +351,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.saved_state = self.run.state_dict()
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
-        if not logs:
+        if not logs or (self.run is None and self._give_way()):
             return
         if self.run is None or self.run.finished:
             # An evaluation outside train(): before it, its row opens the runs at progress 0 and training

@@ -97,10 +97,16 @@ def finish_all(status: str, timeout: float | None = None) -> None:
     """Finish every open run with ``status``, all within ``timeout`` seconds (default: each run's own)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     for run in open_runs():
-        try:
-            run.finish(status, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except Exception:  # one run's failure must not keep the others open
-            log.exception("stream_metrics: could not finish a run at exit")
+        for attempt in range(2):  # a second finish() closes what the first left (it delivers or spills the rest)
+            try:
+                run.finish(status, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                break
+            except Exception as exc:  # one run's failure must not keep the others open
+                if attempt:
+                    log.exception("stream_metrics: could not finish a run at exit")
+                else:  # e.g. torch's SIGCHLD handler raising in the wait: DataLoader workers died of the signal
+                    log.warning("stream_metrics: finishing a run was interrupted (%s: %s); finishing it once more",
+                                type(exc).__name__, exc)
 
 
 # ---------------------------------------------------------------------- interpreter exit
@@ -172,16 +178,34 @@ def _on_signal(number: int, frame) -> None:
             run.flush(max(0.0, deadline - time.monotonic()))
         previous(number, frame)
         return
-    if open_runs():
-        log.warning("stream_metrics: %s received: delivering rows for up to %g s (%s), then the runs end KILLED",
-                    name, timeout, SIGNAL_TIMEOUT_ENV)
-        finish_all("KILLED", timeout)
-    # Hand the signal on, so the process ends (or not) as it would have without us.
-    if callable(previous):
-        previous(number, frame)
-        return
-    signal.signal(number, signal.SIG_DFL)
-    os.kill(os.getpid(), number)
+    # DataLoader workers die of the same signal (a job's whole process group gets it), and torch's
+    # SIGCHLD handler would raise in the middle of the delivery: SIGCHLD waits until the signal is
+    # handed on (a default action ends the process first).
+    blocked = _block_sigchld()
+    try:
+        if open_runs():
+            log.warning("stream_metrics: %s received: delivering rows for up to %g s (%s), then the runs end "
+                        "KILLED", name, timeout, SIGNAL_TIMEOUT_ENV)
+            finish_all("KILLED", timeout)
+        # Hand the signal on, so the process ends (or not) as it would have without us.
+        if callable(previous):
+            previous(number, frame)
+            return
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _block_sigchld():
+    """Block SIGCHLD in this thread; the mask before, or None where signals cannot be masked."""
+    if not hasattr(signal, "pthread_sigmask") or not hasattr(signal, "SIGCHLD"):
+        return None
+    try:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    except (OSError, ValueError):
+        return None
 
 
 def _forget_in_child() -> None:

@@ -58,6 +58,21 @@ def test_a_trainer_given_its_own_callback_gets_no_second(workdir):
     assert [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StreamMetricsCallback)] == [mine]
 
 
+def test_a_callback_added_after_the_trainer_is_built_is_the_one_that_logs(workdir):
+    """trainer.add_callback(StreamMetricsCallback(...)) under autolog (or `stream-metrics run`): one run, not two."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    stream_metrics.autolog(backend="mlflow", mlflow={"tracking_uri": uri})
+    trainer = build(workdir)
+    mine = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": uri}, name="mine")
+    trainer.add_callback(mine)
+    trainer.train()
+    [run] = MlflowClient(uri).search_runs(["0"])
+    assert run.info.run_name == "mine" and run.info.run_id == mine.run.run_ids["mlflow"]
+    assert [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StreamMetricsCallback)] == [mine]
+
+
 def test_disable_undoes_it(workdir):
     stream_metrics.autolog(backend="none")
     stream_metrics.autolog(disable=True)

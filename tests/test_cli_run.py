@@ -153,6 +153,35 @@ def test_a_sitecustomize_already_on_the_path_runs_too(workdir):
     assert "'StreamMetricsCallback'" in out.stdout
 
 
+def test_an_empty_pythonpath_entry_still_means_the_current_folder(workdir):
+    """`export PYTHONPATH=$PYTHONPATH:/x` on an unset variable gives ':/x': Python reads '' as the current folder."""
+    (workdir / "localmod.py").write_text("WHERE = 'here'\n")
+    (workdir / "scripts").mkdir()
+    script = workdir / "scripts" / "train.py"  # a script's own folder is first on sys.path, not the current one
+    script.write_text("import localmod\nprint(localmod.WHERE)\n")
+    out = subprocess.run([*STREAM_METRICS, "run", "--", sys.executable, str(script)],
+                         env={**env(), "PYTHONPATH": os.pathsep + ROOT}, cwd=workdir, capture_output=True, text=True,
+                         timeout=JOB_TIMEOUT)
+    assert out.returncode == 0 and out.stdout.strip() == "here", out.stderr[-3000:]
+
+
+def test_autolog_in_a_script_run_under_stream_metrics_run_gets_one_callback(workdir):
+    """Two import hooks for transformers.trainer (the start-up one, and autolog()'s): no endless recursion."""
+    code = textwrap.dedent("""
+        import stream_metrics
+        stream_metrics.autolog(backend="none")
+        import torch
+        from transformers import Trainer, TrainingArguments
+        trainer = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments("out", report_to="none", use_cpu=True))
+        print("callbacks:", [type(cb).__name__ for cb in trainer.callback_handler.callbacks])
+    """)
+    out = subprocess.run([*STREAM_METRICS, "run", "--backend", "none", "--", sys.executable, "-c", code],
+                         env=env(), cwd=workdir, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    callbacks = out.stdout.split("callbacks:")[1]
+    assert callbacks.count("'StreamMetricsCallback'") == 1, out.stdout
+
+
 @pytest.mark.slow
 def test_trls_command_line_offline(workdir, mlflow_uri):
     """`trl sft` on a local tiny model and a local JSONL file: samples from the data, tokens TRL's own count."""

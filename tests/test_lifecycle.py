@@ -53,6 +53,7 @@ def child_env(**extra) -> dict:
 
 
 def start(workdir, body: str, uri: str, backends=("mlflow", "wandb"), **env) -> subprocess.Popen:
+    """The script in a process group of its own (its pid), as a job a scheduler signals whole."""
     script = workdir / "train.py"
     script.write_text(PRELUDE.format(uri=uri, backends=list(backends)) + textwrap.dedent(body))
     return subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=child_env(**env),
@@ -66,6 +67,7 @@ def _as_from_a_terminal() -> None:
     # rightly leave an ignored signal ignored. The child starts as a program run from a terminal would.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setpgid(0, 0)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
@@ -216,14 +218,37 @@ signal.signal(signal.SIGTERM, own_handler)
 """
 
 
-@pytest.mark.parametrize("own_handler", [False, True], ids=["default", "own-handler"])
+WITH_A_WORKER = """
+from torch.utils.data import DataLoader, IterableDataset
+
+class Endless(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield 0
+
+batches = iter(DataLoader(Endless(), batch_size=2, num_workers=1))
+_step = step
+
+def step(run, i):  # a DataLoader worker feeds the loop, and dies of the job's SIGTERM too
+    next(batches)
+    _step(run, i)
+"""
+
+
+@pytest.mark.parametrize("own_handler, group", [(False, False), (True, False), (False, True)],
+                         ids=["default", "own-handler", "whole-job-with-a-dataloader-worker"])
 def test_sigterm_stores_every_row_logged_closes_the_run_killed_and_still_ends_the_process(
-        workdir, mlflow_uri, own_handler):
-    proc = start(workdir, (OWN_HANDLER if own_handler else "") + SIGTERM_LOOP, mlflow_uri,
-                 STREAM_METRICS_SIGNAL_TIMEOUT=60)
+        workdir, mlflow_uri, own_handler, group):
+    """group: the signal goes to the job's process group (Slurm's scancel, torchrun's teardown), so the
+    DataLoader worker dies with it and torch's SIGCHLD handler raises while the rows are delivered."""
+    proc = start(workdir, (OWN_HANDLER if own_handler else "") + (WITH_A_WORKER if group else "") + SIGTERM_LOOP,
+                 mlflow_uri, STREAM_METRICS_SIGNAL_TIMEOUT=60)
     read_until(proc, lambda line: line == "ready")
     logged = int(read_until(proc, lambda line: int(line) >= 45)[-1])  # rows still lingering in the sender
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code == -signal.SIGTERM, err
     logged = max([logged] + [int(line) for line in out.split()])

@@ -61,18 +61,26 @@ class _AfterImport:
 
     def __init__(self, name: str, then):
         self.name, self.then = name, then
+        self._finding = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        # Another finder of this kind (autolog() under `stream-metrics run`, or two installs' hooks)
+        # asks the finders after it, this one among them: answer None then, or each would ask the
+        # other for ever. The outer one gets the spec with the inner one's loader; both run.
+        if fullname != self.name or self._finding:
             return None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        self._finding = True
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._finding = False
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         self.cancel()  # once: the module is loaded once per process

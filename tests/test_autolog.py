@@ -185,3 +185,21 @@ def test_a_tracking_uri_given_to_the_callback_is_active_during_training_only(wor
     assert run.data.params["my_param"] == "mine"
     assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
     assert mlflow.active_run() is None
+
+
+def test_a_run_the_user_opened_gets_the_rows_and_the_user_ends_it(workdir, monkeypatch):
+    """`with mlflow.start_run(run_name="mine"): trainer.train()`, as with the Trainer's own MLflow integration."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    callback = StreamMetricsCallback(backend="mlflow")
+    trainer = build(workdir, callbacks=[callback])
+    with mlflow.start_run(run_name="mine") as mine:
+        trainer.train()
+        mlflow.log_param("after_training", "yes")  # the user's run is still theirs to use
+        assert MlflowClient(uri).get_run(mine.info.run_id).info.status == "RUNNING"
+    [run] = MlflowClient(uri).search_runs(["0"])
+    assert run.info.run_id == mine.info.run_id == callback.run.run_ids["mlflow"] and run.info.status == "FINISHED"
+    assert run.data.metrics["progress/samples"] == 2 * 2 * 8 and run.data.params["after_training"] == "yes"

@@ -58,6 +58,12 @@ class MLflowBackend(Backend):
         self.step_key = schema.SAMPLES  # the row's axis whose value is its MLflow step (RunInfo's mlflow_step tag)
         self._reopened = False  # the run was there before start(): its stored params are read once
         self._logged_params: dict[str, str] = {}
+        # A run the user opened (mlflow.start_run) in this thread, in this store: the rows go into it,
+        # as the Trainer's own MLflow integration does, and it is the user's to end. Read here, in the
+        # caller's thread: MLflow's active run is the thread's own.
+        active = mlflow.active_run()
+        self._users_run = active.info.run_id if active is not None and absolute_store(
+            mlflow.get_tracking_uri()) == self.store_uri else None
         # Parameter names go through the same sanitising as metric keys, and two config keys never
         # share a name (label2id with non-Latin labels would otherwise fail the whole log_batch).
         self._param_names = KeyMap(what="parameter")
@@ -86,7 +92,8 @@ class MLflowBackend(Backend):
         return self.run_id
 
     def run_to_continue(self, info: RunInfo) -> str | None:
-        return info.run_id or os.environ.get("MLFLOW_RUN_ID") or None  # as the Hugging Face integration
+        # As the Hugging Face integration: MLFLOW_RUN_ID, else the run the user opened.
+        return info.run_id or os.environ.get("MLFLOW_RUN_ID") or self._users_run or None
 
     def _continue(self, run_id: str) -> None:
         run = self.client.get_run(run_id)  # raises where the run does not exist: a clear failure at start
@@ -159,6 +166,8 @@ class MLflowBackend(Backend):
         self.log_rows([Row({**row.metrics, **metrics}, row.timestamp_ms, row.seq)])
 
     def finish(self, status: str) -> None:
+        if self.run_id == self._users_run and status == "FINISHED":
+            return  # the user's `with mlflow.start_run()` ends it (a failure is said at once all the same)
         self.client.set_terminated(self._id(), status=status, end_time=int(time.time() * 1000))
 
     def where(self) -> str:

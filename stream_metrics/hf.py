@@ -171,7 +171,9 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                     self._taken_over.append(name)
                 log.info("stream_metrics: the Trainer's %s is replaced by StreamMetricsCallback, which logs "
                          "to %s with the progress axes, into the process's active run; kept: %s",
-                         type(cb).__name__, name, ", ".join(taken.kept) or "nothing else (it only logged metrics)")
+                         type(cb).__name__, name, ", ".join(taken.kept + (
+                             ["MLFLOW_TAGS (run tags)"] if name == "mlflow" and os.environ.get("MLFLOW_TAGS") else []))
+                         or "nothing else (it only logged metrics)")
 
     def _log_first(self) -> None:
         """Stand right after the Trainer's own callbacks, so every callback that reads a log entry after

@@ -203,3 +203,18 @@ def test_a_run_the_user_opened_gets_the_rows_and_the_user_ends_it(workdir, monke
     [run] = MlflowClient(uri).search_runs(["0"])
     assert run.info.run_id == mine.info.run_id == callback.run.run_ids["mlflow"] and run.info.status == "FINISHED"
     assert run.data.metrics["progress/samples"] == 2 * 2 * 8 and run.data.params["after_training"] == "yes"
+
+
+def test_mlflow_tags_from_the_environment_are_on_the_run(workdir, monkeypatch):
+    """MLFLOW_TAGS, which the Trainer's MLflow integration applies, is applied when the callback takes over."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TAGS", '{"team": "nlp", "release.version": "2.2.0"}')
+    callback = StreamMetricsCallback()
+    build(workdir, callbacks=[callback], report_to="mlflow").train()
+    [run] = MlflowClient(uri).search_runs(["0"])
+    assert run.info.run_id == callback.run.run_ids["mlflow"]
+    assert (run.data.tags["team"], run.data.tags["release.version"]) == ("nlp", "2.2.0")
+    assert run.data.tags["stream_metrics.x_axis"] == "progress/samples"

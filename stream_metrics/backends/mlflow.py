@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import json
 import re
 import time
 
@@ -86,7 +87,7 @@ class MLflowBackend(Backend):
                 self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         elif self._reopened:
             self._continue(self.run_id)
-        self.set_tags(info.tags)
+        self.set_tags(info.tags, user_tags())
         self._log_params(flat_params(info.config))
         assert self.run_id is not None  # set above, or start() raised
         return self.run_id
@@ -156,10 +157,12 @@ class MLflowBackend(Backend):
             self.sender = "thread"
         return sender
 
-    def set_tags(self, tags: dict) -> None:
+    def set_tags(self, tags: dict, users: dict | None = None) -> None:
+        """Our metadata tags (``stream_metrics.<name>``), and ``users`` tags by their own names."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self._id(), tags=[RunTag(schema.tag_name(k), str(v)) for k, v in tags.items()])
+        self.client.log_batch(self._id(), tags=[RunTag(k, str(v)) for k, v in (users or {}).items()] + [
+            RunTag(schema.tag_name(k), str(v)) for k, v in tags.items()])
 
     def log_summary(self, metrics: dict, row: Row) -> None:
         # MLflow has no summary: the figures are logged once, in a row with every axis.
@@ -212,6 +215,22 @@ class MLflowBackend(Backend):
         self._logged_params = dict(self.client.get_run(self._id()).data.params)
         self.set_tags(info.tags)
         self._log_params(flat_params(info.config))
+
+
+def user_tags() -> dict:
+    """The run tags in ``MLFLOW_TAGS`` (a JSON object), as the Trainer's MLflow integration sets them."""
+    text = os.environ.get("MLFLOW_TAGS", "").strip()
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except ValueError:
+        tags = None
+    if not isinstance(tags, dict):
+        warn_once("mlflow-tags", f"MLFLOW_TAGS={text[:80]!r} is not a JSON object of tag names and values "
+                                 "(e.g. '{\"team\": \"nlp\"}'); the run is opened without those tags")
+        return {}
+    return {str(k): v for k, v in tags.items()}
 
 
 class MLflowStoreError(RuntimeError):

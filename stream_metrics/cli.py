@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import sys
 
@@ -105,11 +106,28 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command in ("compare", "show", "check"):
+        # Reading a server that does not answer: a few retries, not MLflow's minutes of them (a
+        # user's own settings win).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     try:
         return {"compare": _compare, "show": _show, "check": _check, "replay": _replay, "run": _run}[args.command](args)
     except comparing.CompareError as exc:
         print(f"stream-metrics: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else 1  # check: 1 means "read, and not conformant"
+    except Exception as exc:  # a store that cannot be read (a server away): one sentence, no password
+        if type(exc).__module__.split(".")[0] not in ("mlflow", "requests", "urllib3", "sqlalchemy"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"stream-metrics: could not read the runs ({type(exc).__name__}: {_no_credentials(first)[:300]}); "
+              "check the tracking URI and that its server answers", file=sys.stderr)
+        return 2 if args.command == "check" else 1
+
+
+def _no_credentials(text: str) -> str:
+    """``text`` with any ``user:password@`` in a URL taken out."""
+    return re.sub(r"//[^/@\s]+@", "//", text)
 
 
 def _compare(args) -> int:

@@ -192,3 +192,24 @@ def test_a_check_that_cannot_be_made_exits_2_with_one_sentence(workdir, mlflow_u
     MlflowClient(mlflow_uri).create_experiment("exists")  # the store is there, the run is not
     code, lines = run_check(capsys, *args, "--mlflow-uri", mlflow_uri)
     assert code == 2 and message in lines[-1], lines
+
+
+def test_a_server_that_does_not_answer_is_one_sentence_without_the_password_in_bounded_time(workdir):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env["PYTHONPATH"] = ROOT
+    for command in (["check", "0123456789abcdef"], ["compare", "0123456789abcdef"]):
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "stream_metrics", *command, "--mlflow-uri",
+                              f"http://alice:s3cretpw@127.0.0.1:{port}"], env=env, capture_output=True, text=True,
+                             timeout=240)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == (2 if command[0] == "check" else 1), out.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("stream-metrics: could not read the runs"), lines[-5:]
+        assert "s3cretpw" not in out.stderr and "alice" not in out.stderr
+        assert time.monotonic() - started < 120  # MLflow's own retries took 500 s

@@ -216,6 +216,8 @@ class Run:
         ...     json.dump(state, open("stream_metrics.json", "w"))
         """
         progress = self.tally.sync("state_dict")
+        if self.tracking.started:
+            self.tracking.deliver_before_checkpoint()
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "library_version": __version__,
             "progress": progress.to_dict(),

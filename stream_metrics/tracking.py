@@ -19,6 +19,10 @@ from .progress import Progress, ProgressFile
 log = logging.getLogger("stream_metrics")
 
 
+#: The longest a checkpoint waits for the rows before it to be delivered (Tracking.deliver_before_checkpoint).
+CHECKPOINT_WAIT = 5.0
+
+
 class Tracking:
     """The backends' runs of one ``Run``: empty (``active`` False) on ranks other than the main one."""
 
@@ -108,6 +112,15 @@ class Tracking:
 
     def flush(self, timeout: float) -> bool:
         return all([d.flush(timeout) for d in self.deliveries])
+
+    def deliver_before_checkpoint(self, timeout: float = CHECKPOINT_WAIT) -> None:
+        """The rows logged before a checkpoint go out before it is kept: a kill right after it
+        (SIGKILL, out of memory) would lose them, and the resumed run writes only the rows after it.
+        A short wait in all, skipped for a backend that is failing (its rows are held and saved)."""
+        deadline = time.monotonic() + timeout
+        for d in self.deliveries:
+            if not d.failing:
+                d.flush(max(0.0, deadline - time.monotonic()))
 
     def close(self, status: str, timeout: float) -> None:
         """Deliver what is queued and end every run (all at once, one deadline); report what was not."""

@@ -422,3 +422,20 @@ def test_signal_handlers_are_installed_only_while_a_run_is_open_in_the_main_thre
         opened[0].finish()
     finally:
         signal.signal(signal.SIGINT, before[signal.SIGINT])
+
+
+def test_a_kill_right_after_a_checkpoint_loses_no_row_logged_before_it(workdir, mlflow_uri):
+    """The resumed run writes only the rows after its checkpoint again: every row before it must be stored."""
+    proc = start(workdir, """
+        import json
+        run = init()
+        for i in range(1, 301):
+            step(run, i)
+            time.sleep(0.005)  # paced like training: the sender batches what comes within its window
+        json.dump(run.state_dict(), open("checkpoint.json", "w"))
+        os.kill(os.getpid(), signal.SIGKILL)  # an out-of-memory kill right after the checkpoint
+        """, mlflow_uri, backends=("mlflow",))
+    code, out, err = finish(proc)
+    assert code == -signal.SIGKILL, err
+    run = the_mlflow_run(mlflow_uri)
+    assert stored_samples(mlflow_uri, run.info.run_id) == every_row(300)

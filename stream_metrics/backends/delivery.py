@@ -107,6 +107,11 @@ class Delivery:
         finally:
             self._hurry(False)
 
+    @property
+    def failing(self) -> bool:
+        """The backend's last attempt failed (its rows are held, retried, and saved at the end)."""
+        return self._last_error is not None
+
     def _hurry(self, on: bool) -> None:
         with self._lock:
             self._retry_now = on  # no backoff, no lingering while someone waits

@@ -236,6 +236,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self._hook.remove()  # or every batch would be counted twice from now on
             self._hook = None
         resume = self._resume_state(state)
+        if self._opened_by_evaluate and resume is not None and self.run is not None and not self.run.finished:
+            log.warning("stream_metrics: trainer.evaluate() before train(resume_from_checkpoint=...) logged to runs "
+                        "of its own (%s), at progress 0 and with the weights before the checkpoint's were loaded; "
+                        "the resumed training continues the checkpoint's runs", self.run.run_ids)
         if self._opened_by_evaluate and resume is None and self.run is not None and not self.run.finished:
             # trainer.evaluate() before train() opened the runs at progress 0: training goes on in them.
             self.run.watch(train_dataloader)
@@ -327,6 +331,12 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self._step(state)
         self._apply_schedules(control, state.global_step)
         self._take_state("step_end", control)
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        # trainer.predict() logs nothing itself (the Trainer's W&B integration logged its test_* figures
+        # here): they go into the run as test/<name>, the dict predict() returns left as it is.
+        if metrics:
+            self.on_log(args, state, control, logs=dict(metrics), **kwargs)
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self.run is not None and not self.run.finished:

@@ -148,3 +148,21 @@ def test_padding_free_batches_from_a_tokenizer_without_a_pad_token_count_one_tok
     trainer.train()
     progress = callback.run.last_progress
     assert (progress.samples, progress.tokens) == (len(texts), sum(len(t.encode()) for t in texts)) == (8, 64)
+
+
+def test_predict_metrics_go_into_the_run_and_predict_returns_them_unchanged(workdir, corpus):
+    """trainer.predict() only fires on_predict (the Trainer's W&B integration logged test/* there)."""
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    callback = StreamMetricsCallback(backend=["mlflow"], mlflow={"tracking_uri": uri})
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=3, batch_size=8, data=corpus["paths"],
+                               callbacks=[callback], per_device_eval_batch_size=8)
+    trainer.train()
+    output = trainer.predict(tiny.streaming_dataset(corpus["paths"][:1], tiny.byte_tokenizer()))
+    assert sorted(output.metrics) == ["test_loss", "test_runtime", "test_samples_per_second",
+                                      "test_steps_per_second"]
+    callback.run.finish()
+    [run] = MlflowClient(uri).search_runs(["0"])
+    assert run.data.metrics["test/loss"] == pytest.approx(output.metrics["test_loss"])
+    samples, _, _ = consumed(corpus["texts"], 8, 2, 3)
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "test/loss")
+    assert [point.step for point in history] == [samples]  # where training ended (mlflow_step: samples)

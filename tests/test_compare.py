@@ -291,3 +291,40 @@ def test_every_axis_in_the_schema_is_an_axis_to_compare_on(capsys):
     assert main(["compare", "--help"]) == 0
     # a new axis in schema.py (flops) needs no change to the command
     assert "--axis {" + ",".join(schema.AXES) + "}" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+def test_a_run_logged_without_stream_metrics_is_left_out_of_an_experiment_with_a_note(workdir, mlflow_uri, capsys):
+    from mlflow import MlflowClient
+
+    train(8, "mlflow", mlflow_uri)
+    train(32, "mlflow", mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    baseline = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id, run_name="baseline")
+    for step in range(5):  # plain mlflow.log_metric: no progress axes
+        client.log_metric(baseline.info.run_id, "train/loss", 2.0 - step / 10, step=step)
+    assert main(["compare", "--experiment", EXPERIMENT, "--mlflow-uri", mlflow_uri, "--out", "out", "--no-png"]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline has no progress/samples beside train/loss (no progress axes: not logged by stream_metrics): " \
+           "left out" in printed
+    with open("out/table.csv", newline="") as f:
+        assert {row["run"] for row in csv.DictReader(f)} == {"bs8", "bs32"}
+
+
+def test_the_page_data_is_strict_json_with_an_infinite_loss_and_draws_no_spread_of_points(workdir, mlflow_uri):
+    """A browser's JSON.parse refuses NaN and Infinity, and Math.min(...xs) overflows past ~125k points."""
+    with stream_metrics.init(backend="mlflow", name="spike", mlflow={"tracking_uri": mlflow_uri}) as run:
+        for i in range(1, 9):
+            run.update(samples=2)
+            run.log({"train/loss": math.inf if i == 4 else 1.0 / i})
+    assert main(["compare", "spike", "--mlflow-uri", mlflow_uri, "--out", "out", "--no-png", "--at", "7"]) == 0
+    page = open("out/compare.html", encoding="utf-8").read()
+    start = page.index('id="stream-metrics-data">') + len('id="stream-metrics-data">')
+    text = page[start:page.index("</script>", start)].replace("<\\/", "</")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads(text, parse_constant=refuse)
+    [line] = data["lines"]["train/loss"]
+    assert line["x"] == [2, 4, 6, 10, 12, 14, 16] and all(math.isfinite(y) for y in line["y"])
+    assert "Math.min(..." not in page and "Math.max(..." not in page

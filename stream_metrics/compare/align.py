@@ -63,14 +63,23 @@ def compare(runs: list[RunHistory], metrics=(DEFAULT_METRIC,), axis: str = "samp
             raise CompareError(f"no run has the metric {metric!r} (they have: {', '.join(known) or 'no metrics'})")
         notes += [f"{run.label} has no {metric}" for run in runs if run not in having]
         lines[metric] = []
+        unplaced = []
         for run in having:
             x, y = run.points(metric, axis_key)
             if not x:
-                has = [name for name, key in schema.AXES.items() if any(key in row for row in run.rows)]
+                unplaced.append(run)
+                continue
+            lines[metric].append(Line(run.label, x, y, smoothed(x, y, smooth) if smooth else None))
+        for run in unplaced:
+            has = [name for name, key in schema.AXES.items() if any(key in row for row in run.rows)]
+            if not lines[metric] or has:  # a stream_metrics run without this axis: the user picks another
                 raise CompareError(f"run {run.label!r} has no {axis_key} beside {metric}, so it cannot be placed on "
                                    f"the {axis_key[len(schema.AXIS_PREFIX):]} axis: choose another --axis "
-                                   f"(it has {', '.join(has) or 'none'})")
-            lines[metric].append(Line(run.label, x, y, smoothed(x, y, smooth) if smooth else None))
+                                   f"(it has {', '.join(has) or 'none: it was not logged by stream_metrics'})")
+            # A run logged without stream_metrics (in an experiment compared whole) leaves the others
+            # comparable: it is left out, and the table says so.
+            notes.append(f"{run.label} has no {axis_key} beside {metric} (no progress axes: not logged by "
+                         "stream_metrics): left out")
         reached_by_all = min(line.x[-1] for line in lines[metric])
         for amount in sorted({*amounts_on(axis_key, at), float(reached_by_all)}):
             for line in lines[metric]:

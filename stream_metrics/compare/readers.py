@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -187,13 +188,18 @@ class _MlflowReader:
             for point in self.client.get_metric_history(run_id, key):
                 row = latest.setdefault(point.step, {})
                 if key not in row or point.timestamp >= row[key][0]:
-                    row[key] = (point.timestamp, point.value)
+                    row[key] = (point.timestamp, _stored_value(point.value))
         tags = {k[len(schema.TAG_PREFIX):]: v for k, v in run.data.tags.items() if k.startswith(schema.TAG_PREFIX)}
         steps = sorted(latest)
         return RunHistory(run_id=run_id, name=run.info.run_name or "", backend="mlflow",
                           where=redact_uri(self.uri),
                           rows=[{k: v for k, (_, v) in latest[step].items()} for step in steps],
                           tags=tags, steps=steps)
+
+
+def _stored_value(value: float) -> float:
+    """A value as logged: MLflow's SQL store keeps +/-inf as +/- the largest float, read back as inf."""
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
 
 
 def wandb_files(ref: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 from importlib import resources
 
 from .. import schema
@@ -116,15 +117,33 @@ def html_data(comparison: Comparison, log_x: bool = False, log_y: bool = False) 
         "log_x": log_x, "log_y": log_y,
         "runs": [{"label": r.label, "name": r.name, "run_id": r.run_id, "backend": r.backend, "where": r.where}
                  for r in comparison.runs],
-        "lines": {metric: [{"run": line.run, "x": line.x, "y": line.y, "smoothed": line.smoothed}
-                           for line in comparison.lines[metric]] for metric in comparison.metrics},
+        "lines": {metric: [_finite_points(line) for line in comparison.lines[metric]] for metric in comparison.metrics},
         "table": comparison.table,
     }
 
 
+def _no_infinities(value):
+    """``value`` with NaN and infinities (the table's, a smoothed point's) as null: JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _no_infinities(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_infinities(v) for v in value]
+    return value
+
+
+def _finite_points(line) -> dict:
+    """A line's points the page can draw: JSON has no NaN or infinity (its parser refuses the page's
+    data), and a chart has no place for them; the table keeps every stored value."""
+    keep = [i for i, (x, y) in enumerate(zip(line.x, line.y)) if math.isfinite(x) and math.isfinite(y)]
+    return {"run": line.run, "x": [line.x[i] for i in keep], "y": [line.y[i] for i in keep],
+            "smoothed": None if line.smoothed is None else [line.smoothed[i] for i in keep]}
+
+
 def write_html(comparison: Comparison, path: str, log_x: bool = False, log_y: bool = False) -> None:
     """A single page with no outside resources: the data as JSON, drawn as SVG by a small script."""
-    data = json.dumps(html_data(comparison, log_x, log_y)).replace("</", "<\\/")
+    data = json.dumps(_no_infinities(html_data(comparison, log_x, log_y)), allow_nan=False).replace("</", "<\\/")
     tables = []
     for metric in comparison.metrics:
         header, body = _grid(comparison, metric)

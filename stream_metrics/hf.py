@@ -253,6 +253,11 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.run = self._new_run(args, model=model, processing_class=processing_class, dataset=train_dataloader,
                                      resume=resume)
         self._opened_by_evaluate = False
+        if resume is not None and state.global_step > 0:
+            # Where the Trainer starts the data again: from the start (ignore_data_skip), or past the
+            # batches of the steps done, in this session's batch size (which may not be the checkpoint's).
+            self.run.resume_data_at(0 if args.ignore_data_skip else state.global_step * args.gradient_accumulation_steps
+                                    * args.per_device_train_batch_size * max(1, args.world_size))
         self._sized = self.run.probe.length is not None
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)

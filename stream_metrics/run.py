@@ -351,6 +351,15 @@ class Run:
         """The exact epoch, where the caller knows it (the Trainer on a sized dataset): ``sized`` source."""
         self.estimator.sized_epoch = float(epoch)
 
+    def resume_data_at(self, rows: int) -> None:
+        """The data this session reads starts ``rows`` rows into the pass (a resume that skips another
+        amount than the checkpoint read: the Trainer's ``ignore_data_skip``, or another batch size):
+        the first pass measured from here counts the samples before it in that proportion."""
+        saved = self.tally.base_rows
+        if rows != saved and self.estimator.pass_size is None and self.estimator.passes == 0:
+            samples = self.estimator.samples_at_start
+            self.estimator.samples_at_start = round(samples * rows / saved) if saved else rows
+
     def watch_passes(self) -> None:
         """Say that the end of every pass over the data will be reported (``end_pass()``), so the
         estimate may rely on it, even before the first pass has ended."""

@@ -1,16 +1,20 @@
 """The Trainer used the way people use it beyond one clean train(): a train() that raised and is run
-again, auto_find_batch_size's retry, evaluate()'s returned metrics, eval_every without an eval set.
+again, auto_find_batch_size's retry, evaluate()'s and predict()'s metrics, eval_every without an eval
+set, a pass that ends after the last row, a backend list beside report_to, a tokenizer without a pad
+token, a resume that reads the data from elsewhere.
 
 Counts are checked against what the data holds (test_hf.consumed); MLflow's SQLite store is read back.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 from mlflow import MlflowClient
 from transformers import TrainerCallback
 
 import tiny
-from conftest import wandb_rows, wandb_run_dirs
+from conftest import wandb_rows
 from streaming_trainer import build_trainer
 from test_hf import consumed
 
@@ -116,11 +120,12 @@ def test_a_backend_list_takes_over_only_its_own_integrations(workdir, corpus, mo
     trainer.train()
     import wandb
 
+    # The Trainer's own run, wherever W&B's process-wide settings put it (an earlier test's WANDB_DIR).
+    folder = os.path.dirname(wandb.run.dir)
     wandb.finish()  # the Trainer's WandbCallback leaves its run open
     client = MlflowClient(uri)
     [run] = client.search_runs(["0"])
     assert "progress/samples" in run.data.metrics
-    [folder] = wandb_run_dirs(workdir)
     rows = wandb_rows(folder)
     assert [row["train/global_step"] for row in rows if "train/loss" in row] == [2, 4]  # the Trainer's own rows
 
@@ -166,3 +171,29 @@ def test_predict_metrics_go_into_the_run_and_predict_returns_them_unchanged(work
     samples, _, _ = consumed(corpus["texts"], 8, 2, 3)
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "test/loss")
     assert [point.step for point in history] == [samples]  # where training ended (mlflow_step: samples)
+
+
+@pytest.mark.parametrize("change", ["ignore_data_skip", "batch-size"])
+def test_a_resume_that_reads_the_data_from_elsewhere_measures_the_pass_from_there(workdir, change):
+    """22 examples; 3 steps of 4 and a checkpoint (12 samples). The resumed session reads the stream again
+    from its start (ignore_data_skip), or past 3 batches of 2 (6 examples, with batches of 2)."""
+    paths = tiny.write_corpus(str(workdir / "data"), files=1, lines_per_file=(22,))
+    uri = f"sqlite:///{workdir}/mlflow.db"
+
+    def trainer(steps, batch_size, **extra):
+        callback = StreamMetricsCallback(backend=["mlflow"], mlflow={"tracking_uri": uri})
+        t, _ = build_trainer(str(workdir / "out"), max_steps=steps, batch_size=batch_size, grad_accum=1,
+                             logging_steps=1, save_steps=3, callbacks=[callback], data=paths, **extra)
+        return t, callback
+
+    trainer(3, 4)[0].train()
+    if change == "ignore_data_skip":  # the whole pass (6 batches of 4, the last of 2), then one batch more
+        second, callback = trainer(3 + 7, 4, ignore_data_skip=True)
+        samples = 12 + 22 + 4
+    else:  # examples 6..21 in 8 batches of 2, then one batch more
+        second, callback = trainer(3 + 9, 2)
+        samples = 12 + 16 + 2
+    second.train(resume_from_checkpoint=str(workdir / "out" / "checkpoint-3"))
+    progress = callback.run.last_progress
+    assert (progress.samples, progress.epoch_source) == (samples, "pass")
+    assert progress.epoch == pytest.approx(samples / 22)  # the pass holds 22 examples

@@ -253,11 +253,12 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.run = self._new_run(args, model=model, processing_class=processing_class, dataset=train_dataloader,
                                      resume=resume)
         self._opened_by_evaluate = False
-        if resume is not None and state.global_step > 0:
+        if resume is not None and state.global_step > 0 and (args.ignore_data_skip or distributed.world_size() == 1):
             # Where the Trainer starts the data again: from the start (ignore_data_skip), or past the
             # batches of the steps done, in this session's batch size (which may not be the checkpoint's).
-            self.run.resume_data_at(0 if args.ignore_data_skip else state.global_step * args.gradient_accumulation_steps
-                                    * args.per_device_train_batch_size * max(1, args.world_size))
+            # (Several ranks: how a stream's batches reach them is accelerate's; only the restart is known.)
+            steps_batches = state.global_step * args.gradient_accumulation_steps
+            self.run.resume_data_at(0 if args.ignore_data_skip else steps_batches * args.per_device_train_batch_size)
         self._sized = self.run.probe.length is not None
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)

@@ -53,6 +53,9 @@ def test_a_bad_option_is_refused_before_the_command_runs(workdir):
     assert not os.path.exists(workdir / "ran")
     out = run("--", sys.executable, "-c", "open('ran', 'w')", STREAM_METRICS_DATASET_SIZE="lots")
     assert out.returncode == 2 and "STREAM_METRICS_DATASET_SIZE='lots' is not a whole number" in out.stderr
+    out = run("--backend", ",", "--", sys.executable, "-c", "open('ran', 'w')")
+    assert out.returncode == 2 and "STREAM_METRICS_BACKEND=',' names no backend" in out.stderr, out.stderr
+    assert not os.path.exists(workdir / "ran")
 
 
 def test_sigterm_sent_to_stream_metrics_run_reaches_the_command(workdir):

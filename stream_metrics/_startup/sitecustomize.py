@@ -42,6 +42,9 @@ def options_from_environment(environ=os.environ) -> dict:
             continue
         if option == "backend" and "," in value:
             value = [name.strip() for name in value.split(",") if name.strip()]
+            if not value:
+                raise ValueError(f"{variable}={environ.get(variable)!r} names no backend: set it to mlflow, wandb, "
+                                 "'mlflow,wandb' or none")
         elif option == "dataset_size":
             try:
                 value = int(value)

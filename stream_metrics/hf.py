@@ -257,8 +257,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             # Where the Trainer starts the data again: from the start (ignore_data_skip), or past the
             # batches of the steps done, in this session's batch size (which may not be the checkpoint's).
             # (Several ranks: how a stream's batches reach them is accelerate's; only the restart is known.)
+            # The loader's batch size: older transformers keep the checkpoint's, whatever the arguments say.
+            batch_size = getattr(train_dataloader, "batch_size", None) or args.per_device_train_batch_size
             steps_batches = state.global_step * args.gradient_accumulation_steps
-            self.run.resume_data_at(0 if args.ignore_data_skip else steps_batches * args.per_device_train_batch_size)
+            self.run.resume_data_at(0 if args.ignore_data_skip else steps_batches * batch_size)
         self._sized = self.run.probe.length is not None
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from transformers import TrainerCallback
 
 import tiny
-from conftest import wandb_rows
+from conftest import needs_trainer_resume, wandb_rows
 from streaming_trainer import build_trainer
 from test_hf import consumed
 
@@ -173,6 +173,7 @@ def test_predict_metrics_go_into_the_run_and_predict_returns_them_unchanged(work
     assert [point.step for point in history] == [samples]  # where training ended (mlflow_step: samples)
 
 
+@needs_trainer_resume
 @pytest.mark.parametrize("change", ["ignore_data_skip", "batch-size"])
 def test_a_resume_that_reads_the_data_from_elsewhere_measures_the_pass_from_there(workdir, change):
     """22 examples; 3 steps of 4 and a checkpoint (12 samples). The resumed session reads the stream again

@@ -71,10 +71,7 @@ class Tracking:
         for d in self.deliveries:
             d.submit("rows", row)
         self._follow_epoch_source(progress)
-        if self.progress_file is not None:
-            # The wall-clock of the latest row, beside the checkpoints (progress.py says why).
-            self.progress_file.write({d.backend.name: d.backend.run_id for d in self.deliveries if d.backend.run_id},
-                                     progress.wall_clock)
+        self._note_wall_clock(progress)
 
     def summary(self, figures: dict, progress: Progress) -> None:
         self.start(progress.epoch_source)
@@ -82,6 +79,13 @@ class Tracking:
         for d in self.deliveries:
             d.submit("summary", (figures, row))
         self._follow_epoch_source(progress)
+        self._note_wall_clock(progress)  # a stored row too (MLflow's, with every axis): a resume goes on after it
+
+    def _note_wall_clock(self, progress: Progress) -> None:
+        if self.progress_file is not None:
+            # The wall-clock of the latest row, beside the checkpoints (progress.py says why).
+            self.progress_file.write({d.backend.name: d.backend.run_id for d in self.deliveries if d.backend.run_id},
+                                     progress.wall_clock)
 
     def _follow_epoch_source(self, progress: Progress) -> None:
         """The epoch-source tag says how the epoch of the latest row (or summary row) was estimated."""

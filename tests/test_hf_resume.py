@@ -150,3 +150,31 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(workdir):
     # The time between the checkpoint and the crash was spent: the clock goes on from the last row.
     assert resumed_rows[0][schema.WALL_CLOCK] >= clock_before_crash
     assert resumed_rows[-1][schema.STEP] == last + 12
+
+
+@needs_trainer_resume
+def test_the_resumed_clock_goes_on_after_the_summary_row_of_the_session_before(workdir, corpus):
+    """The Trainer's last entry (train_runtime ...) is a stored row with every axis (MLflow's summary row):
+    a checkpoint saved slowly before it must not let the resumed session's clock start below it."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class SlowSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            time.sleep(1.5)  # a large checkpoint, written after the step's row and before the summary
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+
+    def trainer(steps):
+        callback = StreamMetricsCallback(backend=["mlflow"], mlflow={"tracking_uri": uri})
+        t, _ = build_trainer(str(workdir / "out"), max_steps=steps, batch_size=8, grad_accum=1, logging_steps=1,
+                             save_steps=3, callbacks=[callback, SlowSave()], data=corpus["paths"])
+        return t
+
+    trainer(3).train()
+    trainer(5).train(resume_from_checkpoint=str(workdir / "out" / "checkpoint-3"))
+    client, run = the_mlflow_run(uri)
+    clock = [(m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, "progress/wall_clock")]
+    values = [value for _, value in sorted(clock)]
+    assert values == sorted(values), values  # in the order they were logged, the clock never goes back

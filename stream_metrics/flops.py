@@ -130,6 +130,10 @@ class FlopCount:
         if shape is None:
             if tokens is not None:
                 self.tokens.add(tokens)
+            elif batch is None:  # update(samples=...) alone: nothing says how many tokens were trained on
+                warn_once("flops-no-tokens", "update() had no batch and no tokens=, so its micro-batch adds no "
+                                             "FLOPs: progress/flops leaves it out. Pass tokens= (or the batch) "
+                                             "to update() to count them.")
             lengths = _ragged_lengths(batch)
             if lengths is not None and self.formula.per_pair:  # sequences of their own lengths, each alone
                 self.pairs.add(sum(n * n for n in lengths))
@@ -324,13 +328,21 @@ def trainer_precision(args) -> str | None:
     return "tf32" if getattr(args, "tf32", None) else None
 
 
+def check_peak_options(peak_flops, precision) -> None:
+    """``peak_flops=`` and ``precision=`` as given: a clear error now, whether or not FLOPs are counted
+    yet (the Trainer's callback counts them from the model it meets at train begin)."""
+    if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float)) or not (
+            math.isfinite(peak_flops) and peak_flops > 0)):
+        raise ValueError(f"peak_flops={peak_flops!r} must be the peak FLOP/s of one device, a number > 0 "
+                         "(e.g. 989e12 for an H100 SXM in bf16)")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(map(repr, PRECISIONS))}")
+
+
 def resolve_peak(peak_flops, model, precision: str | None) -> Peak | None:
     """``peak_flops`` given (a number), else the table's entry for the model's device and precision."""
+    check_peak_options(peak_flops, precision)
     if peak_flops is not None:
-        if isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float)) or not (
-                math.isfinite(peak_flops) and peak_flops > 0):
-            raise ValueError(f"peak_flops={peak_flops!r} must be the peak FLOP/s of one device, a number > 0 "
-                             "(e.g. 989e12 for an H100 SXM in bf16)")
         return Peak(float(peak_flops), "given as peak_flops")
     precision = precision_of(model, precision)
     if model is not None:

@@ -67,6 +67,7 @@ class Run:
             hint="the micro-batches that make one optimizer step")
         self.flush_timeout = non_negative("flush_timeout", flush_timeout, unit="seconds", infinite=True)
         # FLOPs (flops.py): the formula from the model or flops_per_token; the peak behind throughput/mfu.
+        flops.check_peak_options(peak_flops, precision)
         self.flop_formula = flops.formula_for(model, flops_per_token)
         self.peak = flops.resolve_peak(peak_flops, model, precision) if self.flop_formula else None
         if self.x_axis == schema.FLOPS and self.flop_formula is None and names:

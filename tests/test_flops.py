@@ -129,6 +129,24 @@ def test_bad_flops_options_get_clear_errors():
         stream_metrics.init(backend="none", flops_per_token=100, peak_flops=0)
     with pytest.raises(ValueError, match="mlflow_step"):
         stream_metrics.init(backend="none", mlflow_step="flops")  # not an int64 axis
+    # Checked when the callback is built, not when train() meets the model (or never, without one).
+    with pytest.raises(ValueError, match="precision='bf17' is not one of"):
+        StreamMetricsCallback(backend="none", precision="bf17")
+    with pytest.raises(ValueError, match="peak_flops=-1 must be"):
+        StreamMetricsCallback(backend="none", peak_flops=-1)
+    with pytest.raises(ValueError, match="peak_flops='989e12' must be"):
+        stream_metrics.init(backend="none", peak_flops="989e12")
+
+
+def test_a_micro_batch_with_no_tokens_says_it_adds_no_flops(recwarn):
+    run = stream_metrics.init(backend="none", x_axis="flops", flops_per_token=6)
+    run.update(samples=4, tokens=10)
+    run.update(samples=4)  # nothing says what it trained on: left out of the FLOPs, with one warning
+    run.update(samples=4)
+    assert run.log({})["progress/flops"] == 60
+    said = [str(w.message) for w in recwarn if "adds no FLOPs" in str(w.message)]
+    assert len(said) == 1 and "pass tokens=" in said[0].lower()
+    run.finish()
 
 
 # ---------------------------------------------------------------------------- real Trainer runs

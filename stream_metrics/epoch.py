@@ -210,23 +210,39 @@ class EpochEstimator:
         self.passes = 0            # passes completed on every rank, before this session
         self.passes_seen = 0       # ... and including this session's, as of the last estimate
         self.pass_size = None      # samples in one pass, measured when the first one ended
-        self.samples_at_start = 0  # samples restored from a checkpoint
+        # Passes may differ in size (a shuffled interleave, a filter that depends on the order): the
+        # ``pass`` source divides by their mean, measured from the samples at the last pass end seen
+        # (``pass_end``, after ``passes_measured`` passes), less the samples before the first pass
+        # that it does not hold (``pass_offset``: a resume that read the data again from elsewhere).
+        self.pass_end = None
+        self.passes_measured = 0
+        self.pass_offset = 0
+        self.samples_at_start = 0  # samples restored from a checkpoint, as the first pass holds them
+        self.restored_samples = 0  # ... and as they were counted
         self.last_epoch = 0.0
 
     def state_dict(self) -> dict:
         return {"passes": self.passes_seen, "pass_size": self.pass_size, "last_epoch": self.last_epoch,
-                "watching": self.watching}
+                "watching": self.watching, "pass_end": self.pass_end, "passes_measured": self.passes_measured,
+                "pass_offset": self.pass_offset}
 
     def load_state_dict(self, d: dict, samples: int) -> None:
         passes, pass_size = d.get("passes", 0), d.get("pass_size")
+        end, measured, offset = d.get("pass_end"), d.get("passes_measured", 0), d.get("pass_offset", 0)
         if not isinstance(passes, int) or passes < 0 or (pass_size is not None and
                                                          (not isinstance(pass_size, int) or pass_size <= 0)):
             raise ValueError(f"epoch state {d!r} is not valid")
+        if end is not None and not (isinstance(end, int) and isinstance(measured, int) and isinstance(offset, int)
+                                    and 0 < measured <= passes and 0 <= offset < end):
+            raise ValueError(f"epoch state {d!r} is not valid")
         self.passes = self.passes_seen = passes
         self.pass_size = pass_size
+        # A checkpoint from before pass ends were kept: its passes were taken as of the first one's size.
+        self.pass_end, self.passes_measured, self.pass_offset = (end, measured, offset) if end is not None else (
+            (passes * pass_size, passes, 0) if pass_size and passes else (None, 0, 0))
         self.last_epoch = float(d.get("last_epoch", 0.0))
         self.watching = bool(d.get("watching", False)) or self.watching
-        self.samples_at_start = samples
+        self.samples_at_start = self.restored_samples = samples
 
     def estimate(self, samples: int, ranks: list[RankRecord]) -> tuple[float, str]:
         """``ranks``: each rank's gathered numbers (passes, first_pass_samples, samples_in_pass, probe)."""
@@ -235,11 +251,17 @@ class EpochEstimator:
         if self.pass_size is None and session_passes >= 1 and self.passes == 0:
             # Every sample before this session's start was in the first pass.
             self.pass_size = self.samples_at_start + int(_total(ranks, "first_pass_samples"))
+            self.pass_offset = self.restored_samples - self.samples_at_start
+        if passes > self.passes_measured and session_passes >= 1 and _most(ranks, "passes") == session_passes:
+            # Every rank is in the same pass: the samples before it are the samples at its start.
+            self.pass_end = samples - int(_total(ranks, "samples_in_pass"))
+            self.passes_measured = passes
         epoch, source = self._raw(samples, ranks, passes)
         if self.watching or passes:
             # A measured pass may reach the next whole number (training stopped exactly at a pass's
-            # end); any other estimate stays below it until the pass is seen to end.
-            ceiling = passes + 1 if source == "pass" else passes + 1 - _BELOW_NEXT_PASS
+            # end, all passes alike); any other estimate, and a pass longer than the mean, stays below
+            # it until the pass is seen to end.
+            ceiling = passes + 1 if source == "pass" and epoch == passes + 1 else passes + 1 - _BELOW_NEXT_PASS
             epoch = min(max(epoch, passes), ceiling)
         if epoch < self.last_epoch:
             epoch = self.last_epoch
@@ -248,6 +270,9 @@ class EpochEstimator:
 
     def _raw(self, samples, ranks, passes):
         if self.pass_size and passes >= 1:
+            if self.pass_end is not None and self.pass_end > self.pass_offset:
+                # samples / the mean pass: a product over a sum of whole numbers, exact where passes are alike
+                return samples * self.passes_measured / (self.pass_end - self.pass_offset), "pass"
             return samples / self.pass_size, "pass"
         if self.sized_epoch is not None:
             return float(self.sized_epoch), "sized"
@@ -281,6 +306,15 @@ def _least(ranks: list[RankRecord], key: str):
         if r[key] < least:  # type: ignore[literal-required]
             least = r[key]  # type: ignore[literal-required]
     return least
+
+
+def _most(ranks: list[RankRecord], key: str):
+    """The largest of the ranks' ``key``."""
+    most = ranks[0][key]  # type: ignore[literal-required]
+    for r in ranks:
+        if r[key] > most:  # type: ignore[literal-required]
+            most = r[key]  # type: ignore[literal-required]
+    return most
 
 
 def _total(ranks: list[RankRecord], key: str):

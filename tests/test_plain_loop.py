@@ -71,6 +71,37 @@ def test_without_any_size_the_epoch_counts_passes_then_uses_the_measured_pass(wo
         assert run.progress.epoch == 2.0
 
 
+def test_passes_of_different_sizes_end_on_whole_epochs_and_move_by_their_mean(workdir):
+    """A shuffled interleave that stops at the first exhausted source: each pass (set_epoch) holds
+    another number of examples. Each pass end is a whole epoch; within a pass the epoch is the samples
+    over the mean of the passes ended so far (counted here by reading each pass on its own)."""
+    import datasets
+
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(40,))
+
+    def mixed():
+        a, b = stream(paths[:1]), stream(paths[1:])
+        return datasets.interleave_datasets([a, b], probabilities=[0.5, 0.5], seed=3,
+                                            stopping_strategy="first_exhausted").shuffle(seed=1, buffer_size=8)
+
+    truth, sizes = mixed(), []
+    for k in range(4):
+        truth.set_epoch(k)
+        sizes.append(sum(1 for _ in truth))
+    assert len(set(sizes)) > 1, sizes  # the data must differ from pass to pass, or this tests nothing
+    ds = mixed()
+    with stream_metrics.init(backend="none") as run:
+        for k in range(4):
+            ds.set_epoch(k)
+            during = epochs_during_a_pass(run, texts_loader(ds, batch_size=3))
+            if k:
+                mean = sum(sizes[:k]) / k
+                assert [e for _, e, _ in during] == [
+                    pytest.approx(min(s / mean, k + 1 - 1e-9)) for s, _, _ in during]
+                assert all(k <= e < k + 1 for _, e, _ in during)
+            assert (run.progress.samples, run.progress.epoch) == (sum(sizes[:k + 1]), k + 1)
+
+
 def test_a_sized_loader_gives_progress_in_its_own_batches(workdir):
     data = [{"text": "x" * n} for n in range(1, 36)]  # 35 examples: 4 batches of 10, the last partial
     loader = texts_loader(data)

@@ -225,7 +225,45 @@ def test_the_pass_size_is_measured_once_every_rank_has_ended_a_pass():
     # Rank 1 has not ended its pass: the smallest count of passes is what every rank has done.
     epoch, source = estimator.estimate(150, [rank_record(passes=1, first_pass=80), rank_record(passes=0)])
     assert (epoch, source, estimator.pass_size) == (0.0, "none", None)
-    # Both have: one pass is the samples both read in their first pass (80 + 70); 330 samples are 2.2 passes.
-    ranks = [rank_record(passes=2, first_pass=80), rank_record(passes=2, first_pass=70)]
+    # Both have: one pass is the samples both read in their first pass (80 + 70); 330 samples, 30 of
+    # them into the third pass (two passes of 150), are 2.2 passes.
+    ranks = [rank_record(passes=2, first_pass=80, in_pass=16), rank_record(passes=2, first_pass=70, in_pass=14)]
     epoch, source = estimator.estimate(330, ranks)
     assert (source, estimator.pass_size, epoch) == ("pass", 150, pytest.approx(2.2))
+
+
+def test_passes_of_different_sizes_give_whole_epochs_at_their_ends_and_their_mean_between():
+    """Passes of 181, 190, 192 and 179 samples (a shuffled interleave that stops at the first exhausted
+    source): each pass end is a whole epoch, and within a pass the epoch moves by the mean pass so far."""
+    sizes = [181, 190, 192, 179]
+    estimator = EpochEstimator()
+    estimator.watching = True
+    seen = []
+    for k, size in enumerate(sizes):
+        first = sizes[0] if k else -1
+        for within in range(0, size, 7):
+            epoch, source = estimator.estimate(sum(sizes[:k]) + within,
+                                               [rank_record(passes=k, first_pass=first, in_pass=within)])
+            seen.append(epoch)
+            if k:  # the mean of the passes ended so far (and below the next whole one while the pass goes on)
+                assert (source, epoch) == ("pass", pytest.approx(min(k + within / (sum(sizes[:k]) / k), k + 1)))
+                assert epoch < k + 1
+        # The last sample of a pass longer than the mean: still below the next whole epoch.
+        epoch, _ = estimator.estimate(sum(sizes[:k + 1]), [rank_record(passes=k, first_pass=first, in_pass=size)])
+        assert epoch < k + 1
+        epoch, _ = estimator.estimate(sum(sizes[:k + 1]), [rank_record(passes=k + 1, first_pass=sizes[0])])
+        assert epoch == k + 1  # the pass ended: exactly whole
+    assert seen == sorted(seen)
+    # The measured passes go into the state, so a resumed run goes on with the same mean.
+    resumed = EpochEstimator()
+    resumed.load_state_dict(estimator.state_dict(), sum(sizes) + 50)
+    epoch, source = resumed.estimate(sum(sizes) + 60, [rank_record(passes=0, in_pass=10)])
+    assert (source, epoch) == ("pass", pytest.approx(4 + 60 / (sum(sizes) / 4)))
+
+
+def test_a_checkpoint_from_before_pass_ends_were_kept_goes_on_with_the_first_pass_size():
+    resumed = EpochEstimator()
+    resumed.load_state_dict({"passes": 2, "pass_size": 150, "last_epoch": 2.1, "watching": True}, 315)
+    assert resumed.estimate(330, [rank_record(passes=0, in_pass=15)]) == (pytest.approx(2.2), "pass")
+    with pytest.raises(ValueError, match="not valid"):
+        EpochEstimator().load_state_dict({"passes": 2, "pass_size": 150, "pass_end": 300, "passes_measured": 3}, 0)

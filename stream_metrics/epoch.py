@@ -103,13 +103,18 @@ def shard_position(dataset):
         state = state_dict()
     except Exception:
         return None
+    step = _stepping(dataset, state)
+    if step is False:
+        return None
     # Follow the chain of wrapped iterables (and the objects beside their states) down to the one
     # reading the files; several sources (interleave, shuffled sources) have no single position.
-    node, iterable = state, dataset
+    node, iterable, stepped = state, dataset, 0
     while isinstance(node, dict) and "shard_idx" not in node:
         inner = node.get("examples_iterable")
-        if "previous_state" in node and isinstance(inner, dict) and "shard_idx" in inner:
-            return _rebatched_position(node, iterable, int(num_shards))
+        if "previous_state" in node and isinstance(inner, dict) and "shard_idx" in _files_reader(inner):
+            return _rebatched_position(node, iterable, int(num_shards), step)
+        if "stepped" in node:
+            stepped = node["stepped"]
         node = inner
         iterable = getattr(iterable, "_ex_iterable", None) or getattr(iterable, "ex_iterable", None)
     if not isinstance(node, dict) or "shard_example_idx" not in node:
@@ -117,31 +122,68 @@ def shard_position(dataset):
     shard_idx, num_shards = int(node["shard_idx"]), int(num_shards)
     if shard_idx >= num_shards:  # read ahead to the end of the last shard: the position says nothing
         return None
-    return shard_idx, int(node["shard_example_idx"]), num_shards
+    return shard_idx, _mine(node, stepped, step), num_shards
 
 
-def _rebatched_position(node: dict, iterable, num_shards: int):
+def _files_reader(node: dict) -> dict:
+    """The files' reader's state under a state node: the node's own, or the one a StepExamplesIterable wraps."""
+    inner = node.get("examples_iterable") if "stepped" in node else node
+    return inner if isinstance(inner, dict) else {}
+
+
+def _stepping(dataset, state) -> "tuple[int, int] | None | bool":
+    """(step, offset) where this rank reads one example in ``step`` of every shard (datasets'
+    ``split_dataset_by_node`` with a shard count the world size does not divide: a
+    StepExamplesIterable), None where it reads whole shards, False where it steps by an unknown rule."""
+    node = state
+    while isinstance(node, dict) and "stepped" not in node:
+        node = node.get("examples_iterable")
+    if not isinstance(node, dict):
+        return None
+    config = getattr(dataset, "_distributed", None)
+    rank, world = getattr(config, "rank", None), getattr(config, "world_size", None)
+    if not isinstance(rank, int) or not isinstance(world, int) or not 0 <= rank < world:
+        return False
+    return world, rank
+
+
+def _mine(reader: dict, stepped, step) -> int:
+    """The examples of the reader's current shard before its position that are this rank's: all of
+    them, or with ``step`` = (world, rank), those whose index in the whole stream is rank modulo
+    world. ``stepped`` is that index modulo world where the reader stands (the StepExamplesIterable's)."""
+    before = int(reader["shard_example_idx"])
+    if step is None:
+        return before
+    world, rank = step
+    first = (int(stepped) - before) % world  # the shard's first example's index in the stream, modulo world
+    return (first + before - rank - 1) // world - (first - rank - 1) // world
+
+
+def _rebatched_position(node: dict, iterable, num_shards: int, step):
     """The position of the examples handed on by a rebatching step over the files' reader (datasets'
     ``RebatchedArrowExamplesIterable``, 4.x and later), not the reader's own: the reader has read a
     whole table ahead (a small file at once). The step keeps the reader's state before that table
-    (``previous_state``) and how many of its chunks it handed on since."""
+    (``previous_state``) and how many of its chunks it handed on since. With ``step`` (_stepping),
+    the position counts this rank's examples only, as the chunks it hands on do."""
     # The step that iteration itself adds (examples one by one, as a DataLoader reads them) is in the
     # state only; one made by a step of the dataset (a batched map) is also in its chain of objects.
     size = getattr(iterable, "batch_size", None) if type(iterable).__name__ == type(node).__name__ or (
         type(iterable).__name__ == node.get("type")) else 1
-    reader, before = node["examples_iterable"], node.get("previous_state")
-    if not isinstance(size, int) or size <= 0 or not isinstance(before, dict) or "shard_idx" not in before:
+    now, before = node["examples_iterable"], node.get("previous_state")
+    before = before if isinstance(before, dict) else {}
+    reader, earlier = _files_reader(now), _files_reader(before)
+    if not isinstance(size, int) or size <= 0 or "shard_idx" not in earlier:
         return None  # one table of everything, or nothing read yet
     handed_on = int(node.get("num_chunks_since_previous_state") or 0) * size
     shard_idx = int(reader["shard_idx"])
     if shard_idx >= num_shards:
         return None
-    if int(before["shard_idx"]) == shard_idx:  # the table being handed on began where the reader stood
-        return shard_idx, int(before["shard_example_idx"]) + handed_on, num_shards
+    if int(earlier["shard_idx"]) == shard_idx:  # the table being handed on began where the reader stood
+        return shard_idx, _mine(earlier, before.get("stepped", 0), step) + handed_on, num_shards
     # It is the first table of the reader's shard, so it began at the shard's start. Its first example
     # is counted from the state before the previous table (the step notes the new table only after
     # handing that example on).
-    within = handed_on if handed_on <= int(reader["shard_example_idx"]) else 1
+    within = handed_on if handed_on <= _mine(reader, now.get("stepped", 0), step) else 1
     return shard_idx, within, num_shards
 
 
@@ -288,7 +330,9 @@ class EpochEstimator:
         if passes == 0:
             known = 0.0
             for r in ranks:
-                size = _shard_size(r)
+                # A rank that has ended its share of the pass measured it; the others estimate theirs.
+                size = r["first_pass_samples"] if r["passes"] >= 1 and r["first_pass_samples"] > 0 else \
+                    _shard_size(r)
                 if size is None:
                     return float(passes), "none"
                 known += size

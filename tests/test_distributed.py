@@ -136,6 +136,14 @@ def test_the_epoch_counts_passes_over_the_whole_dataset_split_between_ranks(work
             assert passes <= epoch <= passes + 1, mine  # the next whole number once every sample is in
         else:  # no estimate claims a pass before every rank has finished its share
             assert 0 <= epoch < 1, mine
+            if mine["epoch_source"] == "shards":  # whole files read, scaled by the file count: a pass
+                sizes = (23, 31, 17, 29)[:files]  # between files x the smallest and x the largest
+                assert samples / (files * max(sizes)) <= epoch <= samples / (files * min(sizes)), mine
+            # Once each rank is past its first file, its position (in its own examples, where it reads
+            # one in two of every file) gives an estimate, and a rank that has ended its share measured it:
+            # rank 0 reads 12 of the first file's 23 examples with 3 files; with 4, rank 1's first file has 31.
+            if fmt == "jsonl" and split == "by_node" and samples / 2 > {3: 12, 4: 31}[files]:
+                assert mine["epoch_source"] == "shards", mine
             if fmt == "parquet" and samples < total:  # the footers count the whole dataset, on every rank
                 assert (epoch, mine["epoch_source"]) == (samples / total, "metadata"), mine
     final = reports[0]["rows"][-1]

@@ -143,6 +143,46 @@ def test_the_shard_position_estimates_the_epoch_while_the_first_pass_runs(workdi
         assert run.progress.epoch_source == "pass"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_reading_one_example_in_two_is_positioned_in_its_own_examples(workdir, rank):
+    """split_dataset_by_node with 3 files and 2 ranks: each rank reads every file and keeps the
+    examples whose index in the whole stream is its rank modulo 2. Files of odd sizes shift which
+    rank a file's first example belongs to. After each example, the position in its file counts that
+    rank's examples of the file up to it (what the rank has read of the file), as the data says."""
+    from datasets.distributed import split_dataset_by_node
+
+    from stream_metrics.epoch import shard_position
+
+    sizes = (31, 23, 17)
+    paths = tiny.write_corpus(str(workdir / "d"), files=3, lines_per_file=sizes)
+    share = split_dataset_by_node(stream(paths), rank=rank, world_size=2)
+    if not hasattr(share, "state_dict"):
+        pytest.skip("datasets before 2.20 has no IterableDataset.state_dict()")
+    starts = [sum(sizes[:k]) for k in range(3)]
+    mine = [index for index in range(sum(sizes)) if index % 2 == rank]
+    texts = tiny.read_texts(paths)
+    for example, index in zip(share, mine, strict=True):
+        assert example["text"] == texts[index]
+        shard = max(k for k in range(3) if starts[k] <= index)
+        read = sum(1 for other in mine if starts[shard] <= other <= index)
+        assert shard_position(share) == (shard, read, 3), (index, shard_position(share))
+
+
+def test_a_rank_reading_one_example_in_two_gets_the_exact_shards_epoch_of_its_share(workdir):
+    from datasets.distributed import split_dataset_by_node
+
+    paths = tiny.write_corpus(str(workdir / "d"), files=3, lines_per_file=(40,))
+    share = split_dataset_by_node(stream(paths), rank=1, world_size=2)  # 20 examples of each file, 60 in all
+    if not hasattr(share, "state_dict"):
+        pytest.skip("datasets before 2.20 has no IterableDataset.state_dict()")
+    with stream_metrics.init(backend="none") as run:
+        during = epochs_during_a_pass(run, texts_loader(share, batch_size=4))
+        estimated = [(s, e) for s, e, src in during if src == "shards"]
+        assert [s for s, _ in estimated] == [40, 60]  # a row every 20 examples, from the second file on
+        assert all(abs(epoch - samples / 60) <= 2e-9 for samples, epoch in estimated), estimated
+        assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (60, 1.0, "pass")
+
+
 def test_the_epoch_source_tag_follows_the_best_source(workdir, mlflow_uri):
     paths = tiny.write_corpus(str(workdir / "d"), files=8, lines_per_file=(50,))
     with stream_metrics.init(backend=["mlflow", "wandb"], mlflow={"tracking_uri": mlflow_uri}) as run:

@@ -259,6 +259,8 @@ class Run:
         self.tally.reset(base, rows, batches)
         self._last = base
         self._schedules.kept = schedules
+        if run_ids:
+            self.tracking.resuming(base)
 
     # ------------------------------------------------------------------ schedules (schedule.py)
     def due(self, every: Any, progress: Progress | None = None) -> bool:

@@ -50,6 +50,10 @@ TAG_EPOCH_SOURCE = "epoch_source"
 TAG_DATA_PARALLEL = "data_parallel"
 TAG_FLOPS_METHOD = "flops_method"   # how progress/flops is counted (flops.py)
 TAG_PEAK_FLOPS = "peak_flops"       # the peak FLOP/s per device behind throughput/mfu, and its source
+# MLflow only: "resumed_at.<mlflow step of a checkpoint>" = the time (Unix ms) a session went on from
+# it. Rows logged before then at later steps were of a branch the checkpoint discarded: readers
+# (compare, check) leave them out, as MLflow keeps every point ever logged.
+TAG_RESUMED_AT = "resumed_at."
 
 # Epoch sources (SCHEMA section 2), best first.
 EPOCH_SOURCES = ("pass", "sized", "user", "metadata", "shards", "none")

@@ -38,6 +38,19 @@ class Tracking:
         self.started = False
         self.epoch_source: str | None = None  # the one the backends were told
         self.progress_file = ProgressFile(progress_file) if progress_file else None
+        self.resumed: dict[str, str] = {}  # MLflow's resumed_at tag of this session, if it resumes
+
+    def resuming(self, progress: Progress) -> None:
+        """This session goes on from a checkpoint at ``progress``: MLflow's run notes where and since
+        when (schema.TAG_RESUMED_AT), so readers leave out what an earlier session logged past it."""
+        step = progress.axes().get(self.mlflow_step)
+        if step is None:
+            return
+        self.resumed = {f"{schema.TAG_RESUMED_AT}{int(step)}": str(int(time.time() * 1000))}
+        if self.started:
+            for d in self.deliveries:
+                if d.backend.name == "mlflow":
+                    d.submit("tags", dict(self.resumed))
 
     @property
     def names(self) -> list[str]:
@@ -53,6 +66,7 @@ class Tracking:
             tags = {**self.tags, schema.TAG_EPOCH_SOURCE: epoch_source}
             if d.backend.name == "mlflow":
                 tags[schema.TAG_MLFLOW_STEP] = self.mlflow_step
+                tags.update(self.resumed)
             d.submit("start", RunInfo(name=self.name, project=self.project, run_id=self.run_ids.get(d.backend.name),
                                       config=self.config, tags=tags, x_axis=self.x_axis,
                                       axes=(*schema.AXES.values(), schema.LOSS_TOKENS)))

@@ -130,6 +130,36 @@ def test_a_run_that_breaks_the_contract_gets_one_line_per_problem(workdir, mlflo
     ]
 
 
+def test_a_run_resumed_from_a_checkpoint_at_other_amounts_reads_as_the_resumed_session_logged_it(
+        workdir, mlflow_uri, capsys):
+    """The first session logs every 10 samples to 100, checkpointing at 40, and dies; the resumed one
+    logs every 15 from the checkpoint to 115. Read back (check, compare), the run is the first
+    session's rows up to where the second went on, then the second's: none of the first session's
+    rows beyond that sits between the second's (they trained a branch the checkpoint discarded)."""
+    from stream_metrics.compare import read_runs
+
+    first = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}, x_axis="samples")
+    for samples in range(10, 101, 10):
+        first.update(samples=10)
+        first.log({"train/loss": 1.0, "train/session": 1})
+        if samples == 40:
+            state = json.loads(json.dumps(first.state_dict()))
+    first.finish("FAILED")  # as a crash leaves it (lifecycle.py would)
+    second = stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}, resume=state)
+    for _ in range(5):
+        second.update(samples=15)
+        second.log({"train/loss": 0.5, "train/session": 2})
+    second.finish()
+    run_id = state["run_ids"]["mlflow"]
+
+    [run] = read_runs([run_id], mlflow_uri=mlflow_uri)
+    assert [(row["progress/samples"], row["train/session"]) for row in run.rows] == [
+        (10, 1), (20, 1), (30, 1), (40, 1), (55, 2), (70, 2), (85, 2), (100, 2), (115, 2)]
+    assert MlflowClient(mlflow_uri).get_run(run_id).data.tags["stream_metrics.resumed_at.40"].isdigit()
+    code, lines = run_check(capsys, run_id, "--mlflow-uri", mlflow_uri, "--expect-samples", 115)
+    assert code == 0 and lines[-1] == "conformant: 1 run(s)", lines
+
+
 def problems(lines: list[str]) -> list[str]:
     """The problem lines after "NOT conformant, N problem(s):", without the run they are about."""
     [head] = [i for i, line in enumerate(lines) if line.startswith("NOT conformant, ")]

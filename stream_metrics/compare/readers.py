@@ -182,10 +182,16 @@ class _MlflowReader:
         run_id = run.info.run_id
         # Every key of a row shares the row's step (SCHEMA section 4), so the step rebuilds the rows.
         # Where a step was logged again (a run resumed from an earlier checkpoint trains that data
-        # again), the latest value of each key counts, as the resumed run's own view of that point.
+        # again), the latest value of each key counts, as the resumed run's own view of that point;
+        # and the rows an earlier session logged beyond where a later one went back to are left out
+        # (the resumed session may log at other amounts: those rows are of a discarded branch).
+        histories = {key: self.client.get_metric_history(run_id, key) for key in run.data.metrics}
+        rewinds = _rewinds(histories.get(schema.SAMPLES, [])) + _resumes(run.data.tags)
         latest: dict = {}
-        for key in run.data.metrics:
-            for point in self.client.get_metric_history(run_id, key):
+        for key, points in histories.items():
+            for point in points:
+                if rewinds and _superseded(point, rewinds):
+                    continue
                 row = latest.setdefault(point.step, {})
                 if key not in row or point.timestamp >= row[key][0]:
                     row[key] = (point.timestamp, _stored_value(point.value))
@@ -195,6 +201,37 @@ class _MlflowReader:
                           where=redact_uri(self.uri),
                           rows=[{k: v for k, (_, v) in latest[step].items()} for step in steps],
                           tags=tags, steps=steps)
+
+
+def _rewinds(points) -> list[tuple[int, int]]:
+    """(timestamp, step) of each point where the run's samples went back: a session resumed from a
+    checkpoint behind where the last one had logged. Only stream_metrics logs progress/samples, one
+    point a row, so a user's own metrics at steps of their own cannot look like a resume."""
+    found, most = [], None
+    for point in sorted(points, key=lambda p: p.timestamp):
+        if most is not None and point.step < most:
+            found.append((point.timestamp, point.step))
+            most = point.step
+        else:
+            most = point.step if most is None else max(most, point.step)
+    return found
+
+
+def _resumes(tags: dict) -> list[tuple[int, int]]:
+    """(timestamp, step) of each session that went on from a checkpoint (schema.TAG_RESUMED_AT)."""
+    prefix, found = schema.tag_name(schema.TAG_RESUMED_AT), []
+    for name, value in tags.items():
+        if name.startswith(prefix):
+            try:
+                found.append((int(value), int(name[len(prefix):])))
+            except ValueError:
+                continue  # not one of ours
+    return found
+
+
+def _superseded(point, rewinds: list[tuple[int, int]]) -> bool:
+    """Logged before a later session went back to a step below this point's."""
+    return any(point.timestamp < when and point.step > step for when, step in rewinds)
 
 
 def _stored_value(value: float) -> float:

@@ -52,12 +52,13 @@ def describe_run(run: RunHistory) -> str:
                      for key in schema.AXES.values() if key in last)
     name = f" ({run.name})" if run.name and run.name != run.run_id else ""
     return f"{run.backend} run {run.run_id}{name} in {run.where}: {len(run.rows)} row(s)" + (
-        f"; last row: {axes}" if axes else "")
+        f"; last row: {axes}" if axes else "") + (
+        "" if run.ended else " (the run file has no end: the run was killed, or is still running)")
 
 
 def problems(run: RunHistory, expect: Expected | None = None) -> list[str]:
     """Every way ``run`` falls short of the contract, one sentence each ([] when it conforms)."""
-    found = _tag_problems(run) + _row_problems(run)
+    found = ([run.damaged] if run.damaged else []) + _tag_problems(run) + _row_problems(run)
     if run.backend == "mlflow":
         found += _step_problems(run)
     if run.backend == "wandb":

@@ -160,6 +160,42 @@ def test_a_run_resumed_from_a_checkpoint_at_other_amounts_reads_as_the_resumed_s
     assert code == 0 and lines[-1] == "conformant: 1 run(s)", lines
 
 
+def test_a_damaged_w_and_b_file_is_not_conformant_and_a_cut_short_one_says_it_has_no_end(workdir, capsys):
+    """A real offline run of 10 rows; one copy with a byte of its fifth row changed (a disk or copy
+    error), one cut off inside its fifth row (what a kill leaves): check must not call the first
+    conformant on the rows before the damage, and says the second has no end."""
+    from stream_metrics.compare import compare, read_runs
+
+    with stream_metrics.init(backend="wandb", project="damage") as run:
+        for _ in range(10):
+            run.update(samples=4)
+            run.log({"train/loss": 1.0})
+    [folder] = wandb_run_dirs(workdir)
+    [log] = [os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".wandb")]
+    data = open(log, "rb").read()
+    fifth = [i for i in range(len(data)) if data.startswith(b"train/loss", i)][4]
+    damaged, cut = str(workdir / "damaged.wandb"), str(workdir / "cut.wandb")
+    with open(damaged, "wb") as f:
+        f.write(data[:fifth] + bytes([data[fifth] ^ 0x20]) + data[fifth + 1:])
+    with open(cut, "wb") as f:
+        f.write(data[:fifth])
+    for path in (damaged, cut):
+        os.utime(path, (0, 0))  # an old file: read as it is, not waited on to be completed
+
+    code, lines = run_check(capsys, damaged)
+    assert code == 1 and "NOT conformant, 1 problem(s):" in lines, lines
+    assert "the file is damaged at byte" in lines[-1] and "what follows it is not read" in lines[-1], lines
+    [read] = read_runs([damaged])
+    assert 0 < len(read.rows) < 10
+    assert any("damaged at byte" in note for note in compare([read], ["train/loss"]).notes)
+
+    code, lines = run_check(capsys, cut)
+    assert code == 0 and lines[-1] == "conformant: 1 run(s)", lines
+    assert "the run file has no end: the run was killed, or is still running" in lines[0], lines
+    code, lines = run_check(capsys, folder)
+    assert code == 0 and "no end" not in lines[0], lines
+
+
 def problems(lines: list[str]) -> list[str]:
     """The problem lines after "NOT conformant, N problem(s):", without the run they are about."""
     [head] = [i for i, line in enumerate(lines) if line.startswith("NOT conformant, ")]

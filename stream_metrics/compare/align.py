@@ -55,7 +55,7 @@ def compare(runs: list[RunHistory], metrics=(DEFAULT_METRIC,), axis: str = "samp
     metrics = list(dict.fromkeys(metrics or [DEFAULT_METRIC]))
     lines: dict = {}
     table: list = []
-    notes: list = []
+    notes: list = [f"{run.label}: {run.damaged}" for run in runs if run.damaged]
     for metric in metrics:
         having = [run for run in runs if any(metric in row for row in run.rows)]
         if not having:

@@ -16,6 +16,7 @@ import re
 import struct
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from .. import schema
@@ -40,6 +41,8 @@ class RunHistory:
     label: str = ""         # the name shown in charts and tables, unique among compared runs
     steps: list = field(default_factory=list)          # MLflow: each row's step ([] for W&B)
     step_metrics: dict = field(default_factory=dict)   # W&B: define_metric name or glob -> its step metric
+    damaged: str = ""       # W&B: where the run file could not be read further, and why ("" if whole)
+    ended: bool = True      # W&B: the file has the record W&B writes when the run ends
 
     def keys(self) -> set:
         return {key for row in self.rows for key in row}
@@ -258,7 +261,9 @@ def read_wandb_run(path: str) -> RunHistory:
     """One W&B run from its transaction log (the file ``wandb sync`` uploads); no account needed."""
     run_id = name = ""
     rows, config, summary, step_metrics = [], {}, {}, {}
-    for record in _settled_records(path):
+    damage: list[str] = []
+    records = _settled_records(path, damage)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "metric":  # a define_metric call: a glob ("train/*") or an exact name
             defined = record.metric.glob_name or record.metric.name
@@ -282,7 +287,9 @@ def read_wandb_run(path: str) -> RunHistory:
     summary = {k: v for k, v in summary.items() if not any(k in row for row in rows)}
     return RunHistory(run_id=run_id or os.path.basename(path), name=name, backend="wandb",
                       where=os.path.dirname(os.path.abspath(path)), rows=rows,
-                      tags=tags if isinstance(tags, dict) else {}, summary=summary, step_metrics=step_metrics)
+                      tags=tags if isinstance(tags, dict) else {}, summary=summary, step_metrics=step_metrics,
+                      damaged=damage[0] if damage else "",
+                      ended=any(r.WhichOneof("record_type") == "exit" for r in records))
 
 
 #: W&B's service may still be writing a run's log after ``wandb.finish()`` has returned (seen with
@@ -291,10 +298,11 @@ def read_wandb_run(path: str) -> RunHistory:
 SETTLE_SECONDS = 10.0
 
 
-def _settled_records(path: str) -> list:
+def _settled_records(path: str, damage: list[str]) -> list:
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
-        records = list(wandb_records(path))
+        damage.clear()
+        records = list(wandb_records(path, damage))
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline \
                 or time.time() - os.path.getmtime(path) > 60:
             return records  # complete, or a run still going or killed: read as it is
@@ -316,8 +324,13 @@ def _items(items) -> dict:
     return out
 
 
-def wandb_records(path: str):
-    """The records of a .wandb file: a LevelDB-style log of 32 KiB blocks holding protobuf records."""
+def wandb_records(path: str, damage: list[str] | None = None):
+    """The records of a .wandb file: a LevelDB-style log of 32 KiB blocks holding protobuf records.
+
+    Reading stops where the file is damaged (a record whose checksum does not match, or that does not
+    parse): ``damage`` gets one sentence saying where. A record cut short at the end (the writer was
+    killed, or is still writing) ends the reading without a word: the records before it are whole.
+    """
     try:
         from wandb.proto import wandb_internal_pb2 as pb
     except ImportError:
@@ -332,13 +345,19 @@ def wandb_records(path: str):
         if room < 7:  # a block's tail too short for a header is padding
             pos += room
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         if length == 0 and kind == 0:
             pos += room
             continue
         if pos + 7 + length > len(data):
             return  # cut short: the writer is still running or was killed mid-write
         payload = data[pos + 7:pos + 7 + length]
+        # The checksum covers the piece's kind and bytes (W&B's datastore: CRC-32 seeded with the kind).
+        if zlib.crc32(payload, zlib.crc32(bytes((kind,)))) != crc:
+            if damage is not None:
+                damage.append(f"the file is damaged at byte {pos} of {len(data)} (a record's checksum does not "
+                              "match): what follows it is not read")
+            return
         pos += 7 + length
         if kind == 1:      # a whole record
             whole = payload
@@ -356,6 +375,9 @@ def wandb_records(path: str):
         try:
             record.ParseFromString(whole)
         except Exception:
-            return  # a damaged tail: keep what came before it
+            if damage is not None:
+                damage.append(f"the file is damaged before byte {pos} of {len(data)} (a record does not parse): "
+                              "what follows it is not read")
+            return
         yield record
 

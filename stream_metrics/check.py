@@ -53,7 +53,9 @@ def describe_run(run: RunHistory) -> str:
     name = f" ({run.name})" if run.name and run.name != run.run_id else ""
     return f"{run.backend} run {run.run_id}{name} in {run.where}: {len(run.rows)} row(s)" + (
         f"; last row: {axes}" if axes else "") + (
-        "" if run.ended else " (the run file has no end: the run was killed, or is still running)")
+        "" if run.ended else " (the run file has no end: the run was killed, or is still running)") + (
+        " (RUNNING: still training, or ended without a word; a row being written is left out)"
+        if run.running else "")
 
 
 def problems(run: RunHistory, expect: Expected | None = None) -> list[str]:

@@ -196,6 +196,30 @@ def test_a_damaged_w_and_b_file_is_not_conformant_and_a_cut_short_one_says_it_ha
     assert code == 0 and "no end" not in lines[0], lines
 
 
+def test_a_row_half_read_from_a_running_mlflow_run_is_left_out_and_reported_once_the_run_has_ended(
+        workdir, mlflow_uri, capsys):
+    """Each key's history is its own query, so a row logged while check reads a training run can be
+    in some histories only: here the next row's progress/samples is in, its other axes not yet."""
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("live")).info.run_id  # RUNNING
+    for name, value in (("version", "1"), ("x_axis", "progress/samples"), ("mlflow_step", "progress/samples"),
+                        ("epoch_source", "none")):
+        client.set_tag(run_id, f"stream_metrics.{name}", value)
+    for i in range(1, 4):
+        for key, value in (("progress/step", i), ("progress/samples", 8 * i), ("progress/epoch", 0.0),
+                           ("progress/wall_clock", float(i)), ("train/loss", 1.0 / i)):
+            client.log_metric(run_id, key, value, step=8 * i, timestamp=1000 * i)
+    client.log_metric(run_id, "progress/samples", 32, step=32, timestamp=4000)  # the row being written
+
+    code, lines = run_check(capsys, run_id, "--mlflow-uri", mlflow_uri, "--expect-samples", 24)
+    assert code == 0 and lines[-1] == "conformant: 1 run(s)", lines
+    assert "3 row(s)" in lines[0] and "(RUNNING: still training" in lines[0], lines
+    client.set_terminated(run_id)  # ended like that: the row is the run's last, and it lacks axes
+    code, lines = run_check(capsys, run_id, "--mlflow-uri", mlflow_uri)
+    assert code == 1 and problems(lines) == [
+        "row 3 lacks progress/step, progress/epoch, progress/wall_clock (it has progress/samples)"], lines
+
+
 def problems(lines: list[str]) -> list[str]:
     """The problem lines after "NOT conformant, N problem(s):", without the run they are about."""
     [head] = [i for i, line in enumerate(lines) if line.startswith("NOT conformant, ")]

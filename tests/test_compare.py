@@ -310,6 +310,30 @@ def test_a_run_logged_without_stream_metrics_is_left_out_of_an_experiment_with_a
         assert {row["run"] for row in csv.DictReader(f)} == {"bs8", "bs32"}
 
 
+def test_a_run_whose_loss_diverged_reaches_as_far_as_its_rows_and_shows_nan_there(workdir, mlflow_uri):
+    """Two runs of 8 rows, 2 samples a row; the second's loss is NaN from its sixth row on (it
+    diverged, and went on). The most both reached is 16 samples, and the diverged run reads nan
+    there and at 13, not a blank ("did not get that far") and not a table cut at 10."""
+    from stream_metrics.compare import compare, read_runs
+
+    for name in ("steady", "diverged"):
+        with stream_metrics.init(backend="mlflow", name=name, mlflow={"tracking_uri": mlflow_uri}) as run:
+            for i in range(1, 9):
+                run.update(samples=2)
+                run.log({"train/loss": math.nan if name == "diverged" and i >= 6 else 1.0 / i})
+    comparison = compare(read_runs(["steady", "diverged"], mlflow_uri=mlflow_uri), ["train/loss"], at=[9, 13])
+    cells = {(row["run"], row["amount"]): row["value"] for row in comparison.table}
+    reached = {row["amount"] for row in comparison.table if row["reached_by_all"]}
+    assert reached == {16.0}
+    assert cells[("steady", 16.0)] == 1.0 / 8 and math.isnan(cells[("diverged", 16.0)])
+    assert math.isnan(cells[("diverged", 13.0)]) and cells[("diverged", 9.0)] == pytest.approx((1 / 4 + 1 / 5) / 2)
+    [line] = [line for line in comparison.lines["train/loss"] if line.run == "diverged"]
+    assert line.x == [2, 4, 6, 8, 10]  # the chart draws the finite points only
+    assert main(["compare", "steady", "diverged", "--mlflow-uri", mlflow_uri, "--out", "out", "--no-png"]) == 0
+    with open("out/table.csv", newline="") as f:
+        assert [row["value"] for row in csv.DictReader(f) if row["run"] == "diverged"] == ["nan"]
+
+
 def test_the_page_data_is_strict_json_with_an_infinite_loss_and_draws_no_spread_of_points(workdir, mlflow_uri):
     """A browser's JSON.parse refuses NaN and Infinity, and Math.min(...xs) overflows past ~125k points."""
     with stream_metrics.init(backend="mlflow", name="spike", mlflow={"tracking_uri": mlflow_uri}) as run:

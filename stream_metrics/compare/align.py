@@ -18,9 +18,13 @@ class Line:
     """One run's metric against the axis, as plotted: raw values, and smoothed where asked."""
 
     run: str            # the run's label
-    x: list
+    x: list             # the points drawn: finite values only
     y: list
     smoothed: list | None = None
+    # The points the table reads: NaN and infinite values too, so a run whose metric diverged has
+    # reached as far as its rows go, and shows nan or inf there (not a blank, as "did not reach").
+    table_x: list = field(default_factory=list)
+    table_y: list = field(default_factory=list)
 
 
 @dataclass
@@ -65,11 +69,13 @@ def compare(runs: list[RunHistory], metrics=(DEFAULT_METRIC,), axis: str = "samp
         lines[metric] = []
         unplaced = []
         for run in having:
-            x, y = run.points(metric, axis_key)
-            if not x:
+            table_x, table_y = run.points(metric, axis_key, finite=False)
+            if not table_x:
                 unplaced.append(run)
                 continue
-            lines[metric].append(Line(run.label, x, y, smoothed(x, y, smooth) if smooth else None))
+            x, y = run.points(metric, axis_key)
+            lines[metric].append(Line(run.label, x, y, smoothed(x, y, smooth) if smooth and x else None,
+                                      table_x, table_y))
         for run in unplaced:
             has = [name for name, key in schema.AXES.items() if any(key in row for row in run.rows)]
             if not lines[metric] or has:  # a stream_metrics run without this axis: the user picks another
@@ -80,11 +86,11 @@ def compare(runs: list[RunHistory], metrics=(DEFAULT_METRIC,), axis: str = "samp
             # comparable: it is left out, and the table says so.
             notes.append(f"{run.label} has no {axis_key} beside {metric} (no progress axes: not logged by "
                          "stream_metrics): left out")
-        reached_by_all = min(line.x[-1] for line in lines[metric])
+        reached_by_all = min(line.table_x[-1] for line in lines[metric])
         for amount in sorted({*amounts_on(axis_key, at), float(reached_by_all)}):
             for line in lines[metric]:
                 table.append({"metric": metric, "amount": amount, "run": line.run,
-                              "value": interpolate(line.x, line.y, amount),
+                              "value": interpolate(line.table_x, line.table_y, amount),
                               "reached_by_all": amount == reached_by_all})
     return Comparison(axis_key, metrics, list(runs), lines, table, smooth, notes)
 

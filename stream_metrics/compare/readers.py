@@ -42,17 +42,19 @@ class RunHistory:
     steps: list = field(default_factory=list)          # MLflow: each row's step ([] for W&B)
     step_metrics: dict = field(default_factory=dict)   # W&B: define_metric name or glob -> its step metric
     damaged: str = ""       # W&B: where the run file could not be read further, and why ("" if whole)
+    running: bool = False   # MLflow: the run's status is RUNNING (training, or ended without a word)
     ended: bool = True      # W&B: the file has the record W&B writes when the run ends
 
     def keys(self) -> set:
         return {key for row in self.rows for key in row}
 
-    def points(self, metric: str, axis_key: str) -> tuple[list, list]:
-        """The metric against the axis, from every row that has both (finite values only)."""
+    def points(self, metric: str, axis_key: str, finite: bool = True) -> tuple[list, list]:
+        """The metric against the axis, from every row that has both (finite values only, unless
+        ``finite`` is False: then a NaN or infinite value stays, as a diverging run logged it)."""
         xs, ys = [], []
         for row in self.rows:
             x, y = row.get(axis_key), row.get(metric)
-            if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
+            if x is not None and y is not None and math.isfinite(x) and (math.isfinite(y) or not finite):
                 xs.append(x)
                 ys.append(y)
         return xs, ys
@@ -191,19 +193,32 @@ class _MlflowReader:
         histories = {key: self.client.get_metric_history(run_id, key) for key in run.data.metrics}
         rewinds = _rewinds(histories.get(schema.SAMPLES, [])) + _resumes(run.data.tags)
         latest: dict = {}
+        reached: dict = {}  # key -> the last step it was logged at
         for key, points in histories.items():
             for point in points:
                 if rewinds and _superseded(point, rewinds):
                     continue
+                reached[key] = max(reached.get(key, point.step), point.step)
                 row = latest.setdefault(point.step, {})
                 if key not in row or point.timestamp >= row[key][0]:
                     row[key] = (point.timestamp, _stored_value(point.value))
         tags = {k[len(schema.TAG_PREFIX):]: v for k, v in run.data.tags.items() if k.startswith(schema.TAG_PREFIX)}
         steps = sorted(latest)
+        running = run.info.status == "RUNNING"
+        if running and steps:
+            # Each key's history is its own query: a row logged while they were read is in some of them.
+            # Rows past the last step that every axis of every row has reached are still being written.
+            ends = [reached[key] for key in _EVERY_ROW if key in reached]
+            if ends:
+                steps = [step for step in steps if step <= min(ends)]
         return RunHistory(run_id=run_id, name=run.info.run_name or "", backend="mlflow",
                           where=redact_uri(self.uri),
                           rows=[{k: v for k, (_, v) in latest[step].items()} for step in steps],
-                          tags=tags, steps=steps)
+                          tags=tags, steps=steps, running=running)
+
+
+# The axes every row carries (progress/tokens may be missing from every row).
+_EVERY_ROW = (schema.STEP, schema.SAMPLES, schema.EPOCH, schema.WALL_CLOCK)
 
 
 def _rewinds(points) -> list[tuple[int, int]]:

@@ -31,6 +31,25 @@ log = logging.getLogger("stream_metrics")
 
 _options: dict | None = None   # the callback's options while autolog is on
 _pending = None                # the import hook, while transformers.trainer is not imported yet
+
+
+class _UntilConfigured(logging.StreamHandler):
+    """Our INFO lines (what was taken over, where the runs are) on stderr, while the program has no
+    logging of its own: a program run with no code changed (``stream-metrics run``, ``autolog``)
+    often configures none, and Python would drop them. Once the program gives the root logger a
+    handler, the lines go there instead (by propagation), never twice."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def _show_info_lines() -> None:
+    if any(isinstance(h, _UntilConfigured) for h in log.handlers):
+        return
+    log.addHandler(_UntilConfigured())
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
 _paused = 0                    # > 0 while a Trainer is built for a callback's own use (paused())
 _WRAPPED = "__stream_metrics_autolog_original__"
 
@@ -62,6 +81,7 @@ def autolog(disable: bool = False, **options) -> None:
         return
     check_options(options)
     _options = dict(options)
+    _show_info_lines()
     trainer_module = sys.modules.get(TRAINER_MODULE)
     if trainer_module is not None and hasattr(trainer_module, "Trainer"):
         _wrap(trainer_module)

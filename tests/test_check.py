@@ -115,6 +115,7 @@ def test_a_run_that_breaks_the_contract_gets_one_line_per_problem(workdir, mlflo
     for i, (step, metrics) in enumerate(rows):
         for key, value in metrics.items():
             client.log_metric(run_id, key, value, step=step, timestamp=1000 + i)
+    client.set_terminated(run_id)  # ended (a RUNNING run's last row may still be being written)
     code, lines = run_check(capsys, run_id, "--mlflow-uri", mlflow_uri)
     assert code == 1
     assert problems(lines) == [
@@ -172,6 +173,8 @@ def test_a_damaged_w_and_b_file_is_not_conformant_and_a_cut_short_one_says_it_ha
             run.log({"train/loss": 1.0})
     [folder] = wandb_run_dirs(workdir)
     [log] = [os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".wandb")]
+    [whole] = read_runs([folder])  # waits for W&B's service to have written the whole file
+    assert len(whole.rows) == 10 and whole.ended
     data = open(log, "rb").read()
     fifth = [i for i in range(len(data)) if data.startswith(b"train/loss", i)][4]
     damaged, cut = str(workdir / "damaged.wandb"), str(workdir / "cut.wandb")

@@ -123,6 +123,9 @@ def test_torchrun_workers_of_a_script_that_never_imports_stream_metrics(workdir,
               TOKENIZERS_PARALLELISM="false")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert out.stdout.count("'StreamMetricsCallback'") == 2  # in each worker
+    # The script configures no logging: our lines are shown anyway, once (rank 0 has the runs).
+    assert out.stderr.count("stream_metrics: autolog gives Trainer a StreamMetricsCallback") == 2, out.stderr[-3000:]
+    assert out.stderr.count("stream_metrics: MLflow run ") == 1, out.stderr[-3000:]
 
     per_rank = [consumed(tiny.read_texts([path]), batch_size, grad_accum, steps) for path in paths]
     samples, tokens = sum(r[0] for r in per_rank), sum(r[1] for r in per_rank)

@@ -36,7 +36,7 @@ Which rule counts a batch (SCHEMA section 1):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -217,30 +217,48 @@ def _length(value):
     return shape[0] if shape else None
 
 
-def _from_sequence(batch, pad_token_id, want_tokens: bool = True) -> Counts:
+def sequence_form(batch) -> tuple[str, Any] | None:
+    """How a non-empty tuple or list batch holds its data (the counts and the FLOPs read it alike):
+
+    - ``("part", x)``: ``x`` holds the token ids: the inputs of ``(inputs, targets)`` (a dict or a
+      tensor), the first of ``(ids, mask, labels)``;
+    - ``("ragged", lengths)``: unpadded token sequences of their own lengths (1-D integer tensors,
+      or token lists), every token real;
+    - ``("examples", batch)``: example dicts, not collated;
+    - None: none of these.
+    """
     first = batch[0]
     if isinstance(first, torch.Tensor):
         if all(isinstance(seq, torch.Tensor) and seq.dim() == 1 and not torch.is_floating_point(seq)
                for seq in batch):
-            # Unpadded token sequences of their own lengths: a sample each, every token counts (shapes only).
-            return Counts(len(batch), sum(seq.shape[0] for seq in batch), None, len(batch))
-        # (ids, mask, ...) or (inputs, targets): the first is the batch
-        return _from_tensor(first, pad_token_id, want_tokens)
-    if isinstance(first, Mapping) and not all(isinstance(example, Mapping) for example in batch):
-        # (inputs, targets) with the inputs a dict: the first is the batch
-        return read_batch(first, pad_token_id, want_tokens=want_tokens)
-    if isinstance(first, Mapping):  # a list of examples, not collated
-        tokens = 0
-        for example in batch:
-            seq = example.get("attention_mask", example.get("input_ids"))
-            if seq is None:
-                return Counts(len(batch), None, None, len(batch))
-            tokens += sum(1 for v in seq if v) if "attention_mask" in example else len(seq)
-        return Counts(len(batch), tokens, None, len(batch))
-    if isinstance(first, (list, tuple)):  # ragged token lists: no padding, every token counts
-        return Counts(len(batch), sum(len(seq) for seq in batch), None, len(batch))
-    raise BatchError(f"a {type(batch).__name__} of {type(first).__name__}",
-                     "pass a batch of sequences, a tensor, or samples= to update()")
+            return "ragged", [seq.shape[0] for seq in batch]
+        return "part", first
+    if isinstance(first, Mapping):
+        return ("examples", batch) if all(isinstance(example, Mapping) for example in batch) else ("part", first)
+    if isinstance(first, (list, tuple)):
+        return "ragged", [len(seq) for seq in batch]
+    return None
+
+
+def _from_sequence(batch, pad_token_id, want_tokens: bool = True) -> Counts:
+    form = sequence_form(batch)
+    if form is None:
+        raise BatchError(f"a {type(batch).__name__} of {type(batch[0]).__name__}",
+                         "pass a batch of sequences, a tensor, or samples= to update()")
+    kind, held = form
+    if kind == "ragged":  # a sample each, every token counts (shapes only)
+        return Counts(len(batch), sum(held), None, len(batch))
+    if kind == "part":  # the part that is the batch
+        if isinstance(held, torch.Tensor):
+            return _from_tensor(held, pad_token_id, want_tokens)
+        return read_batch(held, pad_token_id, want_tokens=want_tokens)
+    tokens = 0  # a list of examples, not collated
+    for example in batch:
+        seq = example.get("attention_mask", example.get("input_ids"))
+        if seq is None:
+            return Counts(len(batch), None, None, len(batch))
+        tokens += sum(1 for v in seq if v) if "attention_mask" in example else len(seq)
+    return Counts(len(batch), tokens, None, len(batch))
 
 
 def _from_tensor(batch: torch.Tensor, pad_token_id, want_tokens: bool = True) -> Counts:

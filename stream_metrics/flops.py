@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import distributed, schema
-from .counting import Count, Total, warn_once
+from .counting import Count, Total, sequence_form, warn_once
 from .record import FlopFields, RankRecord
 
 # Attention kernels that skip padding and stop at example boundaries (transformers' names contain these).
@@ -168,26 +168,23 @@ class FlopCount:
 
 
 def _as_batch(batch):
-    """A tuple or list batch as the dict its token ids would be in (counting.py reads them alike): the
-    inputs dict of ``(inputs, targets)``, or the ids first in ``(ids, mask, labels)``."""
+    """A tuple or list batch as the dict its token ids are in (counting.sequence_form): the inputs
+    dict of ``(inputs, targets)``, or the ids first in ``(ids, mask, labels)``; else as it is."""
     if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        if hasattr(first, "get"):
-            return first
-        if isinstance(first, torch.Tensor) and first.dim() >= 2 and not torch.is_floating_point(first):
-            return {"input_ids": first}
+        form = sequence_form(batch)
+        if form is not None and form[0] == "part":
+            part = form[1]
+            if not isinstance(part, torch.Tensor):
+                return part
+            if part.dim() >= 2 and not torch.is_floating_point(part):
+                return {"input_ids": part}
     return batch
 
 
 def _ragged_lengths(batch) -> list[int] | None:
     """The lengths of a batch of unpadded sequences (1-D token tensors or token lists), or None."""
-    if not isinstance(batch, (tuple, list)) or not batch:
-        return None
-    if all(isinstance(seq, torch.Tensor) and seq.dim() == 1 for seq in batch):
-        return [seq.shape[0] for seq in batch]
-    if all(isinstance(seq, (list, tuple)) for seq in batch):
-        return [len(seq) for seq in batch]
-    return None
+    form = sequence_form(batch) if isinstance(batch, (tuple, list)) and batch else None
+    return form[1] if form is not None and form[0] == "ragged" else None
 
 
 def _shape(batch) -> tuple[int, int] | None:

@@ -433,6 +433,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             return
         self._step(state)
         self.saved_state = self.run.state_dict()  # every rank ends here: what a later evaluate() goes on from
+        if self.display is not None:  # the last line or bar is where training ended, not the last row
+            self.display.update(self.run.last_progress)
         self._end_display()
         if self.finish_on_train_end:
             self.run.finish()  # and pops the active runs (at_finish)

@@ -132,6 +132,15 @@ def test_progress_lines_in_a_log_file(workdir, corpus, capsys, options, target):
     assert "tok/s" in lines[-1] and lines[-1].endswith(f"| 100% of {target} | ETA 0:00:00")
 
 
+def test_the_last_progress_line_is_where_training_ended_between_logging_steps(workdir, corpus, capsys):
+    # 7 steps, a row every 5: the last line is step 7's (the end), not the last row's step 5.
+    train(workdir, corpus, steps=7, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    counts = per_step(corpus["texts"], 7)
+    assert lines[-1].startswith(f"step 7 | {counts[7][0]} samples | {counts[7][1] / 1000:.3g}k tokens | epoch "), lines
+    assert lines[-1].endswith("| 100% of 7 steps (max_steps) | ETA 0:00:00"), lines
+
+
 def test_bad_amounts_fail_when_the_callback_is_made(workdir):
     with pytest.raises(ValueError, match="500ksp"):
         StreamMetricsCallback(backend="none", eval_every="500 samples")

@@ -22,8 +22,10 @@ the model's shape, as torchtitan's ``get_num_flop_per_token`` and OLMo-core's Sp
   attention mask; these are device tensors, summed on the device like the token counts.
 
 Not counted: normalisation, activations, softmax, the loss, the optimizer, biases, and anything
-recomputed by activation checkpointing (these are model FLOPs, for MFU). Convolutions over
-images and mixture-of-experts weights (3-d tensors) are not read: pass ``flops_per_token=``.
+recomputed by activation checkpointing (these are model FLOPs, for MFU). A mixture of experts
+named by the config counts the ``num_experts_per_tok`` experts a token goes through (fused
+``[experts, out, in]`` weights, or one module per expert). Convolutions over images are not read:
+pass ``flops_per_token=``.
 
 Shape-derived parts are Python ints (free); value-derived parts are counted in units that fit an
 int64 (tokens, (query, key) pairs) and multiplied by the per-unit cost on the host when a row is
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,37 +75,54 @@ class FlopFormula:
         """
         trained = frozen = 0
         skipped = []
+        config: Any = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        experts, top_k = _experts(config)
+        mixture = False
+        routed = [0, 0]  # trained, frozen: Linear weights of experts held one module each (experts.N.)
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Embedding):
                 continue
             own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
             if not own:
                 continue
-            if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+                # A Linear's logical size: a 4-bit weight (QLoRA) is stored packed, and a DTensor shard's
+                # numel() is the whole weight's anyway.
+                size = module.in_features * module.out_features if isinstance(module, torch.nn.Linear) else \
+                    sum(p.numel() for p in own)
+                if experts and _EXPERT.search(name):  # a token goes through top_k of the experts
+                    routed[0 if own[0].requires_grad else 1] += size
+                    mixture = True
+                    continue
+            elif experts and all(p.dim() in (2, 3) and p.shape[0] == experts for p in own):
+                # A mixture of experts (transformers' fused experts, [experts, out, in] each): a token goes
+                # through top_k of them; a router's [experts, hidden] weight scores every token.
+                size = sum(p.numel() // experts * top_k if p.dim() == 3 else p.numel() for p in own)
+                mixture = True
+            else:
                 skipped.append(name or type(module).__name__)
                 continue
-            # A Linear's logical size: a 4-bit weight (QLoRA) is stored packed, and a DTensor shard's
-            # numel() is the whole weight's anyway.
-            size = module.in_features * module.out_features if isinstance(module, torch.nn.Linear) else \
-                sum(p.numel() for p in own)
             if own[0].requires_grad:
                 trained += size
             else:
                 frozen += size
         if skipped:
-            warn_once("flops-skipped", f"FLOPs leave out the weights of {len(skipped)} modules that are not linear "
-                                       f"layers (e.g. {skipped[0]!r}: convolutions, mixture-of-experts); pass "
-                                       "flops_per_token= to init() or the callback for an exact figure")
-        config: Any = getattr(model, "config", None)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            warnings.warn(f"stream_metrics: FLOPs leave out the weights of {len(skipped)} modules that are not "
+                          f"linear layers (e.g. {skipped[0]!r}: convolutions, experts the config does not name); "
+                          "pass flops_per_token= to init() or the callback for an exact figure", stacklevel=3)
         layers = getattr(config, "num_hidden_layers", None)
         heads = getattr(config, "num_attention_heads", None)
         head_dim = getattr(config, "head_dim", None)
         hidden = getattr(config, "hidden_size", None)
         if head_dim is None and heads and hidden:
             head_dim = hidden // heads
+        # Every expert holds the same weights: top_k / experts of their sum is top_k experts' (a whole number).
+        trained += routed[0] * top_k // experts if experts else 0
+        frozen += routed[1] * top_k // experts if experts else 0
         per_token = 6 * trained + 4 * frozen
-        method = "model weights: 6 x trained + 4 x frozen matmul weights per token"
+        method = "model weights: 6 x trained + 4 x frozen matmul weights per token" + (
+            f" (experts: {top_k} of {experts} per token)" if mixture else "")
         if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(head_dim, int)):
             return cls(per_token, method=method + " (attention not counted: the config names no layers and heads)")
         kernel = str(getattr(config, "_attn_implementation", None) or "eager")
@@ -110,6 +130,20 @@ class FlopFormula:
         method += f" + attention 12 x {layers} layers x {heads * head_dim} x " + (
             "sum of example lengths squared" if varlen else "row length squared") + f" ({kernel})"
         return cls(per_token, 12 * layers * heads * head_dim, varlen, method)
+
+
+# An expert's own module in a list of them (transformers 4's Mixtral, Qwen-MoE, DeepSeek: mlp.experts.3.w1).
+_EXPERT = re.compile(r"(^|\.)experts\.\d+(\.|$)")
+
+
+def _experts(config) -> tuple[int, int]:
+    """(experts per layer, experts each token goes through) from a mixture-of-experts config, or (0, 0)."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        experts = getattr(config, name, None)
+        if isinstance(experts, int) and isinstance(top_k, int) and 0 < top_k <= experts:
+            return experts, top_k
+    return 0, 0
 
 
 class FlopCount:

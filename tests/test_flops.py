@@ -60,6 +60,58 @@ def test_the_formula_equals_flop_counter_mode_for_trained_and_frozen_weights():
         assert run.progress.flops == counter.get_total_flops()
 
 
+class ListedExperts(torch.nn.Module):
+    """A mixture of experts held one module each, as transformers 4 held Mixtral's (mlp.experts.N):
+    each token goes through the top 2 of 4 experts its router scores highest."""
+
+    def __init__(self, hidden=16, experts=4, top_k=2):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(num_local_experts=experts, num_experts_per_tok=top_k)
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(experts))
+        self.head = torch.nn.Linear(hidden, 8, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x):
+        weights, chosen = self.router(x).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out = out.index_add(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        return self.head(out)
+
+
+def test_mixture_of_experts_counts_the_experts_each_token_goes_through():
+    """transformers' fused experts ([experts, out, in] weights, a tiny Mixtral run with its eager experts,
+    which FlopCounterMode sees) and experts held one module each: top_k of them per token, not all or none."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    mixtral = MixtralForCausalLM(MixtralConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128))
+    if not hasattr(mixtral, "set_experts_implementation"):
+        pytest.skip("this transformers holds Mixtral's experts as modules of their own (the second case)")
+    eager(mixtral).set_experts_implementation("eager")
+    mixtral.train()
+    ids = torch.randint(2, 250, (3, 40))
+    with FlopCounterMode(display=False) as counter:
+        mixtral(input_ids=ids, labels=ids).loss.backward()
+    with stream_metrics.init(backend="none", model=mixtral) as run:
+        run.update({"input_ids": ids})
+        assert run.progress.flops == counter.get_total_flops()
+
+    listed, x = ListedExperts(), torch.randn(30, 16, requires_grad=True)  # as a lower layer's output
+    with FlopCounterMode(display=False) as counter:
+        listed(x).sum().backward()
+    run = stream_metrics.init(backend="none", model=listed)
+    assert run.flop_formula.of_tokens(30) == counter.get_total_flops()
+    assert "(experts: 2 of 4 per token)" in run.flop_formula.method
+    run.finish()
+
+
 def test_tuple_list_and_ragged_batches_count_what_flop_counter_mode_counts():
     """A DataLoader over a TensorDataset yields [ids, labels]; (inputs, targets) tuples; unpadded sequences."""
     model = eager(tiny.tiny_model())

@@ -116,6 +116,10 @@ def main(argv=None) -> int:
     except comparing.CompareError as exc:
         print(f"stream-metrics: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else 1  # check: 1 means "read, and not conformant"
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush of stdout at exit would raise again
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except Exception as exc:  # a store that cannot be read (a server away): one sentence, no password
         if type(exc).__module__.split(".")[0] not in ("mlflow", "requests", "urllib3", "sqlalchemy"):
             raise

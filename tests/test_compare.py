@@ -233,6 +233,15 @@ def test_the_command_runs_as_a_program(runs):
     assert sorted(os.listdir("out")) == ["compare.html", "table.csv", "table.md"]
 
 
+def test_piped_into_a_reader_that_stops_early_the_command_stops_quietly(runs):
+    """`stream-metrics show RUN | head -1`: the pipe closes before everything is printed."""
+    # `true` has long ended (the reader gone) when the command, its imports done, first writes.
+    shell = subprocess.run(f"'{sys.executable}' -m stream_metrics show bs8 --mlflow-uri '{runs['uri']}' "
+                           "| true; echo \"status ${PIPESTATUS[0]}\"",
+                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
+    assert shell.stdout.strip() == "status 141" and "Traceback" not in shell.stderr, shell.stderr[-2000:]
+
+
 def test_replay_sends_saved_rows_into_their_run(capsys, workdir, mlflow_uri):
     from mlflow import MlflowClient
 

@@ -31,6 +31,8 @@ log = logging.getLogger("stream_metrics")
 
 _options: dict | None = None   # the callback's options while autolog is on
 _pending = None                # the import hook, while transformers.trainer is not imported yet
+_paused = 0                    # > 0 while a Trainer is built for a callback's own use (paused())
+_WRAPPED = "__stream_metrics_autolog_original__"
 
 
 class _UntilConfigured(logging.StreamHandler):
@@ -50,8 +52,6 @@ def _show_info_lines() -> None:
     log.addHandler(_UntilConfigured())
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
-_paused = 0                    # > 0 while a Trainer is built for a callback's own use (paused())
-_WRAPPED = "__stream_metrics_autolog_original__"
 
 
 def autolog(disable: bool = False, **options) -> None:

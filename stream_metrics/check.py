@@ -51,11 +51,12 @@ def describe_run(run: RunHistory) -> str:
     axes = ", ".join(f"{key[len(schema.AXIS_PREFIX):]} {number(last[key])}"
                      for key in schema.AXES.values() if key in last)
     name = f" ({run.name})" if run.name and run.name != run.run_id else ""
+    notes = [note for note, applies in (
+        ("the run file has no end: the run was killed, or is still running", not run.ended),
+        ("RUNNING: still training, or ended without a word; a row being written is left out", run.running))
+        if applies]
     return f"{run.backend} run {run.run_id}{name} in {run.where}: {len(run.rows)} row(s)" + (
-        f"; last row: {axes}" if axes else "") + (
-        "" if run.ended else " (the run file has no end: the run was killed, or is still running)") + (
-        " (RUNNING: still training, or ended without a word; a row being written is left out)"
-        if run.running else "")
+        f"; last row: {axes}" if axes else "") + "".join(f" ({note})" for note in notes)
 
 
 def problems(run: RunHistory, expect: Expected | None = None) -> list[str]:

@@ -294,7 +294,8 @@ class EpochEstimator:
             # Every sample before this session's start was in the first pass.
             self.pass_size = self.samples_at_start + int(_total(ranks, "first_pass_samples"))
             self.pass_offset = self.restored_samples - self.samples_at_start
-        if passes > self.passes_measured and session_passes >= 1 and _most(ranks, "passes") == session_passes:
+        if passes > self.passes_measured and session_passes >= 1 and all(
+                r["passes"] == session_passes for r in ranks):
             # Every rank is in the same pass: the samples before it are the samples at its start.
             self.pass_end = samples - int(_total(ranks, "samples_in_pass"))
             self.passes_measured = passes
@@ -350,15 +351,6 @@ def _least(ranks: list[RankRecord], key: str):
         if r[key] < least:  # type: ignore[literal-required]
             least = r[key]  # type: ignore[literal-required]
     return least
-
-
-def _most(ranks: list[RankRecord], key: str):
-    """The largest of the ranks' ``key``."""
-    most = ranks[0][key]  # type: ignore[literal-required]
-    for r in ranks:
-        if r[key] > most:  # type: ignore[literal-required]
-            most = r[key]  # type: ignore[literal-required]
-    return most
 
 
 def _total(ranks: list[RankRecord], key: str):

@@ -79,7 +79,7 @@ class FlopFormula:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         experts, top_k = _experts(config)
         mixture = False
-        routed = [0, 0]  # trained, frozen: Linear weights of experts held one module each (experts.N.)
+        routed_trained = routed_frozen = 0  # Linear weights of experts held one module each (experts.N.)
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Embedding):
                 continue
@@ -92,7 +92,10 @@ class FlopFormula:
                 size = module.in_features * module.out_features if isinstance(module, torch.nn.Linear) else \
                     sum(p.numel() for p in own)
                 if experts and _EXPERT.search(name):  # a token goes through top_k of the experts
-                    routed[0 if own[0].requires_grad else 1] += size
+                    if own[0].requires_grad:
+                        routed_trained += size
+                    else:
+                        routed_frozen += size
                     mixture = True
                     continue
             elif experts and all(p.dim() in (2, 3) and p.shape[0] == experts for p in own):
@@ -118,8 +121,9 @@ class FlopFormula:
         if head_dim is None and heads and hidden:
             head_dim = hidden // heads
         # Every expert holds the same weights: top_k / experts of their sum is top_k experts' (a whole number).
-        trained += routed[0] * top_k // experts if experts else 0
-        frozen += routed[1] * top_k // experts if experts else 0
+        if experts:
+            trained += routed_trained * top_k // experts
+            frozen += routed_frozen * top_k // experts
         per_token = 6 * trained + 4 * frozen
         method = "model weights: 6 x trained + 4 x frozen matmul weights per token" + (
             f" (experts: {top_k} of {experts} per token)" if mixture else "")
@@ -159,7 +163,7 @@ class FlopCount:
 
     def add(self, batch, tokens: Count | None) -> None:
         """Account for one micro-batch (its padded shape; ``tokens`` where the batch has no ids)."""
-        batch = _as_batch(batch)
+        batch, lengths = _parts(batch)
         shape = _shape(batch)
         if shape is None:
             if tokens is not None:
@@ -168,7 +172,6 @@ class FlopCount:
                 warn_once("flops-no-tokens", "update() had no batch and no tokens=, so its micro-batch adds no "
                                              "FLOPs: progress/flops leaves it out. Pass tokens= (or the batch) "
                                              "to update() to count them.")
-            lengths = _ragged_lengths(batch)
             if lengths is not None and self.formula.per_pair:  # sequences of their own lengths, each alone
                 self.pairs.add(sum(n * n for n in lengths))
             return
@@ -201,24 +204,24 @@ class FlopCount:
         return self.formula.of_tokens(tokens, pairs)
 
 
-def _as_batch(batch):
-    """A tuple or list batch as the dict its token ids are in (counting.sequence_form): the inputs
-    dict of ``(inputs, targets)``, or the ids first in ``(ids, mask, labels)``; else as it is."""
-    if isinstance(batch, (tuple, list)) and batch:
-        form = sequence_form(batch)
-        if form is not None and form[0] == "part":
-            part = form[1]
-            if not isinstance(part, torch.Tensor):
-                return part
-            if part.dim() >= 2 and not torch.is_floating_point(part):
-                return {"input_ids": part}
-    return batch
-
-
-def _ragged_lengths(batch) -> list[int] | None:
-    """The lengths of a batch of unpadded sequences (1-D token tensors or token lists), or None."""
-    form = sequence_form(batch) if isinstance(batch, (tuple, list)) and batch else None
-    return form[1] if form is not None and form[0] == "ragged" else None
+def _parts(batch) -> tuple[Any, list[int] | None]:
+    """(where the token ids are, the lengths of unpadded sequences) of a batch, its tuple or list form
+    read as counting.sequence_form reads it: the inputs dict of ``(inputs, targets)`` or the ids
+    first in ``(ids, mask, labels)``; ragged sequences (1-D token tensors or token lists) and their
+    lengths; anything else as it is, with no lengths."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        return batch, None
+    form = sequence_form(batch)
+    if form is None:
+        return batch, None
+    kind, held = form
+    if kind == "ragged":
+        return batch, held
+    if kind == "part" and not isinstance(held, torch.Tensor):
+        return held, None
+    if kind == "part" and held.dim() >= 2 and not torch.is_floating_point(held):
+        return {"input_ids": held}, None
+    return batch, None
 
 
 def _shape(batch) -> tuple[int, int] | None:

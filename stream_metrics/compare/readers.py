@@ -277,9 +277,10 @@ def read_wandb_run(path: str) -> RunHistory:
     run_id = name = ""
     rows, config, summary, step_metrics = [], {}, {}, {}
     damage: list[str] = []
-    records = _settled_records(path, damage)
-    for record in records:
+    ended = False
+    for record in _settled_records(path, damage):
         kind = record.WhichOneof("record_type")
+        ended = ended or kind == "exit"
         if kind == "metric":  # a define_metric call: a glob ("train/*") or an exact name
             defined = record.metric.glob_name or record.metric.name
             if defined and (record.metric.step_metric or defined not in step_metrics):
@@ -303,8 +304,7 @@ def read_wandb_run(path: str) -> RunHistory:
     return RunHistory(run_id=run_id or os.path.basename(path), name=name, backend="wandb",
                       where=os.path.dirname(os.path.abspath(path)), rows=rows,
                       tags=tags if isinstance(tags, dict) else {}, summary=summary, step_metrics=step_metrics,
-                      damaged=damage[0] if damage else "",
-                      ended=any(r.WhichOneof("record_type") == "exit" for r in records))
+                      damaged=damage[0] if damage else "", ended=ended)
 
 
 #: W&B's service may still be writing a run's log after ``wandb.finish()`` has returned (seen with

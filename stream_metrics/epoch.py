@@ -187,6 +187,51 @@ def _rebatched_position(node: dict, iterable, num_shards: int, step):
     return shard_idx, within, num_shards
 
 
+def items_are_examples(dataset) -> int:
+    """Whether a sized dataset's items are single examples (1) or rows packed from several (0); -1 unknown.
+
+    Read from its first item, without running any of the user's code (a ``__getitem__`` may draw
+    from a random generator, or be slow): only for a list or tuple, and a ``datasets.Dataset`` (its
+    first row as stored, with no format or transform). An item is packed where its ``position_ids``
+    restart at 0 after the start, or where it carries ``cu_seq_lens_q`` (counting.py reads the same
+    marks in a batch); anything else is one example.
+    """
+    try:
+        if type(dataset) in (list, tuple):
+            first = dataset[0]
+        elif type(dataset).__name__ == "Dataset" and type(dataset).__module__.startswith("datasets."):
+            if "position_ids" not in dataset.column_names and "cu_seq_lens_q" not in dataset.column_names:
+                return 1
+            first = dataset.with_format(None)[0]
+        else:
+            return -1
+    except Exception:  # an empty or odd container: nothing to read
+        return -1
+    if not isinstance(first, dict):
+        return 1
+    if first.get("cu_seq_lens_q") is not None:
+        return 0
+    positions = first.get("position_ids")
+    if positions is None:
+        return 1
+    try:
+        flat = (positions.reshape(-1).tolist() if hasattr(positions, "reshape") else
+                [p for row in positions for p in row] if positions and isinstance(positions[0], (list, tuple))
+                else list(positions))
+    except Exception:
+        return -1
+    return 0 if 0 in flat[1:] else 1
+
+
+def _unknown_items(length: int) -> None:
+    warn_once("sized-items", f"the dataset given as dataset= has a length ({length}) but stream_metrics cannot "
+                             "tell whether its items are single examples or rows packed from several (only a "
+                             "list, a tuple or a datasets.Dataset is read): its batches hold fewer rows than "
+                             "examples, and the 'sized' epoch counts the examples over its length. If its items "
+                             "are packed rows, pass the DataLoader as dataset= instead (its length counts "
+                             "batches)")
+
+
 @dataclass
 class DatasetProbe:
     """What one rank can tell about the dataset it reads: its length, metadata, shard position."""
@@ -199,6 +244,10 @@ class DatasetProbe:
     # A stream with no length whose steps keep its rows one for one: only then is the shard position
     # read at rows. Decided once, since a dataset's chain of steps never changes (map() makes a new one).
     positioned: bool = False
+    # A sized dataset's items: 1 each is one example (so the ``sized`` source counts samples, which a
+    # collator that packs several into a row keeps apart), 0 each is a row already packed from several
+    # (so it counts rows), -1 unknown (items_are_examples).
+    examples: int = -1
 
     @classmethod
     def of(cls, dataset, *, yields_batches: bool = False) -> "DatasetProbe":
@@ -223,6 +272,8 @@ class DatasetProbe:
             warn_once("datasets-state", "this version of datasets has no IterableDataset.state_dict(), so the "
                                         "'shards' epoch source is unavailable; upgrade datasets to 2.20 or newer")
         probe.dataset = inner
+        if probe.length is not None and not probe.is_loader:
+            probe.examples = items_are_examples(inner)
         # A position in the files' rows is not a position in the examples once a step resized them.
         probe.positioned = probe.length is None and not resized(inner)
         return probe
@@ -234,6 +285,7 @@ class DatasetProbe:
             "sized_units": (batches if self.is_loader else rows) if self.length else -1,
             "sized_length": self.length or -1,
             "sized_is_loader": int(self.is_loader),
+            "sized_examples": self.examples,
             "metadata": self.metadata if self.metadata else -1,
             "metadata_files": self.metadata_files,
             "shard_idx": pos[0] if pos else -1,
@@ -320,9 +372,17 @@ class EpochEstimator:
         if self.sized_epoch is not None:
             return float(self.sized_epoch), "sized"
         if _least(ranks, "sized_length") > 0:
-            units = _total(ranks, "sized_units")
-            length = _total(ranks, "sized_length") if ranks[0]["sized_is_loader"] else ranks[0]["sized_length"]
-            return units / length, "sized"
+            if ranks[0]["sized_is_loader"]:
+                return _total(ranks, "sized_units") / _total(ranks, "sized_length"), "sized"
+            # A dataset (every rank's copy of it whole): the items read over its length. Items that are
+            # examples were read as samples (a packing collator makes fewer rows of them); packed items
+            # as rows (each holds several samples).
+            rows = _total(ranks, "sized_units")
+            if ranks[0]["sized_examples"] == 0:
+                return rows / ranks[0]["sized_length"], "sized"
+            if ranks[0]["sized_examples"] < 0 and samples != rows:
+                _unknown_items(ranks[0]["sized_length"])
+            return samples / ranks[0]["sized_length"], "sized"
         if self.user_size:
             return samples / self.user_size, "user"
         if _least(ranks, "metadata") > 0:

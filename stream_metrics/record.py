@@ -16,6 +16,7 @@ class ProbeFields(TypedDict):
     sized_units: int          # batches (a sized loader) or rows (a sized dataset) read so far
     sized_length: int         # the loader's or dataset's length
     sized_is_loader: int      # 1 when the length counts batches
+    sized_examples: int       # a dataset's items: 1 single examples, 0 packed rows, -1 unknown
     metadata: int             # examples the dataset's metadata announces
     metadata_files: int       # which file list that metadata is about (one per list)
     shard_idx: int            # shards completed, in a streamed dataset

@@ -112,6 +112,78 @@ def test_a_sized_loader_gives_progress_in_its_own_batches(workdir):
         assert (run.progress.epoch, run.progress.epoch_source) == (1.0, "pass")
 
 
+def flattened_examples(count=22, seed=7):
+    """``count`` examples of 3 to 11 token ids: 22 in batches of 4 end with a partial batch of 2."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 12, (count,), generator=g).tolist()
+    return [{"input_ids": list(range(1, n + 1))} for n in lengths]
+
+
+class ExamplesByIndex(torch.utils.data.Dataset):
+    """A user's own map-style dataset: its __getitem__ is not called by stream_metrics."""
+
+    def __init__(self, items):
+        self.items, self.calls = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        return self.items[i]
+
+
+@pytest.mark.parametrize("kind", ["list", "datasets", "own"])
+def test_a_sized_dataset_of_examples_packed_by_the_collator_counts_examples(workdir, kind):
+    # DataCollatorWithFlattening packs each batch of examples into one row; the dataset's length counts
+    # examples, so the 'sized' epoch is the examples trained on over it (not the packed rows).
+    import datasets
+    from transformers import DataCollatorWithFlattening
+
+    examples = flattened_examples()
+    data = {"list": examples, "datasets": datasets.Dataset.from_list(examples),
+            "own": ExamplesByIndex(examples)}[kind]
+    loader = DataLoader(data, batch_size=4, collate_fn=DataCollatorWithFlattening())
+    seen, rows = 0, 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stream_metrics.init(backend="none", dataset=data) as run:
+            for batch in loader:
+                examples_in_batch = sum(1 for p in batch["position_ids"].reshape(-1).tolist() if p == 0)
+                seen += examples_in_batch
+                rows += batch["input_ids"].shape[0]
+                run.update(batch)
+                p = run.progress
+                assert (p.samples, p.epoch_source) == (seen, "sized")
+                assert p.epoch == pytest.approx(seen / len(examples))
+    assert (seen, rows) == (22, 6)  # the ground truth: every example once, in 6 packed rows
+    unknown = [w for w in caught if "cannot tell whether its items" in str(w.message)]
+    assert len(unknown) == (1 if kind == "own" else 0)
+    if kind == "own":
+        assert data.calls == len(examples)  # the loader's calls only
+
+
+def test_a_sized_dataset_of_packed_rows_counts_rows(workdir):
+    # Items already packed (position_ids restart inside each): the length counts rows, each holding 2 or 3
+    # examples, so the epoch is the rows read over it while samples count every packed example.
+    items = []
+    for i in range(10):
+        parts = [4, 6] if i % 2 else [3, 3, 4]
+        items.append({"input_ids": torch.arange(1, 11), "position_ids": torch.cat([torch.arange(n) for n in parts])})
+    for data in (items, __import__("datasets").Dataset.from_list(
+            [{k: v.tolist() for k, v in item.items()} for item in items]).with_format("torch")):
+        loader = DataLoader(data, batch_size=4)  # 4, 4, 2 rows
+        rows = samples = 0
+        with stream_metrics.init(backend="none", dataset=data) as run:
+            for batch in loader:
+                rows += batch["input_ids"].shape[0]
+                samples += int((batch["position_ids"] == 0).sum())
+                run.update(batch)
+                p = run.progress
+                assert (p.samples, p.epoch_source, p.epoch) == (samples, "sized", pytest.approx(rows / 10))
+        assert (rows, samples) == (10, 25)
+
+
 def test_a_user_size_is_used_until_a_pass_is_measured(workdir):
     paths = tiny.write_corpus(str(workdir / "d"), files=1, lines_per_file=(40,))
     with stream_metrics.init(backend="none", dataset_size=50) as run:  # a wrong guess: the pass shows it

@@ -185,10 +185,11 @@ def test_a_float_tensor_count_is_rounded_on_its_device():
 
 
 def rank_record(passes=0, first_pass=-1, in_pass=0, units=-1, length=-1, loader=0, metadata=-1, files=-1,
-                shard=-1, within=-1, shards=-1) -> dict:
+                shard=-1, within=-1, shards=-1, examples=0) -> dict:
     """One rank's gathered numbers as the epoch estimate reads them (-1: unknown)."""
     return {"passes": passes, "first_pass_samples": first_pass, "samples_in_pass": in_pass,
-            "sized_units": units, "sized_length": length, "sized_is_loader": loader, "metadata": metadata,
+            "sized_units": units, "sized_length": length, "sized_is_loader": loader, "sized_examples": examples,
+            "metadata": metadata,
             "metadata_files": files, "shard_idx": shard, "shard_example_idx": within, "num_shards": shards}
 
 
@@ -210,8 +211,11 @@ def rank_record(passes=0, first_pass=-1, in_pass=0, units=-1, length=-1, loader=
       rank_record(in_pass=30, shard=1, within=10, shards=8)], 75, (75 / 320, "shards")),
     # Sized loaders: batches read over the loaders' lengths, summed over ranks.
     ([rank_record(units=30, length=100, loader=1), rank_record(units=20, length=100, loader=1)], 0, (0.25, "sized")),
-    # A sized dataset (not a loader): the rows read over one copy of its length.
-    ([rank_record(units=30, length=200), rank_record(units=20, length=200)], 0, (0.25, "sized")),
+    # A sized dataset of packed rows (not a loader): the rows read over one copy of its length ...
+    ([rank_record(units=30, length=200), rank_record(units=20, length=200)], 400, (0.25, "sized")),
+    # ... and of examples: the samples (a collator may pack them into fewer rows).
+    ([rank_record(units=3, length=200, examples=1), rank_record(units=2, length=200, examples=1)], 50,
+     (0.25, "sized")),
     # One rank without a length: not sized.
     ([rank_record(units=30, length=100, loader=1), rank_record(units=20)], 0, (0.0, "none")),
 ])

@@ -76,6 +76,15 @@ def _replaced_callback(frame) -> "StreamMetricsCallback | None":
     return local_up_the_stack("callback", StreamMetricsCallback, frame, 3)
 
 
+def _rank_batch_size(loader, args) -> int | None:
+    """The rows of one micro-batch of one rank: the loader's batch size (older transformers keep the
+    checkpoint's, whatever the arguments say). None where a batch is split between several ranks
+    (accelerate's ``split_batches`` with dispatched batches: how many rows each gets is its own rule)."""
+    if distributed.world_size() > 1 and getattr(loader, "split_batches", False):
+        return None
+    return getattr(loader, "batch_size", None) or args.per_device_train_batch_size
+
+
 class StreamMetricsCallback(TrainerCallback, ExportableState):
     """Log samples, tokens, estimated epochs and wall-clock with every Trainer row.
 
@@ -253,14 +262,15 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             self.run = self._new_run(args, model=model, processing_class=processing_class, dataset=train_dataloader,
                                      resume=resume)
         self._opened_by_evaluate = False
-        if resume is not None and state.global_step > 0 and (args.ignore_data_skip or distributed.world_size() == 1):
+        if resume is not None and state.global_step > 0:
             # Where the Trainer starts the data again: from the start (ignore_data_skip), or past the
-            # batches of the steps done, in this session's batch size (which may not be the checkpoint's).
-            # (Several ranks: how a stream's batches reach them is accelerate's; only the restart is known.)
-            # The loader's batch size: older transformers keep the checkpoint's, whatever the arguments say.
-            batch_size = getattr(train_dataloader, "batch_size", None) or args.per_device_train_batch_size
-            steps_batches = state.global_step * args.gradient_accumulation_steps
-            self.run.resume_data_at(0 if args.ignore_data_skip else steps_batches * batch_size)
+            # batches of the steps done, in this session's batch size and accumulation (which may not be
+            # the checkpoint's). Rows as this rank counts them (the checkpoint's are rank 0's): each
+            # rank's own micro-batches, as the loader hands them to it.
+            batch_size = _rank_batch_size(train_dataloader, args)
+            if args.ignore_data_skip or batch_size is not None:
+                self.run.resume_data_at(0 if args.ignore_data_skip else
+                                        state.global_step * args.gradient_accumulation_steps * batch_size)
         self._sized = self.run.probe.length is not None
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)

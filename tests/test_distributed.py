@@ -233,6 +233,33 @@ def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow
     assert second[0]["state"]["run_ids"]["wandb"] == first[0]["state"]["run_ids"]["wandb"]
 
 
+def test_the_trainer_resumed_with_another_accumulation_measures_the_pass_it_reads(workdir, mlflow_uri):
+    # Saved after 3 steps of 3 micro-batches of 4 (36 rows a rank); resumed with accumulation 2, the
+    # Trainer skips 3 x 2 batches a rank and reads rows 24-35 again. The pass measured after the resume
+    # must hold what each rank's file holds (37 + 40), not the 72 samples before the checkpoint plus
+    # the rest of the pass read after it (72 + 29).
+    import tiny
+
+    paths = trainer_corpus(workdir)
+    job = ("--mlflow-uri", mlflow_uri, "--batch-size", 4)
+    torchrun("trainer", *job, "--max-steps", 3, "--grad-accum", 3, "--save-steps", 3, *paths)
+    second = torchrun("trainer", *job, "--max-steps", 7, "--grad-accum", 2, "--resume", *paths)
+    shares = [tiny.read_texts([path]) for path in paths]
+    samples = tokens = 0
+    for texts in shares:
+        batches = [texts[i:i + 4] for i in range(0, len(texts), 4)]
+        assert len(batches) == 10
+        # Steps 1-3: batches 0-8. Steps 4-5: batches 6-9 (the pass ends). Steps 6-7: batches 0-3 again.
+        trained = batches[:9] + batches[6:] + batches[:4]
+        samples += sum(len(b) for b in trained)
+        tokens += sum(tiny.token_count(t) for b in trained for t in b)
+    final = [r["state"]["progress"] for r in second]
+    assert final[0] == final[1]
+    assert (final[0]["samples"], final[0]["tokens"], final[0]["step"], final[0]["epoch_source"]) == \
+        (samples, tokens, 7, "pass")
+    assert final[0]["epoch"] == pytest.approx(samples / sum(len(texts) for texts in shares))
+
+
 # ---------------------------------------------------------------------- several ranks on one batch
 def layout_truth(paths) -> dict:
     """What data-parallel ranks reading a file each see: 37 and 50 examples (and 37, 50 again for 4 files)."""

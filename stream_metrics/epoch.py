@@ -226,10 +226,10 @@ def items_are_examples(dataset) -> int:
 def _unknown_items(length: int) -> None:
     warn_once("sized-items", f"the dataset given as dataset= has a length ({length}) but stream_metrics cannot "
                              "tell whether its items are single examples or rows packed from several (only a "
-                             "list, a tuple or a datasets.Dataset is read): its batches hold fewer rows than "
-                             "examples, and the 'sized' epoch counts the examples over its length. If its items "
-                             "are packed rows, pass the DataLoader as dataset= instead (its length counts "
-                             "batches)")
+                             "list, a tuple or a datasets.Dataset is read), and its batches count other samples "
+                             "than rows (packed examples, or samples= given): the 'sized' epoch counts samples "
+                             "over its length. If its items are packed rows, pass the DataLoader as dataset= "
+                             "instead (its length counts batches)")
 
 
 @dataclass

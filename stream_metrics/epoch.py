@@ -193,8 +193,9 @@ def items_are_examples(dataset) -> int:
     Read from its first item, without running any of the user's code (a ``__getitem__`` may draw
     from a random generator, or be slow): only for a list or tuple, and a ``datasets.Dataset`` (its
     first row as stored, with no format or transform). An item is packed where its ``position_ids``
-    restart at 0 after the start, or where it carries ``cu_seq_lens_q`` (counting.py reads the same
-    marks in a batch); anything else is one example.
+    start more than one example (read as counting.py reads a batch's: a restart at 0, or in Qwen-VL's
+    3-plane positions the start of a run of 0s), or where its ``cu_seq_lens_q`` mark more than one
+    segment; anything else is one example.
     """
     try:
         if type(dataset) in (list, tuple):
@@ -209,18 +210,39 @@ def items_are_examples(dataset) -> int:
         return -1
     if not isinstance(first, dict):
         return 1
-    if first.get("cu_seq_lens_q") is not None:
-        return 0
-    positions = first.get("position_ids")
+    try:
+        return _item_is_one_example(first)
+    except Exception:  # values that are not numbers: nothing to read
+        return -1
+
+
+def _item_is_one_example(item: dict) -> int:
+    import torch
+
+    from .counting import _plane, _samples
+
+    cu = item.get("cu_seq_lens_q")
+    if cu is not None:
+        return 1 if torch.as_tensor(cu).numel() <= 2 else 0
+    positions = item.get("position_ids")
     if positions is None:
         return 1
-    try:
-        flat = (positions.reshape(-1).tolist() if hasattr(positions, "reshape") else
-                [p for row in positions for p in row] if positions and isinstance(positions[0], (list, tuple))
-                else list(positions))
-    except Exception:
+    positions = torch.as_tensor(positions)
+    ids = item.get("input_ids")
+    length = torch.as_tensor(ids).shape[-1] if ids is not None else positions.shape[-1]
+    # Give an unbatched item its batch dimension of one row: (length) -> (1, length), and rope planes
+    # (planes, length) -> (planes, 1, length). An item stored with its batch dimension stays as it is.
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    elif positions.dim() == 2 and positions.shape[0] in (3, 4) and positions.shape[1] == length:
+        positions = positions.unsqueeze(1)
+    plane, runs = _plane(positions, None)
+    if plane is None:
         return -1
-    return 0 if 0 in flat[1:] else 1
+    mask = item.get("attention_mask")
+    mask = torch.as_tensor(mask) if mask is not None else None
+    mask = mask.reshape(plane.shape) if mask is not None and mask.numel() == plane.numel() else None
+    return 1 if int(_samples(plane.shape[0], plane, runs, mask)) <= plane.shape[0] else 0
 
 
 def _unknown_items(length: int) -> None:

@@ -163,6 +163,38 @@ def test_a_sized_dataset_of_examples_packed_by_the_collator_counts_examples(work
         assert data.calls == len(examples)  # the loader's calls only
 
 
+def flatten_rope_planes(items):
+    """Qwen-VL's padding-free batch: the examples end to end in one row, positions (3 planes, 1, length)."""
+    return {"input_ids": torch.tensor([t for item in items for t in item["input_ids"]]).unsqueeze(0),
+            "position_ids": torch.cat([torch.as_tensor(item["position_ids"]) for item in items], dim=1).unsqueeze(1)}
+
+
+@pytest.mark.parametrize("kind", ["list", "datasets"])
+def test_a_sized_dataset_of_examples_with_rope_planes_counts_examples(workdir, kind):
+    # Each item is one example whose position_ids are Qwen-VL's 3 rope planes, (3, length): every plane
+    # starts at 0, which is not a restart inside the example. The collator packs 4 examples a row.
+    import datasets
+
+    examples = []
+    for item in flattened_examples():
+        n = len(item["input_ids"])
+        text = list(range(n))
+        image = [0, 1] + [2] * (n - 2)  # an image's tokens share one temporal position
+        examples.append({"input_ids": item["input_ids"], "position_ids": [image, text, text]})
+    data = examples if kind == "list" else datasets.Dataset.from_list(examples)
+    loader = DataLoader(data, batch_size=4, collate_fn=flatten_rope_planes)
+    seen = 0
+    with stream_metrics.init(backend="none", dataset=data) as run:
+        for batch in loader:
+            seen += sum(1 for i in range(batch["input_ids"].shape[1])
+                        if batch["position_ids"][0, 0, i] == 0 and (i == 0 or batch["position_ids"][0, 0, i - 1] != 0))
+            run.update(batch)
+            p = run.progress
+            assert (p.samples, p.epoch_source) == (seen, "sized")
+            assert p.epoch == pytest.approx(seen / len(examples))
+    assert seen == 22
+
+
 def test_a_sized_dataset_of_packed_rows_counts_rows(workdir):
     # Items already packed (position_ids restart inside each): the length counts rows, each holding 2 or 3
     # examples, so the epoch is the rows read over it while samples count every packed example.

@@ -8,9 +8,12 @@
 - **SIGTERM** (Slurm preemption, Kubernetes, torchrun tearing a job down), and SIGINT where the
   program has no ``KeyboardInterrupt`` handler in force: rows are delivered within
   ``STREAM_METRICS_SIGNAL_TIMEOUT`` seconds (default 10), the rest is spilled with the replay
-  command printed, the runs end KILLED, and the signal is handed on to the handler that was there
-  before (a user's own handler still runs), or to the default action, so the exit status still
-  says the process died of the signal.
+  command printed, the runs end KILLED, and the default action ends the process, so the exit
+  status still says it died of the signal.
+- **A handler of the program's own** (a graceful stop, the Trainer's ``enable_jit_checkpoint``):
+  the rows are delivered, MLflow shows KILLED, and the runs stay open while the handler runs
+  (``_hand_on``): if it ends the process, every row is stored; if it returns, the program goes on
+  logging into the same runs, which end KILLED.
 - **SIGINT under Python's default handler** (Ctrl-C, every notebook): rows are flushed, then the
   ``KeyboardInterrupt`` is raised as before; the run stays open, so training can go on in it.
 - Handlers are installed only in the main thread, only while a run is open, never where the
@@ -43,6 +46,8 @@ _open: dict[int, "Run"] = {}  # id -> run: strong references, so a dropped run i
 _lock = threading.RLock()
 # signal number -> the handler ours replaced
 _previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+# ids of the open runs a signal reached while the program's own handler took it: they end KILLED
+_signalled: set[int] = set()
 
 
 def opened(run: "Run") -> None:
@@ -56,6 +61,7 @@ def closed(run: "Run") -> None:
     """``run`` has finished: let go of it; with no run open, put the signal handlers back."""
     with _lock:
         _open.pop(id(run), None)
+        _signalled.discard(id(run))
         if not _open:
             _uninstall()
 
@@ -63,6 +69,11 @@ def closed(run: "Run") -> None:
 def is_open(run: "Run") -> bool:
     """True until ``run`` has finished closing its backends."""
     return id(run) in _open
+
+
+def signalled(run: "Run") -> bool:
+    """True where a signal reached ``run`` and the program's own handler let the program go on."""
+    return id(run) in _signalled
 
 
 def open_runs() -> list["Run"]:
@@ -124,7 +135,7 @@ def _at_exit() -> None:
 
 
 def _finish_at_exit() -> None:
-    finish_all(exit_status())
+    finish_all(exit_status())  # runs a signal reached end KILLED (Run.finish)
 
 
 # threading's exit hooks run when the main thread ends, before atexit hooks (W&B tears its service
@@ -183,19 +194,48 @@ def _on_signal(number: int, frame) -> None:
     # handed on (a default action ends the process first).
     blocked = _block_sigchld()
     try:
+        if callable(previous):
+            _hand_on(number, frame, previous, name, timeout)
+            return
         if open_runs():
             log.warning("stream_metrics: %s received: delivering rows for up to %g s (%s), then the runs end "
                         "KILLED", name, timeout, SIGNAL_TIMEOUT_ENV)
             finish_all("KILLED", timeout)
-        # Hand the signal on, so the process ends (or not) as it would have without us.
-        if callable(previous):
-            previous(number, frame)
-            return
+        # Hand the signal on, so the process ends as it would have without us.
         signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)
     finally:
         if blocked is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _hand_on(number: int, frame, previous: Callable, name: str, timeout: float) -> None:
+    """The program's own handler takes the signal: it may end the process at once (sending the signal
+    again, ``os._exit``), raise, or let training go on to a checkpoint of its own (the Trainer's
+    ``enable_jit_checkpoint``). So the rows go out first and the runs show KILLED where a backend
+    shows a status while open (MLflow); the runs stay open, so what the program logs on its way out
+    (a last row, the state its checkpoint keeps) still counts. If the handler returns, the runs show
+    RUNNING again, and end KILLED whenever they end: the signal cut the run short."""
+    runs = open_runs()
+    if runs:
+        log.warning("stream_metrics: %s received: delivering rows for up to %g s (%s), then the program's own "
+                    "handler runs; the runs stay open while the program goes on, and end KILLED", name, timeout,
+                    SIGNAL_TIMEOUT_ENV)
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            _signalled.add(id(run))
+            try:
+                run.flush(max(0.0, deadline - time.monotonic()))
+                run.show_status("KILLED", max(0.0, deadline - time.monotonic()))
+            except Exception:  # one run's failure must not keep the handler from running
+                log.exception("stream_metrics: could not deliver a run's rows on %s", name)
+    previous(number, frame)
+    for run in open_runs():  # the program goes on
+        if id(run) in _signalled:
+            try:
+                run.show_status("RUNNING")  # queued: training does not wait for it
+            except Exception:
+                log.exception("stream_metrics: could not show a run as running again after %s", name)
 
 
 def _block_sigchld():

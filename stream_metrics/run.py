@@ -304,6 +304,8 @@ class Run:
         """
         if status not in STATUSES:
             raise ValueError(f"finish(status={status!r}): the status is one of {', '.join(map(repr, STATUSES))}")
+        if status == "FINISHED" and lifecycle.signalled(self):
+            status = "KILLED"  # the program's own handler let it go on after a SIGTERM: it was cut short
         if self._finished:
             if self.tracking.active and lifecycle.is_open(self):
                 # A signal came while finish() waited for the backends: deliver or spill now, in its time.
@@ -327,6 +329,11 @@ class Run:
             self.tracking.start(self.tally.latest.epoch_source)
         self._finished = True
         self._close(status, timeout)
+
+    def show_status(self, status: str, timeout: float | None = None) -> None:
+        """For lifecycle.py: show ``status`` on the open runs (MLflow) while they stay open."""
+        if self.tracking.active and not self._finished:
+            self.tracking.show_status(status, timeout)
 
     def _close(self, status: str, timeout: float | None) -> None:
         self.tracking.close(status, self.flush_timeout if timeout is None else timeout)

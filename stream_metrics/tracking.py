@@ -131,6 +131,16 @@ class Tracking:
     def flush(self, timeout: float) -> bool:
         return all([d.flush(timeout) for d in self.deliveries])
 
+    def show_status(self, status: str, timeout: float | None) -> None:
+        """Show ``status`` on the open runs (``Backend.show_status``); waits up to ``timeout`` seconds, if given.
+        A run not opened yet (no row so far) has nothing to show it on."""
+        if not self.started:
+            return
+        for d in self.deliveries:
+            d.submit("status", status)
+        if timeout is not None:
+            self.flush(timeout)
+
     def deliver_before_checkpoint(self, timeout: float = CHECKPOINT_WAIT) -> None:
         """The rows logged before a checkpoint go out before it is kept: a kill right after it
         (SIGKILL, out of memory) would lose them, and the resumed run writes only the rows after it.

@@ -9,6 +9,8 @@ sent in the first line. Protocol, one JSON text per line:
 - in, first: ``{"sys_path": [...]}``;
 - in, then: ``{"id": n, "attach_id": ..., "rows": [[metrics, seq], ...]}``, with ``"environment"``
   (the training process's ``WANDB_*`` variables, its service's address among them) where they changed;
+- in: ``{"forget": attach_id}``, once the training process has finished that run (no answer);
+- in: ``{"bye": true}``, last, where the training process lets this process go while it lives on;
 - out: ``{"id": n, "stored": seq or null, "error": text or null, "attach_failed": bool}``.
 
 A row counts as stored once W&B's service has taken it: after the rows of a request, one round
@@ -17,7 +19,12 @@ connection) makes sure of it, so the training process's ``run.finish()`` (on its
 never overtakes them. ``attach_failed`` says the run could not be attached at all (an old W&B, a
 run without a service); the training process then logs in a thread of its own. The process ends
 when its stdin closes, once every request it has read is answered; it ignores SIGINT and SIGTERM
-(the training process's handler delivers its rows through it first).
+(the training process's handler delivers its rows through it first). A run it attached to and was
+never told to forget belongs to a training process that died without finishing it (SIGKILL, an
+out-of-memory kill, a signal handler of the program's own that ended the process at once: stdin
+closed with no "bye", and this process's parent gone): this process finishes it, so W&B's service
+writes what it holds (offline, the last block of the run's file would be lost otherwise) and the
+run ends with exit code 1.
 """
 import json
 import os
@@ -25,6 +32,8 @@ import signal
 import sys
 
 SETTLE_SECONDS = 60.0  # the longest a round trip to W&B's service may take before it counts as failed
+ORPHAN_SECONDS = 30.0  # the longest the runs of a training process that died may take to finish
+PARENT_SECONDS = 5.0  # how long after its stdin closed the parent's death shows (it is reparented)
 KEEP_RUNS = 16  # attached runs kept at once
 ENVIRONMENT = ("WANDB_",)  # the variables W&B's client reads (process.py sends them)
 
@@ -38,8 +47,15 @@ def main() -> None:
     if hello.get("sys_path"):
         sys.path[:] = hello["sys_path"]
     runs: dict = {}  # attach id -> the attached run
+    parent = os.getppid()
     for line in sys.stdin:
         request = json.loads(line)
+        if "forget" in request:  # the training process finished that run itself
+            runs.pop(request["forget"], None)
+            continue
+        if request.get("bye"):  # the training process lives on, and its runs are its own to finish
+            runs.clear()
+            continue
         if "environment" in request:
             for name in [n for n in os.environ if n.startswith(ENVIRONMENT) and n not in request["environment"]]:
                 del os.environ[name]
@@ -71,6 +87,39 @@ def main() -> None:
             answers.flush()
         except (BrokenPipeError, ValueError):  # the training process is gone
             pass
+    if runs and parent_died(parent):
+        finish_orphans(list(runs.values()))
+
+
+def parent_died(parent: int) -> bool:
+    """Whether the training process died: its pipe closes as it exits, a moment before this process
+    is handed to another parent."""
+    import time
+
+    deadline = time.monotonic() + PARENT_SECONDS
+    while os.getppid() == parent:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def finish_orphans(runs: list) -> None:
+    """Finish the runs the training process never finished (it died), within ORPHAN_SECONDS in all."""
+    import threading
+
+    def finish(run) -> None:
+        try:
+            run.finish(exit_code=1)
+        except Exception as exc:  # a service that is gone: nothing more can be written
+            print(f"stream_metrics W&B sender: could not finish run {getattr(run, 'id', '?')}: {exc}",
+                  file=sys.stderr, flush=True)
+
+    threads = [threading.Thread(target=finish, args=(run,), daemon=True) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(ORPHAN_SECONDS)
 
 
 def attach(attach_id: str):

@@ -117,6 +117,11 @@ class Backend:
         """status: "FINISHED", "FAILED" or "KILLED"."""
         raise NotImplementedError
 
+    def show_status(self, status: str) -> None:
+        """Show ``status`` on the run while it stays open ("KILLED" while a signal is in the program's own
+        handler, "RUNNING" once the program goes on); its end sets the final one. Where a backend shows
+        a status only at the run's end (W&B), nothing."""
+
     def where(self) -> str:
         """One line telling the user where to look at the run."""
         return ""

@@ -37,7 +37,8 @@ LINGER_SECONDS = 1.0
 
 
 class Delivery:
-    """One backend's queue of operations ("start", "rows", "tags", "summary", "finish") and its sender thread."""
+    """One backend's queue of operations ("start", "rows", "tags", "summary", "status", "finish") and its
+    sender thread."""
 
     def __init__(self, backend: Backend, *, buffer_rows: int = BUFFER_ROWS, spill_dir: str | None = None):
         self.backend = backend
@@ -275,6 +276,8 @@ class Delivery:
             self.backend.log_summary(*payload)
         elif kind == "finish":
             self.backend.finish(payload)
+        elif kind == "status":
+            self.backend.show_status(payload)
 
     def _give_up(self, exc: Exception) -> None:
         # The interpreter is exiting and refuses a thread the backend's client needs: no retry can

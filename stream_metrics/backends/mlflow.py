@@ -173,6 +173,12 @@ class MLflowBackend(Backend):
             return  # the user's `with mlflow.start_run()` ends it (a failure is said at once all the same)
         self.client.set_terminated(self._id(), status=status, end_time=int(time.time() * 1000))
 
+    def show_status(self, status: str) -> None:
+        if status == "RUNNING":
+            self.client.update_run(self._id(), status="RUNNING")
+        else:
+            self.client.set_terminated(self._id(), status=status, end_time=int(time.time() * 1000))
+
     def where(self) -> str:
         uri = redact_uri(self.store_uri)  # a relative store path as the folder it is in
         if uri.startswith("sqlite:"):

@@ -55,6 +55,7 @@ class SenderProcess:
     environment_prefixes: tuple[str, ...] = ("MLFLOW_", "DATABRICKS_")  # the variables its client reads
     _shared: "SenderProcess | None" = None
     idle_seconds: float | None = None  # a URI's thread in the child leaves after this (None: the child's default)
+    says_bye = False  # close() tells the child it lets go while this process lives on
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -163,6 +164,8 @@ class SenderProcess:
         with self._waiting_lock:
             abandoned = bool(self._waiting)
         try:
+            if self.says_bye:  # alive: the runs it attached to are ours to finish (_wandb_child.py)
+                self._write({"bye": True})
             self._stdin.close()
             if abandoned:
                 self.child.kill()
@@ -177,12 +180,21 @@ class WandbSenderProcess(SenderProcess):
     label = "W&B"
     program = os.path.join(_HERE, "_wandb_child.py")
     environment_prefixes = ("WANDB_",)  # W&B's settings, and the address of the service its run is in
+    says_bye = True
     _shared: "SenderProcess | None" = None
     _shared_lock = threading.Lock()
 
     def log(self, attach_id: str, rows: list) -> int | None:
         """Log ``rows`` ([metrics, seq] each) into the run ``attach_id``, in order; the last seq W&B took."""
         return self._call({"attach_id": attach_id, "rows": rows})["stored"]
+
+    def forget(self, attach_id: str) -> None:
+        """The run ``attach_id`` was finished here: the child lets go of it. One it was not told of, it
+        finishes itself when this process dies (_wandb_child.py)."""
+        try:
+            self._write({"forget": attach_id})
+        except (OSError, ValueError):  # the child is gone: nothing to tell
+            pass
 
 
 _KINDS = (SenderProcess, WandbSenderProcess)

@@ -89,7 +89,7 @@ def _op_json(kind: str, payload) -> dict:
         return {"op": "summary", "metrics": figures, "row": row.to_json()}
     if kind == "finish":
         return {"op": "finish", "status": payload}
-    return {"op": kind}  # "start": its RunInfo is in the header
+    return {"op": kind}  # "start": its RunInfo is in the header; "status": not replayed (the finish op is)
 
 
 class SpillFileError(ValueError):

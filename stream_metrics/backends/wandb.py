@@ -158,6 +158,12 @@ class WandbBackend(Backend):
     def finish(self, status: str) -> None:
         if self._owns_run:
             self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        from .process import WandbSenderProcess
+
+        sender = WandbSenderProcess._shared
+        attach_id = getattr(self.run, "_attach_id", None)
+        if self.sender == "process" and isinstance(sender, WandbSenderProcess) and sender.alive() and attach_id:
+            sender.forget(attach_id)  # finished (or the user's to finish): not the child's to finish if we die
 
     def where(self) -> str:
         folder = getattr(self.run, "dir", None)

@@ -36,7 +36,7 @@ import weakref
 
 import torch
 
-from ._checks import missing_extra
+from ._checks import missing_extra, warn_once
 
 try:
     from transformers import TrainerCallback
@@ -94,7 +94,9 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             installed and offline or has an API key).
         x_axis: the default x-axis: ``"samples"``, ``"tokens"``, ``"step"``, ``"epoch"``, ``"wall_clock"`` or
             ``"flops"`` (training FLOPs, counted from the Trainer's model: docs/flops.md).
-        dataset_size: examples in one pass over the training data, where known.
+        dataset_size: samples in one pass over the training data, where known, in the units
+            ``progress/samples`` counts: a DPO pair is 2 (its chosen and rejected sequences), a GRPO
+            prompt ``num_generations`` x ``num_iterations``.
         eval_every, save_every: an amount (``"500ksp"``, ``"50Mtok"``, ``"0.5ep"``, ``"30min"``): evaluate,
             or save a checkpoint, once each time the run crosses a multiple of it (docs/schedule.md).
         stop_at: an amount: stop training there, with a final checkpoint (``max_steps`` still applies).
@@ -279,7 +281,23 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self.run.at_finish(lambda status: conventions.end_active(active, status))
         if model is not None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._say_if_labels_skip_the_forward()
         self._begin_display(args, state)
+
+    @staticmethod
+    def _say_if_labels_skip_the_forward() -> None:
+        """Loss tokens are counted from the labels the model's forward gets; a Trainer with label
+        smoothing or a ``compute_loss_func`` takes them out of the batch before it (transformers' and
+        TRL's ``compute_loss``), so the rows carry no ``progress/loss_tokens``: say why, once."""
+        trainer = trainer_from_stack()
+        why = [name for name, attribute in (("label_smoothing_factor", "label_smoother"),
+                                            ("compute_loss_func", "compute_loss_func"))
+               if getattr(trainer, attribute, None) is not None]
+        if why:
+            warn_once("labels-before-forward", f"this Trainer ({' and '.join(why)}) takes the labels out of each "
+                                               "batch before the model's forward, where stream_metrics counts, so "
+                                               "progress/loss_tokens is left out of the rows (samples and tokens "
+                                               "are counted as usual)")
 
     def _new_run(self, args=None, *, model=None, processing_class=None, dataset=None, resume=None,
                  backend=None) -> Run:

@@ -208,3 +208,23 @@ def test_a_resume_that_reads_the_data_from_elsewhere_measures_the_pass_from_ther
     progress = callback.run.last_progress
     assert (progress.samples, progress.epoch_source) == (samples, "pass")
     assert progress.epoch == pytest.approx(samples / 22)  # the pass holds 22 examples
+
+
+def test_label_smoothing_says_once_that_loss_tokens_cannot_be_counted_and_counts_the_rest(workdir, corpus):
+    # The Trainer pops the labels before the model's forward where label smoothing is on: samples and
+    # tokens are still exact (from the data alone), loss tokens are left out, and a warning says why.
+    import warnings
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    callback = StreamMetricsCallback(backend=["mlflow"], mlflow={"tracking_uri": uri})
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=5, batch_size=8, grad_accum=2, logging_steps=2,
+                               callbacks=[callback], data=corpus["paths"], label_smoothing_factor=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [w for w in caught if "progress/loss_tokens is left out" in str(w.message)]
+    assert len(said) == 1 and "label_smoothing_factor" in str(said[0].message)
+    samples, tokens, _ = consumed(corpus["texts"], 8, 2, 5)
+    metrics = MlflowClient(uri).get_run(callback.run.run_ids["mlflow"]).data.metrics
+    assert (metrics["progress/samples"], metrics["progress/tokens"]) == (samples, tokens)
+    assert "progress/loss_tokens" not in metrics

@@ -69,8 +69,8 @@ def metadata_size(dataset) -> tuple[int | None, int]:
     each count their share: ``EpochEstimator`` adds up one count per distinct file list.
     """
     chain = list(_ex_iterables(dataset))
-    if resized(dataset):  # the metadata counts rows that the stream no longer yields one for one
-        return None, -1
+    if resized(dataset) or _filtered_on_reading(chain):
+        return None, -1  # the metadata counts rows that the stream no longer yields one for one
     info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
     splits = getattr(info, "splits", None)
     if splits and split is not None:
@@ -91,6 +91,17 @@ def metadata_size(dataset) -> tuple[int | None, int]:
         # 48 bits: exact in the float64 vector of the row's collective.
         return rows, int(hashlib.sha1("\n".join(sorted(map(str, files))).encode()).hexdigest()[:12], 16)
     return None, -1
+
+
+def _filtered_on_reading(chain) -> bool:
+    """Whether the builder reading the files drops rows as it reads them (``load_dataset(...,
+    filters=)``: Parquet, and the folder-based, Iceberg and Vortex builders): its split info and the
+    Parquet footers count every row, the stream only those that pass. The reader is the chain's last
+    iterable; its function is a bound method of the builder, whose config holds the filters."""
+    reader = chain[-1] if chain else None
+    read = getattr(reader, "generate_tables_fn", None) or getattr(reader, "generate_examples_fn", None)
+    builder = getattr(getattr(read, "func", read), "__self__", None)
+    return getattr(getattr(builder, "config", None), "filters", None) is not None
 
 
 def shard_position(dataset):

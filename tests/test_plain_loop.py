@@ -233,6 +233,49 @@ def test_parquet_footers_give_the_size(workdir):
         assert all(src == "metadata" and e == pytest.approx(s / 75) for s, e, src in during)
 
 
+def numbered_parquet(folder, sizes, row_group_size=None):
+    """Parquet files of rows numbered on from 0 across the files (``n``) beside a text; their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    paths, start = [], 0
+    for i, size in enumerate(sizes):
+        path = os.path.join(folder, f"part-{i:03d}.parquet")
+        pq.write_table(pa.table({"n": list(range(start, start + size)),
+                                 "text": [f"row {k}" for k in range(start, start + size)]}), path,
+                       row_group_size=row_group_size)
+        paths.append(path)
+        start += size
+    return paths
+
+
+@pytest.mark.parametrize("declared", ["footers", "card"])
+def test_parquet_read_with_filters_takes_no_size_from_the_metadata(workdir, declared):
+    """load_dataset(..., filters=) yields only the rows that pass the filter; the footers (and a
+    dataset card's split size) still count every row: they say nothing of a pass. The filter keeps
+    part of the second file and none of the third."""
+    import datasets
+
+    paths = numbered_parquet(str(workdir / "d" / "data"), (40, 40, 40))
+    if declared == "card":
+        (workdir / "d" / "README.md").write_text(
+            "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.parquet\n"
+            "dataset_info:\n  features:\n  - name: n\n    dtype: int64\n  - name: text\n    dtype: string\n"
+            "  splits:\n  - name: train\n    num_examples: 120\n    num_bytes: 2000\n---\n")
+        ds = datasets.load_dataset(str(workdir / "d"), split="train", streaming=True, filters=[("n", "<", 50)])
+    else:
+        ds = datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True,
+                                   filters=[("n", "<", 50)])
+    import pyarrow.parquet as pq
+
+    truth = sum(1 for path in paths for n in pq.read_table(path).column("n").to_pylist() if n < 50)
+    with stream_metrics.init(backend="none", dataset=ds) as run:
+        during = epochs_during_a_pass(run, texts_loader(ds, batch_size=5))
+        assert "metadata" not in {src for _, _, src in during}, during
+        assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (truth, 1.0, "pass")
+
+
 def test_the_shard_position_estimates_the_epoch_while_the_first_pass_runs(workdir):
     """Small files are read a whole file ahead (datasets 4 and later hand examples on through a
     rebatching step): the position is where the examples handed on stand, so shards of one size

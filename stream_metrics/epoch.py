@@ -66,7 +66,8 @@ def metadata_size(dataset) -> tuple[int | None, int]:
     Hugging Face split info where it is filled in, else the row counts in Parquet footers. Ranks
     that list the same files each count the whole dataset (split_dataset_by_node splits at
     iteration time); ranks given their own files (``IterableDataset.shard``, as accelerate does)
-    each count their share: ``EpochEstimator`` adds up one count per distinct file list.
+    each count their share: ``EpochEstimator`` adds up one count per distinct file list (a file's
+    row groups named with it, where the ranks' shares are row groups: ``_parquet_rows``).
     """
     chain = list(_ex_iterables(dataset))
     if resized(dataset) or _filtered_on_reading(chain):
@@ -80,17 +81,41 @@ def metadata_size(dataset) -> tuple[int | None, int]:
             n = None
         if n:
             return int(n), -1
-    files = chain[-1].kwargs.get("files") if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else None
+    kwargs = chain[-1].kwargs if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else {}
+    files = kwargs.get("files")
     if files and all(str(f).endswith(".parquet") for f in files):
         try:
-            import pyarrow.parquet as pq
-
-            rows = sum(pq.read_metadata(f).num_rows for f in files)
+            rows, parts = _parquet_rows(files, kwargs.get("row_groups_list"))
         except Exception:  # a remote or unreadable file: no metadata, no failure
             return None, -1
         # 48 bits: exact in the float64 vector of the row's collective.
-        return rows, int(hashlib.sha1("\n".join(sorted(map(str, files))).encode()).hexdigest()[:12], 16)
+        return rows, int(hashlib.sha1("\n".join(sorted(parts)).encode()).hexdigest()[:12], 16)
     return None, -1
+
+
+def _parquet_rows(files, row_groups_list) -> tuple[int, list[str]]:
+    """(rows the Parquet reader's entries read, a name for each entry). An entry reads a whole file,
+    or with ``row_groups_list`` (datasets' ``IterableDataset.reshard()``: one entry per row group, the
+    file named again in each) only those row groups: each counts the rows of what it reads, and is
+    named with its row groups, so that ranks given other row groups of the same files name other
+    data. A file listed twice is read twice. An entry of a whole file keeps its plain path as name."""
+    import pyarrow.parquet as pq
+
+    if not isinstance(row_groups_list, (list, tuple)) or len(row_groups_list) != len(files):
+        row_groups_list = [None] * len(files)
+    footers: dict = {}
+    rows, parts = 0, []
+    for file, groups in zip(files, row_groups_list):
+        if str(file) not in footers:
+            footers[str(file)] = pq.read_metadata(file)
+        footer = footers[str(file)]
+        if groups is None:
+            rows += footer.num_rows
+            parts.append(str(file))
+        else:
+            rows += sum(footer.row_group(int(group)).num_rows for group in groups)
+            parts.append(f"{file}#{','.join(str(int(group)) for group in groups)}")
+    return rows, parts
 
 
 def _filtered_on_reading(chain) -> bool:

@@ -118,15 +118,19 @@ def test_a_row_costs_one_collective_and_counting_between_rows_none(workdir, mlfl
     ("parquet", 4, "by_node"),  # and the footers' row counts before a pass ends
     ("parquet", 3, "by_node"),
     ("parquet", 4, "shard"),    # IterableDataset.shard, as accelerate does: each rank's footers count its share
+    ("parquet", 1, "reshard"),  # ... of a shard per row group: each rank its own 2 of one file's 4 row groups
 ])
 def test_the_epoch_counts_passes_over_the_whole_dataset_split_between_ranks(workdir, fmt, files, split):
+    import pyarrow.parquet as pq
     import tiny
 
     paths = tiny.write_corpus(str(workdir / "data"), files=files, lines_per_file=(23, 31, 17, 29), fmt=fmt)
+    if split == "reshard":  # 23 rows in row groups of 6, 6, 6 and 5
+        pq.write_table(pq.read_table(paths[0]), paths[0], row_group_size=6)
     total = len(tiny.read_texts(paths))
     reports = torchrun("epoch_split", "--passes", 2, "--split", split, *paths)
     assert progress_rows(reports[0]) == progress_rows(reports[1])
-    assert [r["num_shards"] for r in reports] == ([2, 2] if files == 4 else [3, 3])
+    assert [r["num_shards"] for r in reports] == ([2, 2] if files in (1, 4) else [3, 3])
 
     for mine, theirs in zip(reports[0]["rows"], reports[1]["rows"]):
         passes = min(mine["rank_passes"], theirs["rank_passes"])  # passes over the whole dataset

@@ -276,6 +276,37 @@ def test_parquet_read_with_filters_takes_no_size_from_the_metadata(workdir, decl
         assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (truth, 1.0, "pass")
 
 
+def test_resharded_parquet_counts_each_row_group_once(workdir):
+    """IterableDataset.reshard() makes a shard of each row group: the reader then lists each file once
+    per row group (100 rows in 4 row groups, 70 in 3, 30 in 2, the last of each shorter)."""
+    paths = numbered_parquet(str(workdir / "d"), (100, 70, 30), row_group_size=25)
+    ds = stream(paths).reshard()
+    assert ds.num_shards == 9
+    truth = sum(1 for _ in ds)
+    with stream_metrics.init(backend="none", dataset=ds) as run:
+        during = epochs_during_a_pass(run, texts_loader(ds, batch_size=8))
+        assert during and all(src == "metadata" and e == pytest.approx(s / truth) for s, e, src in during), during
+        assert (run.progress.samples, run.progress.epoch) == (truth, 1.0)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_given_row_groups_of_one_file_each_count_their_own(workdir, ranks):
+    """reshard().shard() gives each rank its own row groups of the same file (4 of 25, 25, 25, 23
+    rows): each rank's metadata counts the rows it reads, and names other data than the other ranks',
+    so that the estimate adds up every rank's count; copies of the same share name the same data."""
+    from stream_metrics.epoch import metadata_size
+
+    paths = numbered_parquet(str(workdir / "d"), (98,), row_group_size=25)
+    shares = [stream(paths).reshard().shard(num_shards=ranks, index=rank) for rank in range(ranks)]
+    read = [sum(1 for _ in share) for share in shares]
+    assert sum(read) == 98
+    counted = [metadata_size(share) for share in shares]
+    assert [rows for rows, _ in counted] == read
+    assert len({name for _, name in counted}) == ranks, counted
+    assert [metadata_size(stream(paths).reshard().shard(num_shards=ranks, index=rank))
+            for rank in range(ranks)] == counted
+
+
 def test_the_shard_position_estimates_the_epoch_while_the_first_pass_runs(workdir):
     """Small files are read a whole file ahead (datasets 4 and later hand examples on through a
     rebatching step): the position is where the examples handed on stand, so shards of one size

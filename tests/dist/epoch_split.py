@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/dist/epoch_split.py --out OUT --passes 2 FILE ...
 
 Each rank streams its share of FILES (split_dataset_by_node: whole files where their count divides
-by the world size, one example in world_size otherwise; --split shard: its own files) for --passes passes through ``run.iterate(loader)``, and
+by the world size, one example in world_size otherwise; --split shard: its own files; --split reshard: its own
+row groups, a shard per row group) for --passes passes through ``run.iterate(loader)``, and
 notes at every row how many of its own passes have ended.
 """
 from __future__ import annotations
@@ -23,13 +24,16 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--passes", type=int, default=2)
 parser.add_argument("--batch-size", type=int, default=4)
 parser.add_argument("--log-every", type=int, default=2)
-parser.add_argument("--split", choices=["by_node", "shard"], default="by_node",
-                    help="split_dataset_by_node, or IterableDataset.shard (each rank its own files, as accelerate does)")
+parser.add_argument("--split", choices=["by_node", "shard", "reshard"], default="by_node",
+                    help="split_dataset_by_node, or IterableDataset.shard (each rank its own files, as accelerate does), "
+                         "after IterableDataset.reshard() with reshard (each rank its own row groups)")
 args = parser.parse_args()
 
 rank, world = common.setup()
 builder = "parquet" if args.files[0].endswith(".parquet") else "json"
 stream = datasets.load_dataset(builder, data_files=args.files, split="train", streaming=True)
+if args.split == "reshard":
+    stream = stream.reshard()
 share = (split_dataset_by_node(stream, rank=rank, world_size=world) if args.split == "by_node"
          else stream.shard(num_shards=world, index=rank))
 loader = DataLoader(share, batch_size=args.batch_size, collate_fn=lambda examples: common.collate(

@@ -33,6 +33,12 @@ _RESIZING = ("TakeExamplesIterable", "SkipExamplesIterable", "FilteredExamplesIt
              "RandomlyCyclingMultiSourcesExamplesIterable", "VerticallyConcatenatedMultiSourcesExamplesIterable",
              "HorizontallyConcatenatedMultiSourcesExamplesIterable")
 
+# datasets iterables that hold examples back between the files' reader and the examples handed on,
+# with no count of them in their state: the reader's position is ahead of the examples by an amount
+# unknown (a shuffle buffer over one input shard, ``shuffle(max_buffer_input_shards=1)``, holds up
+# to its size; it yields half of it at once), so it gives no position.
+_HOLDING = ("BufferShuffledExamplesIterable",)
+
 
 def check_dataset_size(dataset_size):
     """``dataset_size`` as a positive int, or None; a clear error otherwise."""
@@ -58,6 +64,11 @@ def resized(dataset) -> bool:
     return any(type(ex).__name__ in _RESIZING or (type(ex).__name__ == "MappedExamplesIterable"
                                                   and getattr(ex, "batched", False))
                for ex in _ex_iterables(dataset))
+
+
+def holds_examples_back(dataset) -> bool:
+    """True where a step of a ``datasets`` stream holds examples back from the reader (``_HOLDING``)."""
+    return any(type(ex).__name__ in _HOLDING for ex in _ex_iterables(dataset))
 
 
 def metadata_size(dataset) -> tuple[int | None, int]:
@@ -130,7 +141,9 @@ def _filtered_on_reading(chain) -> bool:
 
 
 def shard_position(dataset):
-    """(shard_idx, shard_example_idx, num_shards) of a streaming dataset in the main process, or None."""
+    """(shard_idx, shard_example_idx, num_shards) of a streaming dataset in the main process, or None.
+
+    Read only where ``DatasetProbe.positioned``: no step resized the rows, nor holds some back."""
     state_dict = getattr(dataset, "state_dict", None)
     num_shards = getattr(dataset, "num_shards", None) or getattr(dataset, "n_shards", None)
     if not callable(state_dict) or not num_shards:
@@ -299,8 +312,9 @@ class DatasetProbe:
     is_loader: bool = False
     metadata: int | None = None
     metadata_files: int = -1
-    # A stream with no length whose steps keep its rows one for one: only then is the shard position
-    # read at rows. Decided once, since a dataset's chain of steps never changes (map() makes a new one).
+    # A stream with no length whose steps keep its rows one for one, and hand them on as read: only
+    # then is the shard position read at rows. Decided once, since a dataset's chain of steps never
+    # changes (map() makes a new one).
     positioned: bool = False
     # A sized dataset's items: 1 each is one example (so the ``sized`` source counts samples, which a
     # collator that packs several into a row keeps apart), 0 each is a row already packed from several
@@ -332,8 +346,9 @@ class DatasetProbe:
         probe.dataset = inner
         if probe.length is not None and not probe.is_loader:
             probe.examples = items_are_examples(inner)
-        # A position in the files' rows is not a position in the examples once a step resized them.
-        probe.positioned = probe.length is None and not resized(inner)
+        # A position in the files' rows is not a position in the examples once a step resized them,
+        # nor where a step holds some back (read, not handed on yet) without saying how many.
+        probe.positioned = probe.length is None and not resized(inner) and not holds_examples_back(inner)
         return probe
 
     def local(self, rows: int, batches: int) -> ProbeFields:

@@ -321,6 +321,35 @@ def test_the_shard_position_estimates_the_epoch_while_the_first_pass_runs(workdi
         assert run.progress.epoch_source == "pass"
 
 
+def numbered_rows(shards, size):
+    for shard in shards:
+        for k in range(size):
+            yield {"text": f"row {shard * size + k}"}
+
+
+@pytest.mark.parametrize("source", ["files", "generator"])
+def test_a_shuffle_buffer_over_one_input_shard_gives_no_position_ahead_of_the_examples(workdir, source):
+    """shuffle(max_buffer_input_shards=1) is a buffer over the reader of the shards in turn: the reader
+    stands up to a buffer ahead of the examples handed on (a whole 100-row shard ahead at first, with
+    a buffer of 50), and the buffer's state does not say how many it holds. Any estimate must be the
+    samples over the pass, counted here by reading the same stream."""
+    import datasets
+
+    if source == "files":
+        paths = tiny.write_corpus(str(workdir / "d"), files=4, lines_per_file=(100,))
+        plain = stream(paths)
+    else:
+        plain = datasets.IterableDataset.from_generator(numbered_rows, gen_kwargs={"shards": [0, 1, 2, 3],
+                                                                                  "size": 100})
+    ds = plain.shuffle(seed=0, buffer_size=50, max_buffer_input_shards=1)
+    total = sum(1 for _ in ds)
+    with stream_metrics.init(backend="none") as run:
+        during = epochs_during_a_pass(run, texts_loader(ds, batch_size=5))
+        wrong = [(s, e, src) for s, e, src in during if src != "none" and abs(e - s / total) > 2e-9]
+        assert not wrong, wrong
+        assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (total, 1.0, "pass")
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_rank_reading_one_example_in_two_is_positioned_in_its_own_examples(workdir, rank):
     """split_dataset_by_node with 3 files and 2 ranks: each rank reads every file and keeps the

@@ -16,6 +16,7 @@ import hashlib
 import math
 import numbers
 import sys
+import weakref
 from dataclasses import dataclass
 
 from .counting import warn_once
@@ -161,7 +162,7 @@ def shard_position(dataset):
     while isinstance(node, dict) and "shard_idx" not in node:
         inner = node.get("examples_iterable")
         if "previous_state" in node and isinstance(inner, dict) and "shard_idx" in _files_reader(inner):
-            return _rebatched_position(node, iterable, int(num_shards), step)
+            return _rebatched_position(node, iterable, int(num_shards), step, dataset)
         if "stepped" in node:
             stepped = node["stepped"]
         node = inner
@@ -208,12 +209,20 @@ def _mine(reader: dict, stepped, step) -> int:
     return (first + before - rank - 1) // world - (first - rank - 1) // world
 
 
-def _rebatched_position(node: dict, iterable, num_shards: int, step):
+# What ``_rebatched_position`` saw of each dataset at its last two numbers of batches handed on: the
+# iteration it was in (the dataset's state of that iteration, a new dict each pass, held so that it is
+# never taken for another), the batches the rebatching step had handed on, and where the files'
+# reader stood (shard, position).
+_LAST_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _rebatched_position(node: dict, iterable, num_shards: int, step, dataset=None):
     """The position of the examples handed on by a rebatching step over the files' reader (datasets'
     ``RebatchedArrowExamplesIterable``, 4.x and later), not the reader's own: the reader has read a
     whole table ahead (a small file at once). The step keeps the reader's state before that table
     (``previous_state``) and how many of its chunks it handed on since. With ``step`` (_stepping),
-    the position counts this rank's examples only, as the chunks it hands on do."""
+    the position counts this rank's examples only, as the chunks it hands on do. None where the
+    state (and what the last call saw of the same iteration) cannot tell the position exactly."""
     # The step that iteration itself adds (examples one by one, as a DataLoader reads them) is in the
     # state only; one made by a step of the dataset (a batched map) is also in its chain of objects.
     size = getattr(iterable, "batch_size", None) if type(iterable).__name__ == type(node).__name__ or (
@@ -225,15 +234,48 @@ def _rebatched_position(node: dict, iterable, num_shards: int, step):
         return None  # one table of everything, or nothing read yet
     handed_on = int(node.get("num_chunks_since_previous_state") or 0) * size
     shard_idx = int(reader["shard_idx"])
+    last = _last_seen(dataset, node, reader)
     if shard_idx >= num_shards:
         return None
     if int(earlier["shard_idx"]) == shard_idx:  # the table being handed on began where the reader stood
         return shard_idx, _mine(earlier, before.get("stepped", 0), step) + handed_on, num_shards
-    # It is the first table of the reader's shard, so it began at the shard's start. Its first example
-    # is counted from the state before the previous table (the step notes the new table only after
-    # handing that example on).
-    within = handed_on if handed_on <= _mine(reader, now.get("stepped", 0), step) else 1
-    return shard_idx, within, num_shards
+    # The table being handed on is the first of the reader's shard, or the second at its first example
+    # (the step notes a table's start only after handing on its first example): the state before is
+    # that of an earlier shard. Either it is where that shard ended (the reader had read some of it),
+    # and the position is ``handed_on``; or, at the shard's very first example only, it is the state
+    # before the last table read in an earlier shard, counting that table's examples and this one:
+    # the position is 1. Past its first example, more are handed on than the reader has read of its
+    # shard only in the second case; and a shard's end is never before its first example.
+    earlier_at = (int(earlier["shard_idx"]), int(earlier["shard_example_idx"]))
+    if handed_on > _mine(reader, now.get("stepped", 0), step) or earlier_at[1] == 0:
+        return shard_idx, 1, num_shards
+    # Otherwise the state reads alike both ways: where the earlier shard ended tells them apart, and
+    # nothing in it says. The last call in the same iteration may: the reader was already in this
+    # shard (so this is not its first example), or it stood past the state before, in a shard before
+    # this one (so that state is not where the shard before ended).
+    if last is not None and last[1] < int(node.get("batch_idx", 0)):
+        if last[2] == shard_idx:
+            return shard_idx, handed_on, num_shards
+        if last[2] < shard_idx and (last[2], last[3]) > earlier_at:
+            return shard_idx, 1, num_shards
+    return None
+
+
+def _last_seen(dataset, node: dict, reader: dict):
+    """What a call saw of ``dataset`` in this same iteration before the examples handed on now (an
+    earlier row; a row may look more than once), or None; notes what this call sees."""
+    iteration = getattr(dataset, "_state_dict", None)
+    if dataset is None or not isinstance(iteration, dict):
+        return None
+    seen = (iteration, int(node.get("batch_idx", 0)), int(reader["shard_idx"]), int(reader["shard_example_idx"]))
+    try:
+        before, latest = _LAST_SEEN.get(dataset, (None, None))
+        if latest is None or latest[0] is not iteration or latest[1] != seen[1]:
+            before, latest = latest, seen
+            _LAST_SEEN[dataset] = (before, latest)
+    except TypeError:  # a dataset that takes no weak reference: nothing remembered
+        return None
+    return before if before is not None and before[0] is iteration and before[1] < seen[1] else None
 
 
 def items_are_examples(dataset) -> int:

@@ -310,12 +310,14 @@ def test_ranks_given_row_groups_of_one_file_each_count_their_own(workdir, ranks)
 def test_the_shard_position_estimates_the_epoch_while_the_first_pass_runs(workdir):
     """Small files are read a whole file ahead (datasets 4 and later hand examples on through a
     rebatching step): the position is where the examples handed on stand, so shards of one size
-    give the exact epoch from the second shard on."""
+    give the exact epoch from the second shard on. The first row in a shard has none: the state there
+    reads alike at the file's first example (after a shorter last table) and further in its first
+    table, and no earlier row saw the reader in that shard."""
     paths = tiny.write_corpus(str(workdir / "d"), files=4, lines_per_file=(100,))
     with stream_metrics.init(backend="none") as run:
         during = epochs_during_a_pass(run, texts_loader(stream(paths)))
         estimated = [(s, e) for s, e, src in during if src == "shards"]
-        assert [s for s, _ in estimated] == list(range(150, 450, 50))  # from the second shard on
+        assert [s for s, _ in estimated] == [200, 300, 400]  # the second row in each shard from the second on
         for samples, epoch in estimated:
             assert abs(epoch - samples / 400) <= 2e-9 and epoch < 1, (samples, epoch)
         assert run.progress.epoch_source == "pass"
@@ -348,6 +350,45 @@ def test_a_shuffle_buffer_over_one_input_shard_gives_no_position_ahead_of_the_ex
         wrong = [(s, e, src) for s, e, src in during if src != "none" and abs(e - s / total) > 2e-9]
         assert not wrong, wrong
         assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (total, 1.0, "pass")
+
+
+@pytest.mark.parametrize("chunksize", [None, 700])
+def test_after_each_example_the_position_is_the_files_examples_handed_on(workdir, chunksize):
+    """Files of other sizes (1 and 5 examples among them), read whole or in several tables each
+    (``chunksize`` in bytes): after each example, the position is its file and the examples of that
+    file handed on up to it, the first example of a file after a shorter one or after a shorter last
+    table included."""
+    import datasets
+
+    from stream_metrics.epoch import shard_position
+
+    sizes = (37, 5, 120, 1, 64)
+    paths = tiny.write_corpus(str(workdir / "d"), files=5, lines_per_file=sizes)
+    ds = datasets.load_dataset("json", data_files=paths, split="train", streaming=True,
+                               **({"chunksize": chunksize} if chunksize else {}))
+    truth = [(shard, k + 1, 5) for shard, size in enumerate(sizes) for k in range(size)]
+    assert [shard_position(ds) for _ in ds] == truth
+
+
+def test_equal_files_read_in_several_tables_give_the_exact_epoch_or_none(workdir):
+    """4 files of 200 examples, each read in tables of ~3000 bytes, the last one shorter: a row at
+    every batch of 3, so rows fall on a file's first example. An estimate is the samples over the 800
+    examples of a pass; where the state cannot tell the first example of a file from a later one of
+    its first table (no row fell on the last table before), the row has none: at most one row a file."""
+    import datasets
+
+    paths = tiny.write_corpus(str(workdir / "d"), files=4, lines_per_file=(200,))
+    total = len(tiny.read_texts(paths))
+    ds = datasets.load_dataset("json", data_files=paths, split="train", streaming=True, chunksize=3000)
+    rows = []
+    with stream_metrics.init(backend="none") as run:
+        for _ in run.iterate(texts_loader(ds, batch_size=3)):
+            rows.append((run.progress.samples, run.progress.epoch, run.progress.epoch_source))
+        assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (total, 1.0, "pass")
+    wrong = [(s, e, src) for s, e, src in rows if src == "shards" and abs(e - s / total) > 2e-9]
+    assert not wrong, wrong
+    held = [s for s, _, src in rows if src == "none" and s > 200]  # the first file gives no estimate
+    assert len(held) <= 3, held
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -383,9 +424,10 @@ def test_a_rank_reading_one_example_in_two_gets_the_exact_shards_epoch_of_its_sh
     if not hasattr(share, "state_dict"):
         pytest.skip("datasets before 2.20 has no IterableDataset.state_dict()")
     with stream_metrics.init(backend="none") as run:
-        during = epochs_during_a_pass(run, texts_loader(share, batch_size=4))
+        during = epochs_during_a_pass(run, texts_loader(share, batch_size=2))
         estimated = [(s, e) for s, e, src in during if src == "shards"]
-        assert [s for s, _ in estimated] == [40, 60]  # a row every 20 examples, from the second file on
+        # A row every 10 examples: the second in each file from the second file on (the first has none).
+        assert [s for s, _ in estimated] == [40, 60]
         assert all(abs(epoch - samples / 60) <= 2e-9 for samples, epoch in estimated), estimated
         assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (60, 1.0, "pass")
 

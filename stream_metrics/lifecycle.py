@@ -229,11 +229,25 @@ def _hand_on(number: int, frame, previous: Callable, name: str, timeout: float) 
                 run.show_status("KILLED", max(0.0, deadline - time.monotonic()))
             except Exception:  # one run's failure must not keep the handler from running
                 log.exception("stream_metrics: could not deliver a run's rows on %s", name)
-    previous(number, frame)
-    for run in open_runs():  # the program goes on
-        if id(run) in _signalled:
+    try:
+        previous(number, frame)
+    except KeyboardInterrupt:
+        # As under Python's own Ctrl-C handler: the program may catch it and go on in the same runs
+        # (an uncaught one ends them KILLED at exit all the same).
+        _go_on(runs, name, signalled=False)
+        raise
+    _go_on(runs, name, signalled=True)
+
+
+def _go_on(runs: list["Run"], name: str, signalled: bool) -> None:
+    """The program goes on after its handler: the runs still open show RUNNING again (queued, not
+    waited for); ``signalled``: they end KILLED (Run.finish)."""
+    for run in runs:
+        if not signalled:
+            _signalled.discard(id(run))
+        if is_open(run):
             try:
-                run.show_status("RUNNING")  # queued: training does not wait for it
+                run.show_status("RUNNING")
             except Exception:
                 log.exception("stream_metrics: could not show a run as running again after %s", name)
 

@@ -446,8 +446,18 @@ def test_sigterm_while_finish_waits_for_a_server_spills_within_the_signal_timeou
 
 
 # ----------------------------------------------------------------------------- SIGINT, forks
-def test_ctrl_c_caught_by_the_program_flushes_and_training_goes_on_in_the_same_run(workdir, mlflow_uri):
-    proc = start(workdir, """
+OWN_CTRL_C = """
+def own_ctrl_c(signum, frame):  # a framework's handler: it says something, then interrupts as Python does
+    print("stopping", flush=True)
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, own_ctrl_c)
+"""
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["python-handler", "own-handler-raising-keyboardinterrupt"])
+def test_ctrl_c_caught_by_the_program_flushes_and_training_goes_on_in_the_same_run(workdir, mlflow_uri, own):
+    proc = start(workdir, (OWN_CTRL_C if own else "") + textwrap.dedent("""
         run = init()
         i = 0
         try:
@@ -463,12 +473,12 @@ def test_ctrl_c_caught_by_the_program_flushes_and_training_goes_on_in_the_same_r
             step(run, i)
         run.finish()
         print("rows", i, flush=True)
-    """, mlflow_uri, backends=("mlflow",))
+    """), mlflow_uri, backends=("mlflow",))
     read_until(proc, lambda line: line.isdigit() and int(line) >= 20)
     proc.send_signal(signal.SIGINT)
     code, out, err = finish(proc)
     assert code == 0, err
-    assert "interrupted" in out
+    assert "interrupted" in out and ("stopping" in out) == own
     rows = int(re.search(r"rows (\d+)", out).group(1))
     run = the_mlflow_run(mlflow_uri)
     assert run.info.status == "FINISHED"

@@ -86,7 +86,7 @@ def metadata_size(dataset) -> tuple[int | None, int]:
         return None, -1  # the metadata counts rows that the stream no longer yields one for one
     info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
     splits = getattr(info, "splits", None)
-    if splits and split is not None:
+    if splits and split is not None and not _part_of_the_split(chain, split):
         try:
             n = splits[str(split)].num_examples
         except (KeyError, AttributeError):
@@ -135,10 +135,33 @@ def _filtered_on_reading(chain) -> bool:
     filters=)``: Parquet, and the folder-based, Iceberg and Vortex builders): its split info and the
     Parquet footers count every row, the stream only those that pass. The reader is the chain's last
     iterable; its function is a bound method of the builder, whose config holds the filters."""
+    return getattr(getattr(_builder(chain), "config", None), "filters", None) is not None
+
+
+def _builder(chain):
+    """The builder whose bound function the chain's last iterable (the files' reader) calls, or None."""
     reader = chain[-1] if chain else None
     read = getattr(reader, "generate_tables_fn", None) or getattr(reader, "generate_examples_fn", None)
-    builder = getattr(getattr(read, "func", read), "__self__", None)
-    return getattr(getattr(builder, "config", None), "filters", None) is not None
+    return getattr(getattr(read, "func", read), "__self__", None)
+
+
+def _part_of_the_split(chain, split) -> bool:
+    """Whether a process that is the whole job reads only some of the split's files
+    (``IterableDataset.shard``): the split's size then counts files it never reads. Ranks given
+    their shares read the whole split together, so there the split's size is right."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return False
+    kwargs = getattr(chain[-1], "kwargs", None) if chain else None
+    files = kwargs.get("files") if isinstance(kwargs, dict) else None
+    data_files = getattr(getattr(_builder(chain), "config", None), "data_files", None)
+    if not files or data_files is None:
+        return False
+    try:
+        return len({str(f) for f in files}) < len({str(f) for f in data_files[str(split)]})
+    except (KeyError, TypeError, IndexError):
+        return False
 
 
 def shard_position(dataset):

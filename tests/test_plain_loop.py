@@ -276,6 +276,27 @@ def test_parquet_read_with_filters_takes_no_size_from_the_metadata(workdir, decl
         assert (run.progress.samples, run.progress.epoch, run.progress.epoch_source) == (truth, 1.0, "pass")
 
 
+def test_one_process_reading_a_shard_of_a_split_with_a_card_counts_only_its_files(workdir):
+    """IterableDataset.shard() in a process that is the whole job: the card's split size counts all 4
+    files, the shard reads 1 (35 rows of 35+40+25+30), so the footers of its own file give the size."""
+    import datasets
+
+    numbered_parquet(str(workdir / "d" / "data"), (35, 40, 25, 30))
+    (workdir / "d" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.parquet\n"
+        "dataset_info:\n  features:\n  - name: n\n    dtype: int64\n  - name: text\n    dtype: string\n"
+        "  splits:\n  - name: train\n    num_examples: 130\n    num_bytes: 2000\n---\n")
+    whole = datasets.load_dataset(str(workdir / "d"), split="train", streaming=True)
+    assert whole.info.splits["train"].num_examples == 130  # the card is read
+    part = whole.shard(num_shards=4, index=0)
+    truth = sum(1 for _ in part)
+    assert truth == 35
+    with stream_metrics.init(backend="none", dataset=part) as run:
+        during = epochs_during_a_pass(run, texts_loader(part, batch_size=6))
+        assert during and all(src == "metadata" and e == pytest.approx(s / truth) for s, e, src in during), during
+        assert (run.progress.samples, run.progress.epoch) == (truth, 1.0)
+
+
 def test_resharded_parquet_counts_each_row_group_once(workdir):
     """IterableDataset.reshard() makes a shard of each row group: the reader then lists each file once
     per row group (100 rows in 4 row groups, 70 in 3, 30 in 2, the last of each shorter)."""

@@ -84,17 +84,17 @@ def metadata_size(dataset) -> tuple[int | None, int]:
     chain = list(_ex_iterables(dataset))
     if resized(dataset) or _filtered_on_reading(chain):
         return None, -1  # the metadata counts rows that the stream no longer yields one for one
+    kwargs = chain[-1].kwargs if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else {}
+    files = kwargs.get("files")
     info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
     splits = getattr(info, "splits", None)
-    if splits and split is not None and not _part_of_the_split(chain, split):
+    if splits and split is not None and not _part_of_the_split(files, chain, split):
         try:
             n = splits[str(split)].num_examples
         except (KeyError, AttributeError):
             n = None
         if n:
             return int(n), -1
-    kwargs = chain[-1].kwargs if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else {}
-    files = kwargs.get("files")
     if files and all(str(f).endswith(".parquet") for f in files):
         try:
             rows, parts = _parquet_rows(files, kwargs.get("row_groups_list"))
@@ -145,18 +145,14 @@ def _builder(chain):
     return getattr(getattr(read, "func", read), "__self__", None)
 
 
-def _part_of_the_split(chain, split) -> bool:
-    """Whether a process that is the whole job reads only some of the split's files
-    (``IterableDataset.shard``): the split's size then counts files it never reads. Ranks given
-    their shares read the whole split together, so there the split's size is right."""
-    import torch.distributed as dist
+def _part_of_the_split(files, chain, split) -> bool:
+    """Whether a process that is the whole job reads only some of the split's files (the reader's
+    ``files``; ``IterableDataset.shard``): the split's size then counts files it never reads. Ranks
+    given their shares read the whole split together, so there the split's size is right."""
+    from . import distributed
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return False
-    kwargs = getattr(chain[-1], "kwargs", None) if chain else None
-    files = kwargs.get("files") if isinstance(kwargs, dict) else None
     data_files = getattr(getattr(_builder(chain), "config", None), "data_files", None)
-    if not files or data_files is None:
+    if distributed.world_size() > 1 or not files or data_files is None:
         return False
     try:
         return len({str(f) for f in files}) < len({str(f) for f in data_files[str(split)]})

@@ -224,8 +224,7 @@ def _hand_on(number: int, frame, previous: Callable, name: str, timeout: float) 
         deadline = time.monotonic() + timeout
         for run in runs:
             _signalled.add(id(run))
-            try:
-                run.flush(max(0.0, deadline - time.monotonic()))
+            try:  # queued after the rows, and waited for with them
                 run.show_status("KILLED", max(0.0, deadline - time.monotonic()))
             except Exception:  # one run's failure must not keep the handler from running
                 log.exception("stream_metrics: could not deliver a run's rows on %s", name)

@@ -180,6 +180,12 @@ class FlopCount:
         if self.formula.per_pair:
             self.pairs.add(_varlen_pairs(batch, shape) if self.formula.varlen else rows * length * length, fresh=True)
 
+    def snapshot(self) -> "FlopCount":
+        """A copy taken without waiting for the device (Tally.mark)."""
+        copy = FlopCount(self.formula)
+        copy.tokens, copy.pairs = self.tokens.snapshot(), self.pairs.snapshot()
+        return copy
+
     def local(self) -> FlopFields:
         """This rank's fields for the row's gather (host ints or 0-d device tensors)."""
         return {"flop_tokens": self.tokens.value(), "flop_pairs": self.pairs.value()}

@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import weakref
+from typing import Any
 
 import torch
 
@@ -156,6 +157,8 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         self._active: list = []
         self._sized = False
         self._batches_this_epoch = 0
+        self._step_begun: tuple[Any, int] | None = None  # (TrainerState, its global_step) at on_step_begin
+        self._mark_steps = False
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -274,6 +277,10 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
                 self.run.resume_data_at(0 if args.ignore_data_skip else
                                         state.global_step * args.gradient_accumulation_steps * batch_size)
         self._sized = self.run.probe.length is not None
+        self._step_begun = None
+        # transformers' JIT checkpoint on SIGTERM may be written before a step's optimizer step: mark
+        # each step's start so it holds the counts as of there (on_step_begin, _take_state).
+        self._mark_steps = bool(getattr(args, "enable_jit_checkpoint", False))
         self.run.watch_passes()  # the Trainer's epochs are seen to end (on_epoch_end)
         self._step(state)
         self._active = conventions.make_active(self.run)  # user's wandb.log / mlflow.log_* land in our runs
@@ -332,6 +339,16 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if saved is None and state.global_step > 0:
             log.warning("stream_metrics: resuming at step %d from a checkpoint without stream_metrics state; "
                         "the progress axes start again from zero", state.global_step)
+        taken_at = ((saved or {}).get("progress") or {}).get("step") if isinstance(saved, dict) else None
+        if state.global_step > 0 and type(taken_at) is int and taken_at != state.global_step:
+            # Several ranks take the state where they all pass (_take_state): a checkpoint written
+            # elsewhere (transformers' JIT checkpoint, a save asked for by a callback after this one)
+            # holds the state of an earlier step.
+            log.warning("stream_metrics: the checkpoint of step %d holds stream_metrics' counts as of step %d "
+                        "(a checkpoint written on several ranks away from a step's end that saves, such as "
+                        "transformers' JIT checkpoint on SIGTERM): the progress axes go on from those counts, so "
+                        "they leave out the data of the %d step(s) between", state.global_step, taken_at,
+                        state.global_step - taken_at)
         return saved if state.global_step > 0 else None
 
     def _count(self, module, args, kwargs):
@@ -360,6 +377,11 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if self.run is not None:
             self._step(state)
             self._take_state("epoch_end", control)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.run is not None and self._mark_steps:
+            self.run.tally.mark()  # a few object copies per optimizer step; no device op
+            self._step_begun = (state, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.run is None:
@@ -395,7 +417,17 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
             due = event == "write"
         else:
             due = event == "evaluate" or (event in ("step_end", "epoch_end") and control.should_save)
-        if due:
+        if not due:
+            return
+        begun = self._step_begun
+        if event == "write" and begun is not None and begun[0].global_step == begun[1] \
+                and self.run.tally.counted_since_mark():
+            # Written in the middle of a step, before its optimizer step (the JIT checkpoint's
+            # on_pre_optimizer_step): the checkpoint's weights and step are as of the step's start, and
+            # its resume trains the step's micro-batches again, so its counts are as of there too.
+            with self.run.tally.as_at_mark():
+                self.saved_state = self.run.state_dict()
+        else:
             self.saved_state = self.run.state_dict()
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):

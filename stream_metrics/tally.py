@@ -13,6 +13,8 @@ replicas' weighed out (layout.py), the epoch estimated (epoch.py), and one ``Pro
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -63,6 +65,40 @@ class Tally:
         self.first_pass: Total | None = None  # the samples at the first pass's end
         self.t0 = time.monotonic()
         self.latest = base
+        self._mark: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ a mark to go back to
+    # What a micro-batch changes (update, micro_batch_done); a pass's end (end_pass) is never undone.
+    _MARKED = ("rows", "micro_batches", "steps", "in_window", "has_tokens", "has_loss_tokens", "passes")
+
+    def mark(self) -> None:
+        """Remember the counts as of now (an optimizer step's start), without waiting for the device:
+        a checkpoint written before the step's optimizer step (the Trainer's JIT checkpoint on
+        SIGTERM) holds the counts as of here, since its resume trains the step's micro-batches again."""
+        mark = {name: getattr(self, name) for name in self._MARKED}
+        mark.update(samples=self.samples.snapshot(), tokens=self.tokens.snapshot(),
+                    loss_tokens=self.loss_tokens.snapshot(),
+                    flops=self.flops.snapshot() if self.flops is not None else None)
+        self._mark = mark
+
+    def counted_since_mark(self) -> bool:
+        """Whether micro-batches were counted since ``mark()`` within the same pass."""
+        mark = self._mark
+        return mark is not None and mark["micro_batches"] != self.micro_batches and mark["passes"] == self.passes
+
+    @contextmanager
+    def as_at_mark(self) -> Iterator[None]:
+        """Within this block the tally reads as it was at ``mark()`` (for one ``sync``); after it, as now."""
+        mark = self._mark
+        assert mark is not None
+        now = {name: getattr(self, name) for name in mark}
+        for name, value in mark.items():
+            setattr(self, name, value)
+        try:
+            yield
+        finally:
+            for name, value in now.items():
+                setattr(self, name, value)
 
     # ------------------------------------------------------------------ counting (hot path)
     def update(self, batch: Any = None, *, samples: Any = None, tokens: Any = None, loss_tokens: Any = None) -> None:

@@ -228,3 +228,33 @@ def test_label_smoothing_says_once_that_loss_tokens_cannot_be_counted_and_counts
     metrics = MlflowClient(uri).get_run(callback.run.run_ids["mlflow"]).data.metrics
     assert (metrics["progress/samples"], metrics["progress/tokens"]) == (samples, tokens)
     assert "progress/loss_tokens" not in metrics
+
+
+@needs_trainer_resume
+def test_a_checkpoint_holding_the_counts_of_an_earlier_step_says_so_when_resumed(workdir, corpus, caplog):
+    # Several ranks take the state at a step's end that saves; a checkpoint written elsewhere (the
+    # Trainer's JIT checkpoint on SIGTERM on several ranks) holds an earlier step's. Made here by moving
+    # checkpoint-3's state into checkpoint-6: the resume says what it goes on from, and by how much.
+    import json
+    import logging
+
+    out = workdir / "out"
+
+    def trainer(steps):
+        callback = StreamMetricsCallback(backend="none")
+        t, _ = build_trainer(str(out), max_steps=steps, batch_size=4, grad_accum=1, logging_steps=1,
+                             save_steps=3, callbacks=[callback], data=corpus["paths"])
+        return t, callback
+
+    trainer(6)[0].train()
+    states = {step: json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text()) for step in (3, 6)}
+    earlier = states[3]["stateful_callbacks"]["StreamMetricsCallback"]
+    states[6]["stateful_callbacks"]["StreamMetricsCallback"] = earlier
+    (out / "checkpoint-6" / "trainer_state.json").write_text(json.dumps(states[6]))
+    second, callback = trainer(7)
+    with caplog.at_level(logging.WARNING, logger="stream_metrics"):
+        second.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    said = [r.getMessage() for r in caplog.records if "holds stream_metrics' counts as of step 3" in r.getMessage()]
+    assert len(said) == 1 and "the checkpoint of step 6" in said[0] and "3 step(s) between" in said[0], said
+    samples, _, _ = consumed(corpus["texts"], 4, 1, 3)
+    assert callback.run.last_progress.samples == samples + 4  # step 3's counts, and the one step trained

@@ -322,7 +322,7 @@ def test_sigterm_taken_by_a_handler_that_lets_the_program_go_on_keeps_its_last_r
 
 
 JIT_TRAINER = """
-import json
+import json, signal, time
 sys.path.insert(0, os.path.join({root!r}, "examples"))
 from streaming_trainer import build_trainer
 from stream_metrics.hf import StreamMetricsCallback
@@ -333,6 +333,14 @@ seen = [0]  # samples the model trained on, counted apart from the library
 class Say(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         print("step", state.global_step, seen[0], flush=True)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        # SELF_SIGNAL: SIGTERM between a step's two micro-batches, then 3.5 s for the Trainer's
+        # handler's 3 s: its checkpoint comes before the step's optimizer step (on_pre_optimizer_step).
+        if os.environ.get("SELF_SIGNAL") and state.global_step >= 8 and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(3.5)
 
 callback = StreamMetricsCallback(backend=BACKENDS, mlflow={{"tracking_uri": URI, "experiment": "lifecycle"}},
                                  wandb={{"project": "lifecycle"}})
@@ -353,19 +361,24 @@ print("trained", trainer.state.global_step, seen[0], flush=True)
 
 
 @needs_jit_checkpoint
+@pytest.mark.parametrize("when", ["signal", "mid_step"])
 def test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_and_resumes_exactly(
-        workdir, mlflow_uri):
+        workdir, mlflow_uri, when):
     # transformers' enable_jit_checkpoint takes SIGTERM itself and trains on to a checkpoint: every row
-    # until then lands in the run, the checkpoint holds the counts at its step, and a resume goes on from them.
+    # until then lands in the run, the checkpoint holds the counts at its step, and a resume goes on
+    # from them. "signal": a SIGTERM from outside, wherever the step is; "mid_step": the checkpoint is
+    # written before a step's optimizer step, after its micro-batches were trained on (and counted).
     import json
 
     for k, n in enumerate((23, 17)):  # 40 examples: a pass ends in the middle of a step's batches
         (workdir / f"part{k}.jsonl").write_text("".join(
             json.dumps({"text": f"example {k}-{i} " + "word " * (i % 7)}) + "\n" for i in range(n)))
     body = JIT_TRAINER.format(root=ROOT)
-    proc = start(workdir, body, mlflow_uri, STREAM_METRICS_SIGNAL_TIMEOUT=60)
+    extra = {"SELF_SIGNAL": "1"} if when == "mid_step" else {}
+    proc = start(workdir, body, mlflow_uri, STREAM_METRICS_SIGNAL_TIMEOUT=60, **extra)
     before = read_until(proc, lambda line: line.startswith("step") and int(line.split()[1]) >= 8)
-    proc.send_signal(signal.SIGTERM)
+    if when == "signal":
+        proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code == 0, err
     steps = dict(map(int, line.split()[1:]) for line in before + out.splitlines() if line.startswith("step "))
@@ -383,10 +396,10 @@ def test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_an
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["StreamMetricsCallback"]["attributes"]["saved_state"]["progress"]
     # Taken between steps (at == stopped; the Trainer may forward one more micro-batch before it
-    # stops), or in the middle of the last step, before its optimizer step (at == stopped - 1), where
-    # that step's micro-batches are counted already (docs/known-issues.md).
-    assert at in (stopped, stopped - 1)
-    assert (saved["step"], saved["samples"]) == (at, steps[stopped])
+    # stops), or in the middle of the last step, before its optimizer step (at == stopped - 1): either
+    # way the checkpoint's weights are those after step `at`, and so are its counts.
+    assert at in ((stopped - 1,) if when == "mid_step" else (stopped, stopped - 1))
+    assert (saved["step"], saved["samples"]) == (at, steps[at])
 
     script = workdir / "train.py"
     resumed = subprocess.run([sys.executable, str(script), str(checkpoint), str(at + 4)], cwd=workdir,
@@ -396,7 +409,7 @@ def test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_an
     assert 4 * 4 < more <= 4 * 6  # 4 steps of up to 3 x 2 samples (fewer where a pass ends)
     run = the_mlflow_run(mlflow_uri)  # the same run, continued from the checkpoint's counts
     assert run.info.status == "FINISHED"
-    assert stored_samples(mlflow_uri, run.info.run_id)[-1] == saved["samples"] + more
+    assert stored_samples(mlflow_uri, run.info.run_id)[-1] == steps[at] + more
 
 
 def test_sigterm_during_a_server_outage_spills_the_held_rows_and_replay_stores_each_once(

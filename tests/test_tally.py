@@ -271,3 +271,25 @@ def test_a_checkpoint_from_before_pass_ends_were_kept_goes_on_with_the_first_pas
     assert resumed.estimate(330, [rank_record(passes=0, in_pass=15)]) == (pytest.approx(2.2), "pass")
     with pytest.raises(ValueError, match="not valid"):
         EpochEstimator().load_state_dict({"passes": 2, "pass_size": 150, "pass_end": 300, "passes_measured": 3}, 0)
+
+
+def test_a_mark_reads_the_counts_as_of_then_once_and_leaves_the_counts_since_in_place():
+    # The JIT checkpoint's case (hf.py): two micro-batches of a window counted after the mark; a sync at
+    # the mark reads the counts before them, FLOPs included, and the next row reads them all.
+    from stream_metrics import flops
+
+    formula = flops.FlopFormula(per_token=6, per_pair=0, method="test")
+    tally = Tally(gradient_accumulation_steps=2, pad_token_id=0, flop_formula=formula)
+    ids = [torch.ones(3, 5, dtype=torch.long), torch.ones(2, 7, dtype=torch.long), torch.ones(4, 4, dtype=torch.long)]
+    tally.update({"input_ids": ids[0]})
+    tally.update({"input_ids": ids[1]})
+    tally.mark()
+    assert not tally.counted_since_mark()
+    tally.update({"input_ids": ids[2]})
+    assert tally.counted_since_mark()
+    with tally.as_at_mark():
+        then = tally.sync("state_dict")
+    now = tally.sync()
+    assert (then.samples, then.tokens, then.step, then.flops) == (5, 15 + 14, 1, 6 * (15 + 14))
+    assert (now.samples, now.tokens, now.step, now.flops) == (9, 15 + 14 + 16, 1, 6 * (15 + 14 + 16))
+    assert tally.rows_total == 9 and tally.in_window == 1

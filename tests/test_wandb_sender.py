@@ -89,3 +89,44 @@ def test_a_run_the_child_cannot_attach_to_is_logged_by_a_thread_with_one_warning
 def test_a_bad_wandb_sender_is_named():
     with pytest.raises(ValueError, match=r"wandb=\{'sender': 'subprocess'\}: use 'process'"):
         stream_metrics.init(backend="wandb", wandb={"sender": "subprocess"})
+
+
+def test_a_run_after_wandb_teardown_and_its_services_end_starts_a_new_service_and_stores_every_row(workdir):
+    # Our sender process starts W&B's service detached (it outlives a killed training process), and this
+    # process's runs find it at the address in WANDB_SERVICE. Where this process has left it
+    # (wandb.teardown()) and it has ended since (killed here), a new run must not look for it there.
+    import glob
+    import signal
+
+    def rows_of(run, n):
+        for i in range(1, n + 1):
+            run.update(samples=i)
+            run.log({"loss": float(i)})
+        run.finish()
+
+    rows_of(stream_metrics.init(backend="wandb", wandb={"project": "sender"}, flush_timeout=120), 3)
+    address = os.environ.get("WANDB_SERVICE", "")
+    starter = address.split("-")[1].encode()  # "3-<pid of the process that started it>-unix-<socket>"
+
+    def services() -> list[int]:  # W&B's service processes (wandb-core) started by that process
+        found = []
+        for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+            try:
+                with open(cmdline, "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"wandb-core") for a in args) and b"--pid" in args \
+                    and args[args.index(b"--pid") + 1] == starter:
+                found.append(int(cmdline.split("/")[2]))
+        return found
+
+    [service] = services()
+    wandb.teardown()
+    WandbSenderProcess.shared().close()
+    os.kill(service, signal.SIGKILL)
+    assert wait_for(lambda: not services(), 30)
+    rows_of(stream_metrics.init(backend="wandb", wandb={"project": "sender"}, flush_timeout=120), 4)
+    dirs = wandb_run_dirs(workdir)
+    assert len(dirs) == 2
+    assert [[r[schema.SAMPLES] for r in wandb_rows(d) if "loss" in r] for d in dirs] == [[1, 3, 6], [1, 3, 6, 10]]

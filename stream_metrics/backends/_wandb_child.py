@@ -9,6 +9,8 @@ sent in the first line. Protocol, one JSON text per line:
 - in, first: ``{"sys_path": [...]}``;
 - in, then: ``{"id": n, "attach_id": ..., "rows": [[metrics, seq], ...]}``, with ``"environment"``
   (the training process's ``WANDB_*`` variables, its service's address among them) where they changed;
+- in: ``{"id": n, "service": true}``, before the training process's first run: this process starts
+  a detached W&B service, and answers ``{"id": n, "service": address}`` (``WANDB_SERVICE``), or an error;
 - in: ``{"forget": attach_id}``, once the training process has finished that run (no answer);
 - in: ``{"bye": true}``, last, where the training process lets this process go while it lives on;
 - out: ``{"id": n, "stored": seq or null, "error": text or null, "attach_failed": bool}``.
@@ -24,7 +26,8 @@ never told to forget belongs to a training process that died without finishing i
 out-of-memory kill, a signal handler of the program's own that ended the process at once: stdin
 closed with no "bye", and this process's parent gone): this process finishes it, so W&B's service
 writes what it holds (offline, the last block of the run's file would be lost otherwise) and the
-run ends with exit code 1.
+run ends with exit code 1. The service must outlive the training process for that: this process
+starts it, detached, before the training process's first run (``start_service``).
 """
 import json
 import os
@@ -36,25 +39,38 @@ ORPHAN_SECONDS = 30.0  # the longest the runs of a training process that died ma
 PARENT_SECONDS = 5.0  # how long after its stdin closed the parent's death shows (it is reparented)
 KEEP_RUNS = 16  # attached runs kept at once
 ENVIRONMENT = ("WANDB_",)  # the variables W&B's client reads (process.py sends them)
+IDLE_TIMEOUT = "10s"  # a detached service ends once no process has been connected to it for this long
 
 
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    answers = sys.stdout
+    # The pipes on private descriptors (not inherited), and 0 and 1 elsewhere: W&B's service, which
+    # this process may start, inherits 0, 1 and 2, and must neither write into the answers nor hold
+    # the answers' pipe open after this process has ended (the training process reads its end).
+    requests = os.fdopen(os.dup(0), "r")
+    answers = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull)
     sys.stdout = sys.stderr  # anything W&B prints goes to stderr, never into the answers
-    hello = json.loads(sys.stdin.readline() or "{}")
+    hello = json.loads(requests.readline() or "{}")
     if hello.get("sys_path"):
         sys.path[:] = hello["sys_path"]
     runs: dict = {}  # attach id -> the attached run
     parent = os.getppid()
-    for line in sys.stdin:
+    for line in requests:
         request = json.loads(line)
         if "forget" in request:  # the training process finished that run itself
             runs.pop(request["forget"], None)
             continue
         if request.get("bye"):  # the training process lives on, and its runs are its own to finish
             runs.clear()
+            continue
+        if request.get("service"):
+            runs.clear()  # runs in a service the training process left (a new service replaces it)
+            answer(answers, request["id"], **start_service())
             continue
         if "environment" in request:
             for name in [n for n in os.environ if n.startswith(ENVIRONMENT) and n not in request["environment"]]:
@@ -81,14 +97,44 @@ def main() -> None:
             # `stored` stays the last row handed to W&B, also when the round trip after it failed: W&B
             # keeps one row per log call, so a retry of a row it took would store that row twice.
             error = f"{type(exc).__name__}: {exc}"[:500]
-        line = json.dumps({"id": request["id"], "stored": stored, "error": error, "attach_failed": attach_failed})
-        try:
-            answers.write(line + "\n")
-            answers.flush()
-        except (BrokenPipeError, ValueError):  # the training process is gone
-            pass
+        answer(answers, request["id"], stored=stored, error=error, attach_failed=attach_failed)
     if runs and parent_died(parent):
         finish_orphans(list(runs.values()))
+
+
+def answer(answers, request_id: int, **fields) -> None:
+    fields.setdefault("stored", None)
+    fields.setdefault("error", None)
+    try:
+        answers.write(json.dumps({"id": request_id, **fields}) + "\n")
+        answers.flush()
+    except (BrokenPipeError, ValueError):  # the training process is gone
+        pass
+
+
+def start_service() -> dict:
+    """Start W&B's service for the training process's runs, detached: ``{"service": its address}``.
+
+    W&B's service ends when the process that started it dies, without writing the last block of
+    an offline run's file (up to 32 KiB of rows) or what it had not uploaded yet, however fast this
+    process then finishes the run. A detached service (W&B's ``wandb beta core start``) outlives the
+    training process and this one, so this process can finish the runs the training process left;
+    it ends once no process has been connected to it for IDLE_TIMEOUT. A W&B without detached
+    services answers an error, and the training process starts its own, as W&B does.
+    """
+    try:
+        import wandb
+        from wandb.sdk.lib.service import service_process  # type: ignore[import-not-found]
+
+        start = getattr(service_process, "start_detached", None)
+        if start is None:
+            return {"error": f"W&B {getattr(wandb, '__version__', '?')} has no detached service"}
+        if getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None) is not None:
+            wandb.teardown()  # connected to an earlier service: attach through the new one from now on
+        process = start(wandb.Settings(), idle_timeout=IDLE_TIMEOUT)
+        return {"service": process.token.env_value}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def parent_died(parent: int) -> bool:

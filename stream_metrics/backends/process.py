@@ -104,8 +104,9 @@ class SenderProcess:
     def _settings(self) -> dict:
         return {k: v for k, v in os.environ.items() if k.startswith(self.environment_prefixes)}
 
-    def _call(self, request: dict) -> dict:
-        """Send ``request`` and wait for its answer; a failure raises SenderError with the rows stored."""
+    def _call(self, request: dict, timeout: float | None = None) -> dict:
+        """Send ``request`` and wait for its answer (up to ``timeout`` seconds, None: however long);
+        a failure raises SenderError with the rows stored."""
         slot: list = [threading.Event(), None]
         request_id = next(self._ids)
         with self._waiting_lock:
@@ -122,7 +123,10 @@ class SenderProcess:
             self._write(request)
         except (OSError, ValueError) as exc:  # a closed pipe: the child is gone
             self._stop(f"the {self.label} sender process stopped ({exc})")
-        slot[0].wait()
+        if not slot[0].wait(timeout):
+            with self._waiting_lock:
+                self._waiting.pop(request_id, None)
+            raise SenderError(f"the {self.label} sender process did not answer within {timeout:.0f} s")
         answer = slot[1]
         if answer.get("error") is not None:
             raise SenderError(f"{self.label} (sender process): {answer['error']}", answer.get("stored"),
@@ -188,6 +192,15 @@ class WandbSenderProcess(SenderProcess):
         """Log ``rows`` ([metrics, seq] each) into the run ``attach_id``, in order; the last seq W&B took."""
         return self._call({"attach_id": attach_id, "rows": rows})["stored"]
 
+    def service(self, timeout: float) -> str:
+        """Start a detached W&B service (_wandb_child.py) and return its address (``WANDB_SERVICE``):
+        it outlives this process and the child, so the child can finish a run this process left.
+        Raises SenderError where the child cannot start one (a W&B without detached services)."""
+        address = self._call({"service": True}, timeout).get("service")
+        if not isinstance(address, str) or not address:
+            raise SenderError("the W&B sender process gave no service address")
+        return address
+
     def forget(self, attach_id: str) -> None:
         """The run ``attach_id`` was finished here: the child lets go of it. One it was not told of, it
         finishes itself when this process dies (_wandb_child.py)."""
@@ -198,6 +211,7 @@ class WandbSenderProcess(SenderProcess):
 
 
 _KINDS = (SenderProcess, WandbSenderProcess)
+SERVICE = "WANDB_SERVICE"  # where W&B's client finds its process's service (wandb.env.SERVICE)
 
 
 def shared_or_none(kind: type[SenderProcess]) -> SenderProcess | None:

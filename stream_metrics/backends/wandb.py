@@ -28,6 +28,20 @@ log = logging.getLogger("stream_metrics")
 #: from one process: 0.22, 0.25 and 0.31 store every row of each; with 0.17 and 0.18 the second run's
 #: rows never reach its file, and with 0.19 each later attach times out after 30 s.
 ATTACH_SINCE = (0, 22)
+SERVICE_SECONDS = 60.0  # the longest the sender process may take to start W&B's service
+
+
+_STARTED: dict[int, str] = {}  # pid -> the address of the detached W&B service our sender process started for it
+
+
+def _connected(wandb) -> bool:
+    """Whether this process's W&B is connected to a service (True where this W&B does not say)."""
+    setup = getattr(getattr(wandb, "sdk", None), "wandb_setup", None)
+    if setup is None or not hasattr(setup, "_singleton"):
+        return True
+    singleton = setup._singleton
+    return (singleton is not None and getattr(singleton, "_pid", os.getpid()) == os.getpid()
+            and getattr(singleton, "_connection", True) is not None)
 
 
 def _version(wandb) -> tuple[int, int]:
@@ -90,6 +104,7 @@ class WandbBackend(Backend):
             self.run, self._owns_run = active, False  # the user's own wandb.init(): log into it
         else:
             self._check_credentials()
+            self._service_in_sender()
             self.run = wandb.init(
                 project=self.project or os.environ.get("WANDB_PROJECT") or info.project,
                 entity=self.entity, name=info.name, id=info.run_id, resume="allow" if info.run_id else None,
@@ -134,6 +149,35 @@ class WandbBackend(Backend):
         for row in self.unstored(rows):
             self.run.log(row.metrics)
             self.stored_seq = row.seq
+
+    def _service_in_sender(self) -> None:
+        """Have W&B's service started by our sender process, detached, where this process has none yet.
+
+        W&B's service ends as soon as the process that started it dies, without writing the last
+        block of an offline run's file (up to 32 KiB of rows) or what it had not uploaded. Started
+        detached, it outlives this process and the sender process, which finishes a run this process
+        left (a SIGKILL); the run stays this process's ``wandb.run``. Where the sender process cannot
+        start one (a W&B without detached services), this process starts its own, as W&B does.
+        """
+        from .process import SERVICE, SenderError, WandbSenderProcess, shared_or_none
+
+        if os.environ.get(SERVICE) and os.environ.get(SERVICE) == _STARTED.get(os.getpid()) \
+                and not _connected(self._wandb):
+            # Ours, and this process has left it (wandb.teardown()): it ends once nobody is connected.
+            del os.environ[SERVICE]
+        if (self.sender != "process" or os.environ.get(SERVICE) or self.mode == "disabled"
+                or _version(self._wandb) < ATTACH_SINCE):
+            return  # a service this process already uses (its own, or a parent's), or no child to attach
+        sender = shared_or_none(WandbSenderProcess)
+        if not isinstance(sender, WandbSenderProcess):
+            return
+        try:
+            address = sender.service(SERVICE_SECONDS)
+        except SenderError as exc:
+            log.info("stream_metrics: W&B's service is started by the training process (%s)", exc)
+            return
+        if not os.environ.get(SERVICE):
+            os.environ[SERVICE] = _STARTED[os.getpid()] = address
 
     def _start_sender(self):
         from .process import WandbSenderProcess, shared_or_none

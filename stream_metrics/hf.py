@@ -28,6 +28,7 @@ What it does, and why this way:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -339,7 +340,7 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if saved is None and state.global_step > 0:
             log.warning("stream_metrics: resuming at step %d from a checkpoint without stream_metrics state; "
                         "the progress axes start again from zero", state.global_step)
-        taken_at = ((saved or {}).get("progress") or {}).get("step") if isinstance(saved, dict) else None
+        taken_at = (saved.get("progress") or {}).get("step") if isinstance(saved, dict) else None
         if state.global_step > 0 and type(taken_at) is int and taken_at != state.global_step:
             # Several ranks take the state where they all pass (_take_state): a checkpoint written
             # elsewhere (transformers' JIT checkpoint, a save asked for by a callback after this one)
@@ -420,14 +421,12 @@ class StreamMetricsCallback(TrainerCallback, ExportableState):
         if not due:
             return
         begun = self._step_begun
-        if event == "write" and begun is not None and begun[0].global_step == begun[1] \
-                and self.run.tally.counted_since_mark():
-            # Written in the middle of a step, before its optimizer step (the JIT checkpoint's
-            # on_pre_optimizer_step): the checkpoint's weights and step are as of the step's start, and
-            # its resume trains the step's micro-batches again, so its counts are as of there too.
-            with self.run.tally.as_at_mark():
-                self.saved_state = self.run.state_dict()
-        else:
+        # Written in the middle of a step, before its optimizer step (the JIT checkpoint's
+        # on_pre_optimizer_step): the checkpoint's weights and step are as of the step's start, and
+        # its resume trains the step's micro-batches again, so its counts are as of there too.
+        mid_step = (event == "write" and begun is not None and begun[0].global_step == begun[1]
+                    and self.run.tally.counted_since_mark())
+        with self.run.tally.as_at_mark() if mid_step else contextlib.nullcontext():
             self.saved_state = self.run.state_dict()
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):

@@ -161,12 +161,12 @@ class WandbBackend(Backend):
         """
         from .process import SERVICE, SenderError, WandbSenderProcess, shared_or_none
 
-        if os.environ.get(SERVICE) and os.environ.get(SERVICE) == _STARTED.get(os.getpid()) \
-                and not _connected(self._wandb):
+        address = os.environ.get(SERVICE)
+        if address and address == _STARTED.get(os.getpid()) and not _connected(self._wandb):
             # Ours, and this process has left it (wandb.teardown()): it ends once nobody is connected.
             del os.environ[SERVICE]
-        if (self.sender != "process" or os.environ.get(SERVICE) or self.mode == "disabled"
-                or _version(self._wandb) < ATTACH_SINCE):
+            address = None
+        if address or self.sender != "process" or self.mode == "disabled" or _version(self._wandb) < ATTACH_SINCE:
             return  # a service this process already uses (its own, or a parent's), or no child to attach
         sender = shared_or_none(WandbSenderProcess)
         if not isinstance(sender, WandbSenderProcess):

@@ -88,17 +88,59 @@ def _end_leftover_runs() -> None:
             pass
 
 
-@pytest.fixture
-def mlflow_server(workdir):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite store), stopped at the end of the test."""
+@pytest.fixture(scope="session")
+def _servers_started_ahead():
+    """The MLflow servers started ahead of the tests that will use them, by test id; any a test
+    did not take (it was skipped, or the session stopped) is stopped at the end of the session."""
+    started: dict = {}
+    yield started
+    for server in started.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _start_the_next_tests_server_ahead(request, tmp_path_factory, _servers_started_ahead):
+    """A server's start is about 5 s of one core, most of it imports: where one of the next 3 tests asks
+    for ``mlflow_server``, the first of them without one yet has its server started now (one a test), in a
+    folder of its own, and it is up when that test begins."""
     from support import MlflowServer
 
-    server = MlflowServer(workdir / "server")
+    items = request.session.items
     try:
-        server.start()
+        index = items.index(request.node)
+    except ValueError:
+        return
+    for following in items[index + 1:index + 4]:
+        if "mlflow_server" in getattr(following, "fixturenames", ()) \
+                and following.nodeid not in _servers_started_ahead:
+            server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+            server.start(wait=False)
+            _servers_started_ahead[following.nodeid] = server
+            break
+
+
+@pytest.fixture
+def mlflow_server(request, workdir, _servers_started_ahead):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, an empty one of its own), stopped at the end of
+    the test. Its folder (``.folder``: the store and the server's log) is under ``workdir`` or, where the
+    server was started during the test before (_start_the_next_tests_server_ahead), a folder of its own."""
+    from support import MlflowServer
+
+    server = _servers_started_ahead.pop(request.node.nodeid, None)
+    try:
+        if server is not None:
+            try:
+                server.wait_healthy()
+            except RuntimeError:  # it did not come up (its port taken meanwhile, say): start one here
+                server.stop()
+                server = None
+        if server is None:
+            server = MlflowServer(workdir / "server")
+            server.start()
         yield server
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 @pytest.fixture

@@ -34,6 +34,23 @@ def run(*command, timeout=JOB_TIMEOUT, **extra) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def run_at_once(*runs: tuple[tuple, dict], timeout=JOB_TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """What run(*command, **extra) gives for each (command, extra), the commands started together:
+    independent ones, whose time is mostly start-up, end in about the time of one."""
+    procs = []
+    try:
+        for command, extra in runs:
+            procs.append(subprocess.Popen([*STREAM_METRICS, "run", *command], env=env(**extra), text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, *output) for proc, output in zip(procs, outputs)]
+
+
 def test_a_process_that_builds_no_trainer_imports_nothing_more():
     out = run("--", sys.executable, "-c",
               "import sys; print(sorted(m for m in ('torch', 'transformers', 'stream_metrics') if m in sys.modules))")
@@ -42,18 +59,23 @@ def test_a_process_that_builds_no_trainer_imports_nothing_more():
 
 
 def test_the_exit_status_is_the_commands():
-    assert run("--", sys.executable, "-c", "raise SystemExit(7)").returncode == 7
-    missing = run("--", "no-such-command-here")
+    seven, missing = run_at_once((("--", sys.executable, "-c", "raise SystemExit(7)"), {}),
+                                 (("--", "no-such-command-here"), {}))
+    assert seven.returncode == 7
     assert missing.returncode == 127 and "cannot run 'no-such-command-here'" in missing.stderr
 
 
 def test_a_bad_option_is_refused_before_the_command_runs(workdir):
-    out = run("--backend", "mlfow", "--", sys.executable, "-c", "open('ran', 'w')")
+    # Each command would create ./ran (the working folder): none may run.
+    backend, dataset_size, no_backend = run_at_once(
+        (("--backend", "mlfow", "--", sys.executable, "-c", "open('ran', 'w')"), {}),
+        (("--", sys.executable, "-c", "open('ran', 'w')"), {"STREAM_METRICS_DATASET_SIZE": "lots"}),
+        (("--backend", ",", "--", sys.executable, "-c", "open('ran', 'w')"), {}))
+    out = backend
     assert out.returncode == 2 and "backend='mlfow' is not known" in out.stderr
-    assert not os.path.exists(workdir / "ran")
-    out = run("--", sys.executable, "-c", "open('ran', 'w')", STREAM_METRICS_DATASET_SIZE="lots")
+    out = dataset_size
     assert out.returncode == 2 and "STREAM_METRICS_DATASET_SIZE='lots' is not a whole number" in out.stderr
-    out = run("--backend", ",", "--", sys.executable, "-c", "open('ran', 'w')")
+    out = no_backend
     assert out.returncode == 2 and "STREAM_METRICS_BACKEND=',' names no backend" in out.stderr, out.stderr
     assert not os.path.exists(workdir / "ran")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,9 +240,36 @@ def test_the_trainer_under_torchrun_counts_every_rank_into_one_run(workdir, mlfl
     assert_conformant("--wandb-run", wandb_dir, *expected)
 
 
-def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow_uri):
+@pytest.fixture(scope="module")
+def trainer_saved_at_step_3(tmp_path_factory):
+    """The first job of both Trainer resume tests below, which is the same job in each (3 steps of 3
+    micro-batches of 4 a rank on trainer_corpus, a checkpoint at step 3), run once for the module: a
+    function that copies what the job left (its checkpoints, MLflow store and W&B folder) into a test's
+    working folder, as if the job had run there, and returns the job's reports."""
+    folder = tmp_path_factory.mktemp("trainer-saved-at-step-3")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the environment the workdir fixture gives a test
+        user_environment(monkeypatch, folder)
+        reports = torchrun("trainer", "--mlflow-uri", f"sqlite:///{folder}/mlflow.db", "--batch-size", 4,
+                           "--max-steps", 3, "--grad-accum", 3, "--save-steps", 3, *trainer_corpus(folder))
+
+    def into(workdir) -> list[dict]:
+        shutil.copytree(folder / "trainer_out", workdir / "trainer_out")  # the worker's output_dir
+        shutil.copyfile(folder / "mlflow.db", workdir / "mlflow.db")  # the mlflow_uri fixture's store
+        if (folder / "wandb").exists():
+            try:
+                shutil.copytree(folder / "wandb", workdir / "wandb")
+            except shutil.Error as errors:  # only a file W&B removed meanwhile (its tmp/) may be missing
+                if any(os.path.exists(source) for source, _, _ in errors.args[0]):
+                    raise
+        return reports
+
+    return into
+
+
+def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow_uri, trainer_saved_at_step_3):
     paths = trainer_corpus(workdir)
-    first, _ = trainer_job(mlflow_uri, paths, 3, "--save-steps", 3)
+    # The first job: 3 steps, saved at step 3, as trainer_job(mlflow_uri, paths, 3, "--save-steps", 3) runs it.
+    first = trainer_saved_at_step_3(workdir)
     second, expected = trainer_job(mlflow_uri, paths, 5, "--resume")
     assert_final(second, expected)  # the skipped batches are not counted twice
 
@@ -251,7 +279,8 @@ def test_the_trainer_resumed_under_torchrun_continues_every_axis(workdir, mlflow
     assert second[0]["state"]["run_ids"]["wandb"] == first[0]["state"]["run_ids"]["wandb"]
 
 
-def test_the_trainer_resumed_with_another_accumulation_measures_the_pass_it_reads(workdir, mlflow_uri):
+def test_the_trainer_resumed_with_another_accumulation_measures_the_pass_it_reads(workdir, mlflow_uri,
+                                                                                 trainer_saved_at_step_3):
     # Saved after 3 steps of 3 micro-batches of 4 (36 rows a rank); resumed with accumulation 2, the
     # Trainer skips 3 x 2 batches a rank and reads rows 24-35 again. The pass measured after the resume
     # must hold what each rank's file holds (37 + 40), not the 72 samples before the checkpoint plus
@@ -260,7 +289,8 @@ def test_the_trainer_resumed_with_another_accumulation_measures_the_pass_it_read
 
     paths = trainer_corpus(workdir)
     job = ("--mlflow-uri", mlflow_uri, "--batch-size", 4)
-    torchrun("trainer", *job, "--max-steps", 3, "--grad-accum", 3, "--save-steps", 3, *paths)
+    # The first job: torchrun("trainer", *job, "--max-steps", 3, "--grad-accum", 3, "--save-steps", 3, *paths).
+    trainer_saved_at_step_3(workdir)
     second = torchrun("trainer", *job, "--max-steps", 7, "--grad-accum", 2, "--resume", *paths)
     shares = [tiny.read_texts([path]) for path in paths]
     samples = tokens = 0

@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 import stream_metrics
-from conftest import ROOT, mlflow_rows, wandb_rows, wandb_run_dirs
+from conftest import ROOT, mlflow_rows, user_environment, wandb_rows, wandb_run_dirs
 
 pytestmark = pytest.mark.slow  # child processes that start MLflow and W&B
 
@@ -355,14 +355,8 @@ print("trained", trainer.state.global_step, seen[0], flush=True)
 """
 
 
-@needs_jit_checkpoint
-@pytest.mark.parametrize("when", ["signal", "mid_step"])
-def test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_and_resumes_exactly(
-        workdir, mlflow_uri, when):
-    # transformers' enable_jit_checkpoint takes SIGTERM itself and trains on to a checkpoint: every row
-    # until then lands in the run, the checkpoint holds the counts at its step, and a resume goes on
-    # from them. "signal": a SIGTERM from outside, wherever the step is; "mid_step": the checkpoint is
-    # written before a step's optimizer step, after its micro-batches were trained on (and counted).
+def start_jit_trainer(workdir, mlflow_uri, when) -> subprocess.Popen:
+    """The JIT_TRAINER script on 40 examples in ``workdir``, started as start() starts every script."""
     import json
 
     for k, n in enumerate((23, 17)):  # 40 examples: a pass ends in the middle of a step's batches
@@ -370,11 +364,77 @@ def test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_an
             json.dumps({"text": f"example {k}-{i} " + "word " * (i % 7)}) + "\n" for i in range(n)))
     body = JIT_TRAINER.format(root=ROOT)
     extra = {"SELF_SIGNAL": "1"} if when == "mid_step" else {}
-    proc = start(workdir, body, mlflow_uri, STREAM_METRICS_SIGNAL_TIMEOUT=60, **extra)
-    before = read_until(proc, lambda line: line.startswith("step") and int(line.split()[1]) >= 8)
+    return start(workdir, body, mlflow_uri, STREAM_METRICS_SIGNAL_TIMEOUT=60, **extra)
+
+
+@pytest.fixture(scope="module")
+def jit_mid_step_training(request, tmp_path_factory):
+    """The "mid_step" case's training process, started with the first JIT case of this module and left to
+    run by itself (it signals itself; nothing is sent to it), so it trains while the "signal" case's
+    processes run: the two are independent, and most of each one's time is a single core's imports.
+    Yields its folder, its MLflow URI and a dict that gets its exit code, stdout and stderr (None when
+    the case is not selected)."""
+    import threading
+
+    if not any(item.name.endswith("[mid_step]") and getattr(item, "originalname", "") == JIT_TEST
+               for item in request.session.items):
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("jit-mid-step")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the environment the workdir fixture gives a test
+        user_environment(monkeypatch, folder)
+        uri = f"sqlite:///{folder}/mlflow.db"
+        proc = start_jit_trainer(folder, uri, "mid_step")
+    ended: dict = {}
+
+    def wait() -> None:
+        try:
+            ended["out"], ended["err"] = proc.communicate(timeout=240)  # as finish() waits
+        except subprocess.TimeoutExpired:
+            ended["err"] = "the mid_step training process did not end within 240 s"
+        ended["code"] = proc.returncode
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    try:
+        yield folder, uri, waiter, ended
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start())
+            proc.wait(timeout=30)
+        waiter.join(timeout=30)
+
+
+JIT_TEST = "test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_and_resumes_exactly"
+
+
+@needs_jit_checkpoint
+@pytest.mark.parametrize("when", ["signal", "mid_step"])
+def test_the_trainers_own_sigterm_checkpoint_keeps_counting_into_the_same_run_and_resumes_exactly(
+        workdir, mlflow_uri, when, jit_mid_step_training, monkeypatch):
+    # transformers' enable_jit_checkpoint takes SIGTERM itself and trains on to a checkpoint: every row
+    # until then lands in the run, the checkpoint holds the counts at its step, and a resume goes on
+    # from them. "signal": a SIGTERM from outside, wherever the step is; "mid_step": the checkpoint is
+    # written before a step's optimizer step, after its micro-batches were trained on (and counted).
+    # (The "mid_step" process was started by jit_mid_step_training, in a folder of its own.)
+    import json
+
     if when == "signal":
+        proc = start_jit_trainer(workdir, mlflow_uri, when)
+        before = read_until(proc, lambda line: line.startswith("step") and int(line.split()[1]) >= 8)
         proc.send_signal(signal.SIGTERM)
-    code, out, err = finish(proc)
+        code, out, err = finish(proc)
+    else:
+        workdir, mlflow_uri, waiter, ended = jit_mid_step_training
+        user_environment(monkeypatch, workdir)  # this test's folder and environment are that process's
+        waiter.join(timeout=300)
+        code, out, err = ended.get("code"), ended.get("out") or "", ended.get("err") or ""
+        lines = [line.strip() for line in out.splitlines()]
+        # What read_until() would have read: the lines up to the first step >= 8 (the rest is `out`).
+        reached = [i for i, line in enumerate(lines) if line.startswith("step") and int(line.split()[1]) >= 8]
+        if not reached:
+            raise AssertionError(f"the child ended early: {code} {err[-3000:]}")
+        before = lines[:reached[0] + 1]
     assert code == 0, err
     steps = dict(map(int, line.split()[1:]) for line in before + out.splitlines() if line.startswith("step "))
     stopped, trained = map(int, re.search(r"trained (\d+) (\d+)", out).groups())

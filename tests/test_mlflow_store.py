@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,11 +27,20 @@ mlflow = pytest.importorskip("mlflow")
 MAKE_STORE = "import sys; from mlflow import MlflowClient; MlflowClient(tracking_uri=sys.argv[1]).search_experiments()"
 
 
-def make_store(path) -> tuple[str, str]:
-    """A store made by this MLflow in another process (this one keeps no cached copy of it); its URI
-    and the revision it was stamped with."""
+@pytest.fixture(scope="module")
+def made_store(tmp_path_factory) -> str:
+    """A store made by this MLflow in another process (this one keeps no cached copy of it), once for
+    the module (the child's start-up is most of a test's time): each test changes a copy of it."""
+    path = tmp_path_factory.mktemp("made") / "made.db"
+    subprocess.run([sys.executable, "-c", MAKE_STORE, f"sqlite:///{path}"], check=True, capture_output=True,
+                   timeout=120)
+    return str(path)
+
+
+def make_store(path, made: str) -> tuple[str, str]:
+    """The store made_store made, copied to ``path``: its URI and the revision it was stamped with."""
+    shutil.copyfile(made, path)
     uri = f"sqlite:///{path}"
-    subprocess.run([sys.executable, "-c", MAKE_STORE, uri], check=True, capture_output=True, timeout=120)
     with sqlite3.connect(path) as db:
         [(revision,)] = db.execute("SELECT version_num FROM alembic_version").fetchall()
     return uri, revision
@@ -55,9 +65,9 @@ def runs_in(path) -> int:
         return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
 
-def test_a_store_a_newer_mlflow_upgraded_fails_in_init_saying_to_use_that_mlflow(workdir):
+def test_a_store_a_newer_mlflow_upgraded_fails_in_init_saying_to_use_that_mlflow(workdir, made_store):
     path = workdir / "shared.db"
-    uri, head = make_store(path)
+    uri, head = make_store(path, made_store)
     newer = "f00dfeed1234"  # not among this release's migrations, as a later release's would not be
     assert newer not in migrations() and head in migrations()
     stamp(path, newer)
@@ -74,9 +84,9 @@ def test_a_store_a_newer_mlflow_upgraded_fails_in_init_saying_to_use_that_mlflow
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(newer,)]
 
 
-def test_a_store_an_older_mlflow_made_fails_in_init_saying_how_to_upgrade_it(workdir):
+def test_a_store_an_older_mlflow_made_fails_in_init_saying_how_to_upgrade_it(workdir, made_store):
     path = workdir / "old.db"
-    uri, head = make_store(path)
+    uri, head = make_store(path, made_store)
     older = sorted(r for r in migrations() if r != head)[0]
     stamp(path, older)
     with pytest.raises(MLflowStoreError) as caught:
@@ -88,17 +98,26 @@ def test_a_store_an_older_mlflow_made_fails_in_init_saying_how_to_upgrade_it(wor
     assert runs_in(path) == 0
 
 
-def test_reading_a_newer_store_says_so_in_one_line(workdir):
+def test_reading_a_newer_store_says_so_in_one_line(workdir, made_store):
     path = workdir / "shared.db"
-    uri, _ = make_store(path)
+    uri, _ = make_store(path, made_store)
     stamp(path, "f00dfeed1234")
-    for command in (["check", "--mlflow-uri", uri, "--experiment", "any"],
-                    ["compare", "--mlflow-uri", uri, "--experiment", "any", "--out", str(workdir / "compared")]):
-        done = subprocess.run([sys.executable, "-m", "stream_metrics", *command], capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode != 0, done.stdout
-        assert "Traceback" not in done.stderr, done.stderr
-        assert f"stream-metrics: MLflow {mlflow.__version__} cannot open the tracking store {uri}: a newer MLflow" \
-            in done.stderr, done.stderr
-        # Reading only: no store of its own to suggest.
-        assert "Use that newer MLflow here" in done.stderr and "another.db" not in done.stderr
+    commands = (["check", "--mlflow-uri", uri, "--experiment", "any"],
+                ["compare", "--mlflow-uri", uri, "--experiment", "any", "--out", str(workdir / "compared")])
+    # Both only read the store: they run at once (most of their time is start-up), each checked on its own.
+    procs = [subprocess.Popen([sys.executable, "-m", "stream_metrics", *command], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode != 0, stdout
+            assert "Traceback" not in stderr, stderr
+            assert f"stream-metrics: MLflow {mlflow.__version__} cannot open the tracking store {uri}: a newer MLflow" \
+                in stderr, stderr
+            # Reading only: no store of its own to suggest.
+            assert "Use that newer MLflow here" in stderr and "another.db" not in stderr
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)

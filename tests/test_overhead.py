@@ -25,17 +25,26 @@ def batch(rows=8, width=64):
 
 
 def traced_growth(work, warmup) -> float:
-    """Bytes still allocated after ``work()``, measured after ``warmup()`` reached a steady state."""
-    warmup()
-    gc.collect()
-    tracemalloc.start()
+    """Bytes still allocated after ``work()``, measured after ``warmup()`` reached a steady state.
+
+    The objects alive before (a million and more late in a full suite, each collection then takes
+    seconds) are frozen meanwhile: the collections look at what the warm-up and the work made. Freezing
+    lets nothing go that a collection would keep (only what tracing saw counts, all of it made after).
+    """
+    gc.freeze()
     try:
-        before = tracemalloc.get_traced_memory()[0]
-        work()
+        warmup()
         gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            work()
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
     finally:
-        tracemalloc.stop()
+        gc.unfreeze()
 
 
 def test_two_hundred_thousand_updates_keep_memory_flat():

@@ -60,10 +60,9 @@ def test_planted_secrets_appear_nowhere(mlflow_server, workdir):
     done = subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    server.stop()  # so its log and database are complete
 
-    # The runs happened, with the secrets' names kept and their values redacted.
-    server.start()
+    # The runs happened, with the secrets' names kept and their values redacted (asked of the server
+    # while it still runs; the files are searched once it has stopped).
     client = MlflowClient(server.url())
     [run] = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
@@ -71,6 +70,7 @@ def test_planted_secrets_appear_nowhere(mlflow_server, workdir):
     assert params["hub_token"] == "<redacted>" and params["report.API_KEY"] == "<redacted>"
     assert params["report.endpoint"] == server.url("<redacted>")
     assert params["notes"] == "pushed to " + server.url("<redacted>")
+    server.stop()  # so its log and database are complete
     [run_dir] = wandb_run_dirs(workdir)
     [log] = [os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.endswith(".wandb")]
     with open(log, "rb") as f:
@@ -81,15 +81,22 @@ def test_planted_secrets_appear_nowhere(mlflow_server, workdir):
     # Nothing anywhere holds a secret: output, log lines, W&B files, the MLflow database, spill files.
     found = [("output", line[:300]) for line in (done.stdout + done.stderr).splitlines()
              if any(s in line for s in SECRETS)]
-    for folder, _, files in os.walk(workdir):
-        for name in files:
-            path = os.path.join(folder, name)
-            if path == str(script):
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-            found += [(os.path.relpath(path, workdir), s) for s in SECRETS if s.encode() in data]
+    # (The server's folder, with its database and log, is under workdir or one of its own: see mlflow_server.)
+    roots = [str(workdir)] + ([server.folder] if not os.path.abspath(server.folder).startswith(str(workdir) + os.sep)
+                              else [])
+    searched = []
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if path == str(script):
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+                searched.append(path)
+                found += [(os.path.relpath(path, workdir), s) for s in SECRETS if s.encode() in data]
     assert not found
+    assert server.store.endswith("/srv.db") and server.store[len("sqlite:///"):] in searched  # the server's database
     assert os.listdir(workdir / "undelivered")  # the spill file was searched too
 
 

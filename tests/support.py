@@ -25,6 +25,29 @@ def wait_for(condition, seconds: float = 30.0, interval: float = 0.02) -> bool:
     return bool(condition())
 
 
+def run_together(commands: list[list[str]], timeout: float, **popen) -> list[subprocess.CompletedProcess]:
+    """``subprocess.run(command, capture_output=True, text=True)`` for each command, all started at once
+    (independent commands whose time is mostly start-up end in about the time of one); each is
+    killed if it has not ended within ``timeout`` seconds of the start. ``popen``: for every command,
+    or ``env=[...]`` with one environment per command."""
+    envs = popen.pop("env", None)
+    envs = envs if isinstance(envs, list) else [envs] * len(commands)
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for command, env in zip(commands, envs):
+            procs.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, **popen))
+        outputs = [proc.communicate(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from mlflow import MlflowClient
 
 import tiny
 from conftest import ROOT, wandb_run_dirs
+from support import run_together
 
 import stream_metrics
 from stream_metrics.cli import main
@@ -85,24 +85,14 @@ def test_a_trainer_run_checked_as_a_program(workdir, corpus, mlflow_uri):
     samples, tokens, _ = consumed(corpus["texts"], 8, 2, steps)
     [folder] = wandb_run_dirs(workdir)
 
-    def program(*expect) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "stream_metrics", "check", callback.run.run_ids["mlflow"],
-                                 folder, "--mlflow-uri", mlflow_uri, *map(str, expect)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": ROOT})
+    def program(*expect) -> list[str]:
+        return [sys.executable, "-m", "stream_metrics", "check", callback.run.run_ids["mlflow"], folder,
+                "--mlflow-uri", mlflow_uri, *map(str, expect)]
 
     # The two checks only read the runs: they run at once (most of their time is start-up).
-    procs = [program("--expect-samples", samples, "--expect-tokens", tokens, "--expect-steps", steps),
-             program("--expect-samples", samples - 1, "--expect-tokens", tokens, "--expect-steps", steps)]
-    try:
-        outputs = [proc.communicate(timeout=300) for proc in procs]
-        ok, off = (subprocess.CompletedProcess(proc.args, proc.returncode, *output)
-                   for proc, output in zip(procs, outputs))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+    ok, off = run_together([program("--expect-samples", samples, "--expect-tokens", tokens, "--expect-steps", steps),
+                            program("--expect-samples", samples - 1, "--expect-tokens", tokens,
+                                    "--expect-steps", steps)], timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
     assert ok.returncode == 0 and ok.stdout.splitlines()[-1] == "conformant: 2 run(s)", ok.stdout + ok.stderr
     assert off.returncode == 1 and "NOT conformant, 2 problem(s):" in off.stdout, off.stdout + off.stderr
 
@@ -307,26 +297,15 @@ def test_a_server_that_does_not_answer_is_one_sentence_without_the_password_in_b
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     env["PYTHONPATH"] = ROOT
-    # The two commands are independent: both run at once (most of their time is imports), each checked on its
-    # own and each bound from their common start.
+    # The two commands are independent: both run at once (most of their time is imports), each checked on its own.
     commands = (["check", "0123456789abcdef"], ["compare", "0123456789abcdef"])
-    started, procs = time.monotonic(), []
-    try:
-        for command in commands:
-            procs.append(subprocess.Popen([sys.executable, "-m", "stream_metrics", *command, "--mlflow-uri",
-                                           f"http://alice:s3cretpw@127.0.0.1:{port}"], env=env,
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
-        for command, proc in zip(commands, procs):
-            _, stderr = proc.communicate(timeout=max(1.0, 240 - (time.monotonic() - started)))
-            ended = time.monotonic()  # communicate() returns once the process ended and its pipes closed
-            lines = stderr.strip().splitlines()
-            assert proc.returncode == (2 if command[0] == "check" else 1), stderr[-2000:]
-            assert len(lines) == 1 and lines[0].startswith("stream-metrics: could not read the runs"), lines[-5:]
-            assert "s3cretpw" not in stderr and "alice" not in stderr
-            assert ended - started < 120  # MLflow's own retries took 500 s
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+    started = time.monotonic()
+    done = run_together([[sys.executable, "-m", "stream_metrics", *command, "--mlflow-uri",
+                          f"http://alice:s3cretpw@127.0.0.1:{port}"] for command in commands], timeout=240, env=env)
+    ended = time.monotonic()  # both have ended: each took at most this long
+    for command, out in zip(commands, done):
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == (2 if command[0] == "check" else 1), out.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("stream-metrics: could not read the runs"), lines[-5:]
+        assert "s3cretpw" not in out.stderr and "alice" not in out.stderr
+        assert ended - started < 120  # MLflow's own retries took 500 s

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT, assert_conformant
+from support import run_together
 
 BIN = os.path.dirname(sys.executable)
 STREAM_METRICS = [os.path.join(BIN, "stream-metrics")] if os.path.exists(os.path.join(BIN, "stream-metrics")) \
@@ -37,18 +38,8 @@ def run(*command, timeout=JOB_TIMEOUT, **extra) -> subprocess.CompletedProcess:
 def run_at_once(*runs: tuple[tuple, dict], timeout=JOB_TIMEOUT) -> list[subprocess.CompletedProcess]:
     """What run(*command, **extra) gives for each (command, extra), the commands started together:
     independent ones, whose time is mostly start-up, end in about the time of one."""
-    procs = []
-    try:
-        for command, extra in runs:
-            procs.append(subprocess.Popen([*STREAM_METRICS, "run", *command], env=env(**extra), text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        outputs = [proc.communicate(timeout=timeout) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, *output) for proc, output in zip(procs, outputs)]
+    return run_together([[*STREAM_METRICS, "run", *command] for command, _ in runs], timeout,
+                        env=[env(**extra) for _, extra in runs])
 
 
 def test_a_process_that_builds_no_trainer_imports_nothing_more():
@@ -67,16 +58,15 @@ def test_the_exit_status_is_the_commands():
 
 def test_a_bad_option_is_refused_before_the_command_runs(workdir):
     # Each command would create ./ran (the working folder): none may run.
-    backend, dataset_size, no_backend = run_at_once(
+    unknown, dataset_size, no_backend = run_at_once(
         (("--backend", "mlfow", "--", sys.executable, "-c", "open('ran', 'w')"), {}),
         (("--", sys.executable, "-c", "open('ran', 'w')"), {"STREAM_METRICS_DATASET_SIZE": "lots"}),
         (("--backend", ",", "--", sys.executable, "-c", "open('ran', 'w')"), {}))
-    out = backend
-    assert out.returncode == 2 and "backend='mlfow' is not known" in out.stderr
-    out = dataset_size
-    assert out.returncode == 2 and "STREAM_METRICS_DATASET_SIZE='lots' is not a whole number" in out.stderr
-    out = no_backend
-    assert out.returncode == 2 and "STREAM_METRICS_BACKEND=',' names no backend" in out.stderr, out.stderr
+    assert unknown.returncode == 2 and "backend='mlfow' is not known" in unknown.stderr
+    assert dataset_size.returncode == 2 and "STREAM_METRICS_DATASET_SIZE='lots' is not a whole number" \
+        in dataset_size.stderr
+    assert no_backend.returncode == 2 and "STREAM_METRICS_BACKEND=',' names no backend" in no_backend.stderr, \
+        no_backend.stderr
     assert not os.path.exists(workdir / "ran")
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from support import run_together
 
 import stream_metrics
 from stream_metrics.backends.mlflow import MLflowStoreError
@@ -105,19 +106,10 @@ def test_reading_a_newer_store_says_so_in_one_line(workdir, made_store):
     commands = (["check", "--mlflow-uri", uri, "--experiment", "any"],
                 ["compare", "--mlflow-uri", uri, "--experiment", "any", "--out", str(workdir / "compared")])
     # Both only read the store: they run at once (most of their time is start-up), each checked on its own.
-    procs = [subprocess.Popen([sys.executable, "-m", "stream_metrics", *command], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=120)
-            assert proc.returncode != 0, stdout
-            assert "Traceback" not in stderr, stderr
-            assert f"stream-metrics: MLflow {mlflow.__version__} cannot open the tracking store {uri}: a newer MLflow" \
-                in stderr, stderr
-            # Reading only: no store of its own to suggest.
-            assert "Use that newer MLflow here" in stderr and "another.db" not in stderr
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+    for done in run_together([[sys.executable, "-m", "stream_metrics", *command] for command in commands], timeout=120):
+        assert done.returncode != 0, done.stdout
+        assert "Traceback" not in done.stderr, done.stderr
+        assert f"stream-metrics: MLflow {mlflow.__version__} cannot open the tracking store {uri}: a newer MLflow" \
+            in done.stderr, done.stderr
+        # Reading only: no store of its own to suggest.
+        assert "Use that newer MLflow here" in done.stderr and "another.db" not in done.stderr

@@ -34,6 +34,13 @@ _RESIZING = ("TakeExamplesIterable", "SkipExamplesIterable", "FilteredExamplesIt
              "RandomlyCyclingMultiSourcesExamplesIterable", "VerticallyConcatenatedMultiSourcesExamplesIterable",
              "HorizontallyConcatenatedMultiSourcesExamplesIterable")
 
+# datasets iterables that, above a ``repeat(n)``, change which of the repeated examples a loader's run
+# reads (take/skip) or mix them with others: its end is then no whole number of the repeated passes.
+_ENDS_ELSEWHERE = ("TakeExamplesIterable", "SkipExamplesIterable", "CyclingMultiSourcesExamplesIterable",
+                   "RandomlyCyclingMultiSourcesExamplesIterable",
+                   "VerticallyConcatenatedMultiSourcesExamplesIterable",
+                   "HorizontallyConcatenatedMultiSourcesExamplesIterable")
+
 # datasets iterables that hold examples back between the files' reader and the examples handed on,
 # with no count of them in their state: the reader's position is ahead of the examples by an amount
 # unknown (a shuffle buffer over one input shard, ``shuffle(max_buffer_input_shards=1)``, holds up
@@ -60,11 +67,41 @@ def _ex_iterables(dataset):
         ex = getattr(ex, "ex_iterable", None)
 
 
-def resized(dataset) -> bool:
-    """True where a step of a ``datasets`` stream may have changed how many rows it holds (``_RESIZING``)."""
-    return any(type(ex).__name__ in _RESIZING or (type(ex).__name__ == "MappedExamplesIterable"
-                                                  and getattr(ex, "batched", False))
-               for ex in _ex_iterables(dataset))
+def resized(dataset, *, but_repeats: bool = False) -> bool:
+    """True where a step of a ``datasets`` stream may have changed how many rows it holds (``_RESIZING``).
+
+    ``but_repeats``: a ``repeat()`` does not count (it holds whole passes of what it repeats)."""
+    for ex in _ex_iterables(dataset):
+        name = type(ex).__name__
+        if but_repeats and name == "RepeatExamplesIterable":
+            continue
+        if name in _RESIZING or (name == "MappedExamplesIterable" and getattr(ex, "batched", False)):
+            return True
+    return False
+
+
+def repeats(dataset) -> int:
+    """How many passes over its data one run of a ``datasets`` stream to its end holds: the product of
+    its ``repeat(n)`` steps, counted from the top down to a step that takes some of the repeated
+    examples or mixes them with others (``_ENDS_ELSEWHERE``; below such a step, the repeats make up
+    what one pass is). 0 where a ``repeat(None)`` has no count (the run never ends); 1 without repeats.
+
+    >>> repeats(None)
+    1
+    """
+    passes = 1
+    for ex in _ex_iterables(dataset):
+        name = type(ex).__name__
+        if name in _ENDS_ELSEWHERE:
+            break
+        if name == "RepeatExamplesIterable":
+            times = getattr(ex, "num_times", None)
+            if times is None:
+                return 0
+            if not isinstance(times, int) or times < 1:
+                return 1  # no examples at all: its end closes the one (empty) pass it is
+            passes *= times
+    return passes
 
 
 def holds_examples_back(dataset) -> bool:
@@ -82,8 +119,9 @@ def metadata_size(dataset) -> tuple[int | None, int]:
     row groups named with it, where the ranks' shares are row groups: ``_parquet_rows``).
     """
     chain = list(_ex_iterables(dataset))
-    if resized(dataset) or _filtered_on_reading(chain):
+    if resized(dataset, but_repeats=True) or _filtered_on_reading(chain):
         return None, -1  # the metadata counts rows that the stream no longer yields one for one
+    # (A repeat() yields the rows of whole passes: the metadata still counts one pass.)
     kwargs = chain[-1].kwargs if chain and isinstance(getattr(chain[-1], "kwargs", None), dict) else {}
     files = kwargs.get("files")
     info, split = getattr(dataset, "info", None), getattr(dataset, "split", None)
@@ -381,6 +419,9 @@ class DatasetProbe:
     # collator that packs several into a row keeps apart), 0 each is a row already packed from several
     # (so it counts rows), -1 unknown (items_are_examples).
     examples: int = -1
+    # Passes over the data that one run of it to its end holds (``repeats``: a ``datasets`` stream's
+    # ``repeat(n)``); 0 where it never ends. A pass end reported (``end_pass``) closes that many.
+    repeats: int = 1
 
     @classmethod
     def of(cls, dataset, *, yields_batches: bool = False) -> "DatasetProbe":
@@ -405,6 +446,7 @@ class DatasetProbe:
             warn_once("datasets-state", "this version of datasets has no IterableDataset.state_dict(), so the "
                                         "'shards' epoch source is unavailable; upgrade datasets to 2.20 or newer")
         probe.dataset = inner
+        probe.repeats = repeats(inner)
         if probe.length is not None and not probe.is_loader:
             probe.examples = items_are_examples(inner)
         # A position in the files' rows is not a position in the examples once a step resized them,
@@ -425,6 +467,7 @@ class DatasetProbe:
             "shard_idx": pos[0] if pos else -1,
             "shard_example_idx": pos[1] if pos else -1,
             "num_shards": pos[2] if pos else -1,
+            "repeats": self.repeats,
         }
 
 
@@ -476,9 +519,13 @@ class EpochEstimator:
         """``ranks``: each rank's gathered numbers (passes, first_pass_samples, samples_in_pass, probe)."""
         session_passes = _least(ranks, "passes")
         passes = self.passes_seen = self.passes + session_passes
+        # Passes a loader's end closes at once (a repeated stream's), 0 where it never ends.
+        per_end = _least(ranks, "repeats")
         if self.pass_size is None and session_passes >= 1 and self.passes == 0:
-            # Every sample before this session's start was in the first pass.
-            self.pass_size = self.samples_at_start + int(_total(ranks, "first_pass_samples"))
+            # Every sample before this session's start was before the first end, which closed
+            # ``per_end`` passes (a repeat resumed inside a repetition finishes the ones it holds).
+            at_end = self.samples_at_start + int(_total(ranks, "first_pass_samples"))
+            self.pass_size = max(1, round(at_end / max(per_end, 1)))
             self.pass_offset = self.restored_samples - self.samples_at_start
         if passes > self.passes_measured and session_passes >= 1 and all(
                 r["passes"] == session_passes for r in ranks):
@@ -486,12 +533,16 @@ class EpochEstimator:
             self.pass_end = samples - int(_total(ranks, "samples_in_pass"))
             self.passes_measured = passes
         epoch, source = self._raw(samples, ranks, passes)
-        if self.watching or passes:
+        if (self.watching or passes) and per_end:
             # A measured pass may reach the next whole number (training stopped exactly at a pass's
             # end, all passes alike); any other estimate, and a pass longer than the mean, stays below
-            # it until the pass is seen to end.
-            ceiling = passes + 1 if source == "pass" and epoch == passes + 1 else passes + 1 - _BELOW_NEXT_PASS
+            # it until the pass is seen to end. A repeated stream's end closes ``per_end`` passes at
+            # once: the ones inside it are not seen, so the estimate may go up to its end.
+            top = passes + per_end
+            ceiling = top if source == "pass" and epoch == top else top - _BELOW_NEXT_PASS
             epoch = min(max(epoch, passes), ceiling)
+        elif passes:
+            epoch = max(epoch, passes)  # a stream repeated without end: no end to wait for
         if epoch < self.last_epoch:
             epoch = self.last_epoch
         self.last_epoch = epoch
@@ -526,8 +577,8 @@ class EpochEstimator:
             known = 0.0
             for r in ranks:
                 # A rank that has ended its share of the pass measured it; the others estimate theirs.
-                size = r["first_pass_samples"] if r["passes"] >= 1 and r["first_pass_samples"] > 0 else \
-                    _shard_size(r)
+                size = r["first_pass_samples"] / max(r["repeats"], 1) if r["passes"] >= 1 and \
+                    r["first_pass_samples"] > 0 else _shard_size(r)
                 if size is None:
                     return float(passes), "none"
                 known += size

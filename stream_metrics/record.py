@@ -22,6 +22,7 @@ class ProbeFields(TypedDict):
     shard_idx: int            # shards completed, in a streamed dataset
     shard_example_idx: int    # examples read in the current shard
     num_shards: int
+    repeats: int              # passes one run of the data to its end holds (repeat(n)); 0: no end
 
 
 class LayoutFields(TypedDict, total=False):

@@ -152,7 +152,9 @@ class Run:
         """Say that a full pass over the training data has ended (for loops that don't use ``iterate``).
 
         A gradient-accumulation window the pass's end cut short makes its step here, as the Trainer
-        and accelerate step at the end of the data.
+        and accelerate step at the end of the data. The end of a ``datasets`` stream repeated ``n``
+        times (``repeat(n)``) is ``n`` passes, where the dataset is known (``iterate``, ``watch``,
+        ``dataset=``).
         """
         self.tally.end_pass()
         self.estimator.watching = True

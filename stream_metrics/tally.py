@@ -157,7 +157,7 @@ class Tally:
         if self.in_window:
             self.steps += 1
             self.in_window = 0
-        self.passes += 1
+        self.passes += self.probe.repeats or 1  # a stream repeated n times (repeat(n)) held n passes
         if self.first_pass is None:
             self.first_pass = self.samples.snapshot()
         self.pass_start = self.samples.snapshot()

@@ -169,6 +169,30 @@ def test_the_epoch_counts_passes_over_the_whole_dataset_split_between_ranks(work
     assert (final["samples"], final["epoch"], final["epoch_source"]) == (2 * total, 2.0, "pass")
 
 
+@pytest.mark.parametrize("fmt, files", [
+    ("jsonl", 3),    # one example in two of the repeated stream per rank: a rank's share differs by repetition
+    ("parquet", 4),  # whole files per rank, repeated; the footers give one pass's size throughout
+])
+def test_a_stream_repeated_before_the_split_ends_as_that_many_passes_on_every_rank(workdir, fmt, files):
+    import tiny
+
+    paths = tiny.write_corpus(str(workdir / "data"), files=files, lines_per_file=(23, 31, 17, 29), fmt=fmt)
+    total = len(tiny.read_texts(paths))
+    reports = torchrun("epoch_split", "--passes", 1, "--repeat", 3, *paths)
+    assert progress_rows(reports[0]) == progress_rows(reports[1])
+    for mine, theirs in zip(reports[0]["rows"], reports[1]["rows"]):
+        epoch, samples = mine["epoch"], mine["samples"]
+        if min(mine["rank_passes"], theirs["rank_passes"]) == 0:
+            if fmt == "parquet":
+                assert (epoch, mine["epoch_source"]) == (pytest.approx(samples / total), "metadata"), mine
+            else:  # no size known, no pass seen to end: the repetitions inside are not claimed
+                assert (epoch, mine["epoch_source"]) == (0.0, "none"), mine
+            assert epoch < 3
+    assert max(r["epoch"] for r in reports[0]["rows"][:-1]) > (1.5 if fmt == "parquet" else -1)
+    final = reports[0]["rows"][-1]
+    assert (final["samples"], final["epoch"], final["epoch_source"]) == (3 * total, 3.0, "pass")
+
+
 def test_a_resumed_torchrun_job_continues_every_axis_in_the_same_runs(workdir, mlflow_uri):
     paths, samples, tokens = uneven_corpus(workdir)
     first = torchrun("plain_loop", "--mlflow-uri", mlflow_uri, "--stop", 4, "--save-state", "state.json", *paths)

@@ -270,3 +270,33 @@ def test_with_rewrite_logs_off_the_trainers_own_log_lines_are_left_alone(workdir
     assert float(printed[-1]["epoch"]) == pytest.approx(trainer.state.log_history[-2]["epoch"])
     assert all("samples" not in entry for entry in trainer.state.log_history)
     assert callback.run.progress.epoch == pytest.approx(2.0)  # our charts have it all the same
+
+
+def test_a_stream_repeated_inside_datasets_counts_each_repetition_as_a_pass(workdir, corpus):
+    """``train_dataset.repeat(2)``: each of the Trainer's epochs holds two passes over the data. The
+    loader's run (284 examples in batches of 7: a last partial batch, and an odd number of batches,
+    so its last window is cut short) ends after step 20; past it the epoch is the samples over one
+    pass of the files, exact, not over the repeated stream."""
+    callback = StreamMetricsCallback(backend="mlflow", mlflow={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"})
+    trainer, _ = build_trainer(str(workdir / "out"), max_steps=30, batch_size=7, grad_accum=2, logging_steps=5,
+                               callbacks=[callback], data=corpus["paths"])
+    trainer.train_dataset = trainer.train_dataset.repeat(2)
+    trainer.train()
+    repeated = corpus["texts"] * 2
+    samples, tokens, loader_runs = consumed(repeated, 7, 2, 30)
+    assert loader_runs == 1
+    p = callback.run.progress
+    assert (p.step, p.samples, p.tokens) == (30, samples, tokens)
+    assert (p.epoch, p.epoch_source) == (pytest.approx(samples / corpus["samples"], rel=1e-12), "pass")
+    assert 2 < p.epoch < 3
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    _, run = only_run(uri)
+    rows = {row["progress/step"]: row for row in mlflow_rows(uri, run.info.run_id) if "train/loss" in row}
+    assert sorted(rows) == [5, 10, 15, 20, 25, 30]
+    for step, row in rows.items():
+        assert row["progress/samples"] == consumed(repeated, 7, 2, step)[0]
+        if step > 20:  # after the loader's first end: two passes measured
+            assert row["progress/epoch"] == pytest.approx(row["progress/samples"] / corpus["samples"], rel=1e-12)
+        else:
+            assert row["progress/epoch"] == 0.0
+    assert run.data.tags["stream_metrics.epoch_source"] == "pass"

@@ -233,6 +233,113 @@ def test_parquet_footers_give_the_size(workdir):
         assert all(src == "metadata" and e == pytest.approx(s / 75) for s, e, src in during)
 
 
+# ------------------------------------------------------------------ a stream repeated inside datasets
+def lines_in(paths):
+    """The examples in one pass, counted from the files themselves (ground truth)."""
+    total = 0
+    for path in paths:
+        with open(path) as f:
+            total += sum(1 for line in f if line.strip())
+    return total
+
+
+def test_a_stream_repeated_n_times_ends_n_passes_and_estimates_inside_them(workdir):
+    """``ds.repeat(3)`` is three passes: its end says 3.0, not 1.0. The repeated stream's 111
+    examples (23 + 14 a pass) fall in batches of 10 that straddle each repetition's end and leave a
+    last partial batch. Read again, the epoch is the samples over the mean pass measured (37),
+    exact, and stays below 6 until the loader ends there."""
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(23, 14))
+    size = lines_in(paths)
+    assert size == 37
+    ds = stream(paths).repeat(3)
+    with stream_metrics.init(backend="none") as run:
+        first = epochs_during_a_pass(run, texts_loader(ds))
+        # No size is known inside the first loader's run: the passes ended in it are not seen yet.
+        assert {(e, src) for _, e, src in first} == {(0.0, "none")}
+        p = run.progress
+        assert (p.samples, p.epoch, p.epoch_source) == (3 * size, 3.0, "pass")
+        second = epochs_during_a_pass(run, texts_loader(ds))
+        assert [e for _, e, _ in second] == [pytest.approx(s / size) for s, _, _ in second]
+        assert [src for _, _, src in second] == ["pass"] * len(second)
+        assert any(e > 4 for _, e, _ in second)  # past whole passes inside the loader's run
+        p = run.progress
+        assert (p.samples, p.epoch) == (6 * size, 6.0)
+
+
+def test_a_size_given_for_a_repeated_stream_is_not_held_below_one_pass(workdir):
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(23, 14))
+    size = lines_in(paths)
+    with stream_metrics.init(backend="none", dataset_size=size) as run:
+        during = epochs_during_a_pass(run, texts_loader(stream(paths).repeat(3)))
+        assert all(src == "user" and e == pytest.approx(s / size) for s, e, src in during)
+        assert max(e for _, e, _ in during) > 2.5
+        p = run.progress
+        assert (p.samples, p.epoch, p.epoch_source) == (3 * size, 3.0, "pass")
+
+
+def test_parquet_footers_give_the_size_of_one_repetition(workdir):
+    paths = tiny.write_corpus(str(workdir / "d"), files=3, lines_per_file=(20, 25, 30), fmt="parquet")
+    ds = stream(paths).repeat(2)
+    with stream_metrics.init(backend="none", dataset=ds) as run:
+        during = epochs_during_a_pass(run, texts_loader(ds))
+        assert all(src == "metadata" and e == pytest.approx(s / 75) for s, e, src in during)
+        assert max(e for _, e, _ in during) > 1.5
+        assert (run.progress.epoch, run.progress.epoch_source) == (2.0, "pass")
+
+
+@pytest.mark.parametrize("steps, samples, passes", [
+    (lambda ds: ds.take(20).repeat(2), 40, 2),             # two passes over the first 20
+    (lambda ds: ds.repeat(2).repeat(3), 6 * 37, 6),        # repeats multiply
+    (lambda ds: ds.repeat(3).filter(lambda x: len(x["text"]) > 20), None, 3),  # three passes of what is kept
+    (lambda ds: ds.repeat(3).take(50), 50, 1),             # 50 of 111: what the loader reads is the pass
+    (lambda ds: ds.repeat(3).skip(100), 11, 1),
+])
+def test_how_many_passes_a_repeated_stream_holds_follows_its_steps(workdir, steps, samples, passes):
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(23, 14))
+    if samples is None:  # the filter's ground truth, from the files
+        samples = 3 * sum(1 for t in tiny.read_texts(paths) if len(t) > 20)
+    with stream_metrics.init(backend="none") as run:
+        for _ in run.iterate(texts_loader(steps(stream(paths)))):
+            pass
+        p = run.progress
+        assert (p.samples, p.epoch, p.epoch_source) == (samples, float(passes), "pass")
+
+
+def test_a_stream_repeated_without_end_is_estimated_past_one_pass(workdir):
+    """``repeat(None)`` never ends: a given size is the only measure, and is not held below 1."""
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(23, 14))
+    with stream_metrics.init(backend="none", dataset_size=37) as run:
+        for i, _ in enumerate(run.iterate(texts_loader(stream(paths).repeat(None)))):
+            if i == 19:
+                break
+        p = run.progress
+        assert (p.samples, p.epoch, p.epoch_source) == (200, pytest.approx(200 / 37), "user")
+
+
+def test_a_repeated_stream_resumed_inside_a_repetition_ends_at_its_whole_passes(workdir):
+    """A checkpoint 5 batches in (one repetition and 13 examples of the next); the stream is resumed
+    from its own state (datasets' state_dict), which finishes the repetitions left: the end is 3
+    passes and 111 samples in all, as in one session."""
+    paths = tiny.write_corpus(str(workdir / "d"), files=2, lines_per_file=(23, 14))
+    ds = stream(paths).repeat(3)
+    with stream_metrics.init(backend="none") as run:
+        for i, _ in enumerate(run.iterate(texts_loader(ds))):
+            if i == 4:
+                break
+        state, data_state = run.state_dict(), ds.state_dict()
+    assert state["progress"]["samples"] == 50
+    resumed = stream(paths).repeat(3)
+    resumed.load_state_dict(data_state)
+    with stream_metrics.init(backend="none", resume=state) as run:
+        for _ in run.iterate(texts_loader(resumed)):
+            pass
+        p = run.progress
+        assert (p.samples, p.epoch, p.epoch_source) == (111, 3.0, "pass")
+        for _ in run.iterate(texts_loader(stream(paths).repeat(3))):
+            pass
+        assert (run.progress.samples, run.progress.epoch) == (222, 6.0)
+
+
 def numbered_parquet(folder, sizes, row_group_size=None):
     """Parquet files of rows numbered on from 0 across the files (``n``) beside a text; their paths."""
     import pyarrow as pa

@@ -185,12 +185,13 @@ def test_a_float_tensor_count_is_rounded_on_its_device():
 
 
 def rank_record(passes=0, first_pass=-1, in_pass=0, units=-1, length=-1, loader=0, metadata=-1, files=-1,
-                shard=-1, within=-1, shards=-1, examples=0) -> dict:
+                shard=-1, within=-1, shards=-1, examples=0, repeats=1) -> dict:
     """One rank's gathered numbers as the epoch estimate reads them (-1: unknown)."""
     return {"passes": passes, "first_pass_samples": first_pass, "samples_in_pass": in_pass,
             "sized_units": units, "sized_length": length, "sized_is_loader": loader, "sized_examples": examples,
             "metadata": metadata,
-            "metadata_files": files, "shard_idx": shard, "shard_example_idx": within, "num_shards": shards}
+            "metadata_files": files, "shard_idx": shard, "shard_example_idx": within, "num_shards": shards,
+            "repeats": repeats}
 
 
 @pytest.mark.parametrize("ranks, samples, expected", [

@@ -27,6 +27,8 @@ parser.add_argument("--log-every", type=int, default=2)
 parser.add_argument("--split", choices=["by_node", "shard", "reshard"], default="by_node",
                     help="split_dataset_by_node, or IterableDataset.shard (each rank its own files, as accelerate does), "
                          "after IterableDataset.reshard() with reshard (each rank its own row groups)")
+parser.add_argument("--repeat", type=int, default=0, help="stream.repeat(N) before the split (each pass then "
+                                                             "holds N passes over the files)")
 args = parser.parse_args()
 
 rank, world = common.setup()
@@ -34,6 +36,8 @@ builder = "parquet" if args.files[0].endswith(".parquet") else "json"
 stream = datasets.load_dataset(builder, data_files=args.files, split="train", streaming=True)
 if args.split == "reshard":
     stream = stream.reshard()
+if args.repeat:
+    stream = stream.repeat(args.repeat)
 share = (split_dataset_by_node(stream, rank=rank, world_size=world) if args.split == "by_node"
          else stream.shard(num_shards=world, index=rank))
 loader = DataLoader(share, batch_size=args.batch_size, collate_fn=lambda examples: common.collate(

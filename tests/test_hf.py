@@ -272,6 +272,13 @@ def test_with_rewrite_logs_off_the_trainers_own_log_lines_are_left_alone(workdir
     assert callback.run.progress.epoch == pytest.approx(2.0)  # our charts have it all the same
 
 
+def _has_repeat() -> bool:
+    import datasets
+
+    return hasattr(datasets.IterableDataset, "repeat")
+
+
+@pytest.mark.skipif(not _has_repeat(), reason="IterableDataset.repeat() came with datasets 3.3")
 def test_a_stream_repeated_inside_datasets_counts_each_repetition_as_a_pass(workdir, corpus):
     """``train_dataset.repeat(2)``: each of the Trainer's epochs holds two passes over the data. The
     loader's run (284 examples in batches of 7: a last partial batch, and an odd number of batches,

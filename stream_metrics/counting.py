@@ -328,14 +328,18 @@ class Total:
     def add(self, value: Count, fresh: bool = False) -> None:
         """Add ``value``; ``fresh``: a tensor nobody else holds (a count just computed), kept as it is."""
         if isinstance(value, torch.Tensor):
-            parts, device = self._parts, value.device
-            if not parts:
-                self.device = device
-            elif device != self.device:
-                # A batch moved to another device (rare): bring the old counts along, on the host.
-                self.host += int(torch.stack(parts).sum())  # host sync, once per device change
-                parts = self._parts = []
-                self.device = device
+            parts = self._parts
+            if parts:
+                # ``device``: the parts' device, read from the first one when a second comes (a row
+                # every micro-batch reads no device at all).
+                device = self.device
+                if device is None:
+                    device = self.device = parts[0].device
+                if value.device != device:
+                    # A batch moved to another device (rare): bring the old counts along, on the host.
+                    self.host += int(torch.stack(parts).sum())  # host sync, once per device change
+                    parts = self._parts = []
+                    self.device = None
             if type(value) is not torch.Tensor:  # a subclass's ops stay out of the row's sync
                 value = value.as_subclass(torch.Tensor)
             parts.append(value if fresh else value.clone())  # a caller's tensor may change later
@@ -369,7 +373,7 @@ class Total:
 
     def settle(self, value: int) -> None:
         """``value`` is what ``value()`` was just read as (the row's sync): keep it as a host int."""
-        self.host, self._parts = int(value), []
+        self.host, self._parts, self.device = int(value), [], None
 
     def snapshot(self) -> "Total":
         """A copy taken without waiting for the device (used to mark where a pass ended)."""

@@ -151,6 +151,47 @@ def _on_host(tensors: list) -> bool:
     return True
 
 
+def _read_tensors(tensors: list) -> list:
+    """The values of 0-d ``tensors`` (ints, or floats read exactly), in one wait for the device."""
+    if _on_host(tensors):
+        # No device to wait for: each is read as it is (an int64 count as an int, a float exactly),
+        # which costs fewer ops than converting them all for one stack.
+        values = []
+        for t in tensors:
+            values.append(t.item())
+        return values
+    device = tensors[0].device
+    slots = [_slot(t, device) for t in tensors]
+    read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
+    return [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]
+
+
+def read_totals(totals: tuple, pending=()) -> list:
+    """``read_here`` for ``counting.Total``s alone: each total's value (its host int plus its unread
+    device counts), which it keeps as its host int from then on (``settle``), and ``pending``'s values,
+    read in one wait. The commonest row of one process reads this way, with the fewest steps."""
+    tensors = []
+    for total in totals:
+        part = total.unread()
+        if part is not None:
+            tensors.append(part)
+    for p in pending:
+        tensors.append(p.tensor)
+    values = _read_tensors(tensors) if tensors else ()
+    out, i = [], 0
+    for total in totals:
+        value = total.host
+        if total._parts:
+            value += values[i]
+            i += 1
+            total.settle(value)
+        out.append(value)
+    for p in pending:
+        p.value = values[i]
+        i += 1
+    return out
+
+
 def read_here(fields: R, pending=()) -> R:
     """One process's ``gather``: ``fields`` with its device values read, in one wait for the device.
 
@@ -178,17 +219,7 @@ def read_here(fields: R, pending=()) -> R:
         tensors.append(p.tensor)
     if not tensors:
         return fields
-    if _on_host(tensors):
-        # No device to wait for: each is read as it is (an int64 count as an int, a float exactly),
-        # which costs fewer ops than converting them all for one stack.
-        values = []
-        for t in tensors:
-            values.append(t.item())
-    else:
-        device = tensors[0].device
-        slots = [_slot(t, device) for t in tensors]
-        read = torch.stack([s for s, _ in slots]).tolist()  # host sync: the row's one wait
-        values = [bits if kind == _INT else _read(bits, kind) for bits, (_, kind) in zip(read, slots)]
+    values = _read_tensors(tensors)
     for k, offset, v in zip(names, offsets, values):
         out[k] = v + offset if offset else v
     for p, v in zip(pending, values[len(names):]):

@@ -17,7 +17,7 @@ import math
 import numbers
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .counting import warn_once
 from .record import ProbeFields, RankRecord
@@ -422,6 +422,7 @@ class DatasetProbe:
     # Passes over the data that one run of it to its end holds (``repeats``: a ``datasets`` stream's
     # ``repeat(n)``); 0 where it never ends. A pass end reported (``end_pass``) closes that many.
     repeats: int = 1
+    _fixed: "ProbeFields | None" = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, dataset, *, yields_batches: bool = False) -> "DatasetProbe":
@@ -455,7 +456,16 @@ class DatasetProbe:
         return probe
 
     def local(self, rows: int, batches: int) -> ProbeFields:
-        """This rank's numbers for the row's collective (-1 where unknown)."""
+        """This rank's numbers for the row's collective (-1 where unknown): a new dict each time."""
+        if not self.positioned and not self.length:
+            # Nothing here moves from row to row: a copy of the numbers made at the first row.
+            fixed = self._fixed
+            if fixed is None:
+                fixed = self._fixed = self._read(rows, batches)
+            return fixed.copy()  # type: ignore[return-value]
+        return self._read(rows, batches)
+
+    def _read(self, rows: int, batches: int) -> ProbeFields:
         pos = shard_position(self.dataset) if self.positioned else None
         return {
             "sized_units": (batches if self.is_loader else rows) if self.length else -1,

@@ -32,13 +32,13 @@ class Progress:
     flops: int | float | None = None  # None: FLOPs are not counted (no model= or flops_per_token=)
 
     @classmethod
-    def _trusted(cls, *, step: int, samples: int, tokens: int | None, loss_tokens: int | None, epoch: float,
-                wall_clock: float, epoch_source: str, flops: int | float | None) -> "Progress":
-        """A Progress from every field, each already of its type (a row's sync): made without the
-        frozen dataclass's ``__init__``, which sets each field through ``object.__setattr__``."""
+    def _trusted(cls, fields: dict) -> "Progress":
+        """A Progress from a dict of every field (``step``, ``samples``, ``tokens``, ``loss_tokens``,
+        ``epoch``, ``wall_clock``, ``epoch_source``, ``flops``), each already of its type (a row's
+        sync): made without the frozen dataclass's ``__init__``, which sets each field through
+        ``object.__setattr__``, nor keyword arguments (right after a training step, half the cost)."""
         progress = object.__new__(cls)
-        progress.__dict__.update(step=step, samples=samples, tokens=tokens, loss_tokens=loss_tokens, epoch=epoch,
-                                 wall_clock=wall_clock, epoch_source=epoch_source, flops=flops)
+        progress.__dict__.update(fields)
         return progress
 
     def __getitem__(self, name: str):

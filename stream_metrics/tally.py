@@ -21,7 +21,7 @@ import torch
 
 from . import distributed, flops, layout as layouts
 from ._checks import warn_once, whole_number
-from .counting import BatchError, Count, Total, read_batch
+from .counting import IGNORE_INDEX, BatchError, Count, Total, read_batch
 from .record import RankRecord
 from .epoch import DatasetProbe, EpochEstimator
 from .progress import Progress
@@ -59,6 +59,8 @@ class Tally:
         self.base, self.base_rows, self.base_batches = base, rows, batches
         self.samples, self.tokens, self.loss_tokens = Total(), Total(), Total()
         self.flops = flops.FlopCount(self.flop_formula) if self.flop_formula else None
+        # A batch's rows are its samples here, and no FLOPs are counted: ``_update_padded`` may take it.
+        self._plain = self.flops is None and len(self.layout.context_parallel) <= 1
         self.rows = self.micro_batches = self.steps = self.in_window = 0
         self.has_tokens = self.has_loss_tokens = False
         self.passes, self.pass_start = 0, Total()
@@ -103,6 +105,8 @@ class Tally:
     # ------------------------------------------------------------------ counting (hot path)
     def update(self, batch: Any = None, *, samples: Any = None, tokens: Any = None, loss_tokens: Any = None) -> None:
         """Account for one micro-batch (``Run.update``); explicit counts override what is read."""
+        if self._plain and samples is None and tokens is None and loss_tokens is None and self._update_padded(batch):
+            return
         # Explicit counts are checked first: a bad one is a clear error at once, not hours later.
         if samples is not None or tokens is not None or loss_tokens is not None:
             samples, tokens, loss_tokens = (None if value is None else check_count(name, value) for name, value in
@@ -144,6 +148,41 @@ class Tally:
             self.loss_tokens.add(loss_tokens, fresh=counts is not None and loss_tokens is counts.loss_tokens)
             self.has_loss_tokens = True
         self.micro_batch_done()
+
+    def _update_padded(self, batch: dict) -> bool:
+        """``update(batch)`` for the commonest batch, in one call: a dict of 2-D ``input_ids`` and an
+        ``attention_mask`` of their shape (plain tensors), ``labels`` a tensor or absent, and nothing
+        that packs examples into rows (``position_ids``, ``cu_seq_lens_q``). Counted as read_batch
+        counts it (a sample per row, the mask's tokens, the labels' loss tokens); False, with nothing
+        counted, for any other batch. Right after a training step every call and check costs a few
+        microseconds (caches cold), so this path makes as few as it can (benchmarks/README.md)."""
+        if type(batch) is not dict:  # a Mapping of another type may hold anything: read_batch reads it
+            return False
+        ids = batch.get("input_ids")
+        mask = batch.get("attention_mask")
+        if type(ids) is not torch.Tensor or type(mask) is not torch.Tensor or "position_ids" in batch \
+                or "cu_seq_lens_q" in batch:
+            return False
+        shape = ids.shape
+        if len(shape) != 2 or mask.shape != shape:
+            return False
+        labels = batch.get("labels")
+        if labels is not None and type(labels) is not torch.Tensor:
+            return False
+        self.tokens.add(torch.count_nonzero(mask), fresh=True)
+        if labels is not None:
+            self.loss_tokens.add(torch.count_nonzero(labels != IGNORE_INDEX), fresh=True)
+            self.has_loss_tokens = True
+        rows = shape[0]
+        self.samples.host += rows
+        self.rows += rows
+        self.has_tokens = True
+        self.micro_batches += 1
+        self.in_window += 1
+        if self.in_window == self.gradient_accumulation_steps:
+            self.steps += 1
+            self.in_window = 0
+        return True
 
     def micro_batch_done(self) -> None:
         self.micro_batches += 1
@@ -231,6 +270,15 @@ class Tally:
         """``sync`` of a process with no other rank (the hot path of a plain loop): no rank to meet,
         weigh or check. Only the totals are read, in one wait: read_here adds their host ints to
         what it reads, so a row costs one read and no device op for the sums."""
+        if self.passes or self.first_pass is not None or self.flops is not None:
+            return self._sync_alone_in_full(now, pending)
+        # The commonest row (the first pass, no FLOPs): three totals and the row's metrics, read in
+        # one wait; each total a host int plus its unread counts (no device op for the sums).
+        samples, tokens, loss_tokens = distributed.read_totals((self.samples, self.tokens, self.loss_tokens), pending)
+        return self._row_alone(now, (), samples, tokens, loss_tokens, 0, -1)
+
+    def _sync_alone_in_full(self, now: float, pending: Any) -> Progress:
+        """``_sync_alone`` past a pass's end, or counting FLOPs: every total the row reads."""
         totals: dict = {"samples": self.samples, "tokens": self.tokens, "loss_tokens": self.loss_tokens}
         if self.passes:
             totals["pass_start"] = self.pass_start  # where this pass began
@@ -253,6 +301,12 @@ class Tally:
             self.first_pass.settle(first)
         if self.flops is not None:
             self.flops.settle(cast(RankRecord, mine))
+        return self._row_alone(now, [mine], samples, tokens, loss_tokens, start, first)
+
+    def _row_alone(self, now: float, ranks: Any, samples: int, tokens: int, loss_tokens: int, start: int,
+                   first: int) -> Progress:
+        """The Progress of a one-process row from the values read (``ranks``: [what was read], for
+        the FLOPs; ``start``: the samples where this pass began; ``first``: at the first pass's end)."""
         # (No typing.cast on this path: a call each, a microsecond cold.)
         record: RankRecord = self.probe.local(rows=self.rows + self.base_rows,  # type: ignore[assignment]
                                               batches=self.micro_batches + self.base_batches)
@@ -260,7 +314,7 @@ class Tally:
         record["first_pass_samples"] = first
         record["samples_in_pass"] = _whole(self._in_pass(samples - start))
         return self._progress(samples, tokens, loss_tokens, self.has_tokens, self.has_loss_tokens, self.steps,
-                              self.base.wall_clock + (now - self.t0), [record], [mine], None)  # type: ignore[list-item]
+                              self.base.wall_clock + (now - self.t0), [record], ranks, None)
 
     def _progress(self, samples: int, tokens: int, loss_tokens: int, any_tokens: Any, any_loss: Any, steps: int,
                   wall_clock: float, reading: list[RankRecord], ranks: list[RankRecord],
@@ -269,20 +323,21 @@ class Tally:
         base = self.base
         samples += base.samples
         epoch, source = self.estimator.estimate(samples, reading)
-        self.latest = Progress._trusted(
-            step=int(self.step_override if self.step_override is not None else base.step + steps),
-            samples=int(samples),
-            tokens=int((base.tokens or 0) + tokens) if base.tokens is not None or any_tokens else None,
-            loss_tokens=(int((base.loss_tokens or 0) + loss_tokens)
-                         if base.loss_tokens is not None or any_loss else None),
-            epoch=float(epoch), wall_clock=float(wall_clock), epoch_source=source,
+        self.latest = Progress._trusted({
+            "step": int(self.step_override if self.step_override is not None else base.step + steps),
+            "samples": int(samples),
+            "tokens": int((base.tokens or 0) + tokens) if base.tokens is not None or any_tokens else None,
+            "loss_tokens": (int((base.loss_tokens or 0) + loss_tokens)
+                            if base.loss_tokens is not None or any_loss else None),
+            "epoch": float(epoch), "wall_clock": float(wall_clock), "epoch_source": source,
             # FLOPs are weighed like tokens: replicas (tensor-parallel peers) do not add their batch again.
-            flops=base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights))
+            "flops": base.flops if self.flops is None else (base.flops or 0) + self.flops.total(ranks, weights)})
         return self.latest
 
     def _in_pass(self, in_pass: Any) -> Any:
         """This rank's samples in the current pass (``in_pass``: since the pass began, this session)."""
-        if self.passes == 0 and self.estimator.passes == 0 and not self.layout.rows_counted_elsewhere:
+        if self.base.samples and self.passes == 0 and self.estimator.passes == 0 and \
+                not self.layout.rows_counted_elsewhere:
             # The restored samples were all in the first pass, read by the data-parallel ranks.
             return in_pass + self.base.samples / self.layout.data_parallel_size
         return in_pass

@@ -105,18 +105,25 @@ def test_the_ranks_in_different_calls_get_one_error_naming_each_rank_and_its_cal
 
 
 def test_every_sync_is_counted_and_one_process_sends_no_call_check(monkeypatch):
-    gathered = []
-    read_here = distributed.read_here  # one process reads its own record: no gather
+    read = []  # one process reads its own totals (read_totals), or its whole record (read_here): no gather
     monkeypatch.setattr(distributed, "gather", lambda *a: pytest.fail("one process gathered"))
-    monkeypatch.setattr(distributed, "read_here", lambda fields, pending=(): gathered.append(fields) or
-                        read_here(fields, pending))
+
+    def noting(read_as):
+        return lambda what, pending=(): read.append(what) or read_as(what, pending)
+
+    for name in ("read_here", "read_totals"):
+        monkeypatch.setattr(distributed, name, noting(getattr(distributed, name)))
     tally = Tally()
     for call in ("log", "progress", "state_dict", "summary"):
         tally.sync(call)
+        tally.update(samples=2)
+        if call == "progress":
+            tally.end_pass()  # rows past a pass's end read their record whole
     # Every sync is counted; one process meets no other rank, so the call travels only where several
     # ranks gather (tests/dist/rank0_only.py checks that a call made on rank 0 alone stops every rank).
-    assert tally.calls == 4 and len(gathered) == 4
-    assert not any("call" in f for f in gathered)
+    assert tally.calls == 4 and len(read) == 4
+    assert [type(what) for what in read] == [tuple, tuple, dict, dict]
+    assert not any("call" in what for what in read if type(what) is dict)
 
 
 def test_a_one_process_row_makes_a_progress_like_any_other():
@@ -135,6 +142,15 @@ def test_a_one_process_row_makes_a_progress_like_any_other():
     assert dataclasses.asdict(progress) == dataclasses.asdict(made) and repr(progress) == repr(made)
     with pytest.raises(dataclasses.FrozenInstanceError):
         progress.samples = 0  # type: ignore[misc]
+    assert set(vars(progress)) == {f.name for f in dataclasses.fields(Progress)}
+    # The first pass's rows (no pass ended: the commonest row, read_totals) make it the same way.
+    first = Tally(gradient_accumulation_steps=2)
+    first.update({"input_ids": torch.ones(3, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0, 0]] * 3),
+                  "labels": torch.tensor([[5, -100, -100, -100]] * 3)})
+    first.update(samples=2, tokens=torch.tensor(9))
+    progress = first.sync()
+    made = Progress(step=1, samples=5, tokens=15, loss_tokens=3, wall_clock=progress.wall_clock)
+    assert progress == made and repr(progress) == repr(made) and set(vars(progress)) == set(vars(made))
 
 
 def test_whether_a_process_group_exists_is_asked_afresh_at_every_row(tmp_path):
@@ -294,3 +310,87 @@ def test_a_mark_reads_the_counts_as_of_then_once_and_leaves_the_counts_since_in_
     assert (then.samples, then.tokens, then.step, then.flops) == (5, 15 + 14, 1, 6 * (15 + 14))
     assert (now.samples, now.tokens, now.step, now.flops) == (9, 15 + 14 + 16, 1, 6 * (15 + 14 + 16))
     assert tally.rows_total == 9 and tally.in_window == 1
+
+
+# ------------------------------------------------------------------ update(): every form, one truth
+def _padded(draw_lengths, width, labels="some", pad=0):
+    """A right-padded batch of rows of the given lengths (tokens 2..), its mask, and labels (-100 on the
+    padding, and at every third real token with labels="some"); the truth from the Python lists."""
+    ids = [[2 + (i + j) % 50 for j in range(n)] + [pad] * (width - n) for i, n in enumerate(draw_lengths)]
+    mask = [[1] * n + [0] * (width - n) for n in draw_lengths]
+    lab = [[(-100 if (labels == "some" and j % 3 == 0) else t) if m else -100 for j, (t, m) in enumerate(zip(r, k))]
+           for r, k in zip(ids, mask)]
+    batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    if labels is not None:
+        batch["labels"] = torch.tensor(lab)
+    truth = (len(draw_lengths), sum(draw_lengths),
+             sum(1 for row in lab for v in row if v != -100) if labels is not None else None)
+    return batch, truth
+
+
+def _forms():
+    """(name, batch, (samples, tokens, loss tokens), takes the one-call path)."""
+    out = []
+    for lengths, width in (([3, 7, 1], 7), ([5], 9), ([4, 4, 2, 8], 8)):
+        for labels in ("some", "all", None):
+            batch, truth = _padded(lengths, width, labels)
+            out.append((f"padded-{len(lengths)}-{labels}", batch, truth, True))
+    batch, (rows, tokens, loss) = _padded([3, 5], 6)
+    packed = dict(batch, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0]]))
+    # Packed rows: an example starts at each position 0 inside the mask.
+    starts = sum(1 for r, m in zip(packed["position_ids"].tolist(), batch["attention_mask"].tolist())
+                 for p, k in zip(r, m) if p == 0 and k)
+    out.append(("position_ids", packed, (starts, tokens, loss), False))
+    encoding = type("Encoding", (dict,), {})(batch)
+    out.append(("a BatchEncoding-like dict subclass", encoding, (rows, tokens, loss), False))
+    out.append(("ids and a mask of other shapes", {"input_ids": batch["input_ids"],
+                                                   "attention_mask": batch["attention_mask"][:, :4],
+                                                   "labels": batch["labels"]},
+                (rows, sum(1 for r in batch["input_ids"].tolist() for t in r if t != 0), loss), False))
+    out.append(("labels as a list", dict(batch, labels=batch["labels"].tolist()), (rows, tokens, None), False))
+    return out
+
+
+@pytest.mark.parametrize("name, batch, truth, one_call", _forms(), ids=[f[0] for f in _forms()])
+def test_every_batch_form_counts_its_truth_alone_and_after_others(name, batch, truth, one_call, recwarn):
+    """The commonest batch takes update()'s one-call path (``_update_padded``), every other form the
+    general one; either way the counts are the ones computed here from the Python lists, alone and in
+    a window of accumulation after batches of the other path, and rows, micro-batches and steps move alike."""
+    assert Tally(pad_token_id=0)._update_padded(batch) is one_call
+    other, other_truth = _padded([2, 6], 6)
+    for accumulation in (1, 2, 3):
+        tally = Tally(pad_token_id=0, gradient_accumulation_steps=accumulation)
+        for b in (batch, other, batch, other, batch):
+            tally.update(b)
+        p = tally.sync()
+        samples, tokens, loss = (3 * t + 2 * o if t is not None and o is not None else None
+                                 for t, o in zip(truth, other_truth))
+        if truth[2] is None:  # labels in some batches only: those are counted
+            loss = 2 * other_truth[2]
+        assert (p.samples, p.tokens, p.loss_tokens) == (samples, tokens, loss), accumulation
+        assert (tally.micro_batches, p.step, tally.rows) == (5, 5 // accumulation, 3 * batch_rows(batch) + 4)
+
+
+def batch_rows(batch) -> int:
+    ids = batch["input_ids"]
+    return ids.shape[0]
+
+
+def test_counts_added_on_another_device_are_kept_on_the_host_and_the_total_stays_exact():
+    """Total.add: a count on another device than the counts before it brings those along on the host
+    (the meta device stands in for an accelerator: its tensors hold no values, so only the device's
+    change is seen here; the CPU counts before it are what the host keeps)."""
+    from stream_metrics.counting import Total
+
+    total = Total()
+    total.add(torch.tensor(3), fresh=True)
+    total.add(torch.tensor(4), fresh=True)
+    assert total.device == torch.device("cpu")  # read from the first count when the second came
+    total.add(torch.tensor(5))  # a caller's tensor: copied
+    assert int(total.value()) == 12
+    total.settle(12)
+    assert (total.host, total.device, total.unread()) == (12, None, None)
+    total.add(torch.tensor(1), fresh=True)
+    total.add(torch.empty((), dtype=torch.long, device="meta"), fresh=True)
+    assert (total.host, total.device) == (13, None)  # the CPU count is on the host; the device read anew
+    assert [t.device.type for t in total._parts] == ["meta"]

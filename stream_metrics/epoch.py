@@ -36,10 +36,9 @@ _RESIZING = ("TakeExamplesIterable", "SkipExamplesIterable", "FilteredExamplesIt
 
 # datasets iterables that, above a ``repeat(n)``, change which of the repeated examples a loader's run
 # reads (take/skip) or mix them with others: its end is then no whole number of the repeated passes.
-_ENDS_ELSEWHERE = ("TakeExamplesIterable", "SkipExamplesIterable", "CyclingMultiSourcesExamplesIterable",
-                   "RandomlyCyclingMultiSourcesExamplesIterable",
-                   "VerticallyConcatenatedMultiSourcesExamplesIterable",
-                   "HorizontallyConcatenatedMultiSourcesExamplesIterable")
+# Every resizing step but a filter (it keeps whole passes of what it filters) and a repeat itself.
+_ENDS_ELSEWHERE = tuple(name for name in _RESIZING
+                        if name not in ("FilteredExamplesIterable", "RepeatExamplesIterable"))
 
 # datasets iterables that hold examples back between the files' reader and the examples handed on,
 # with no count of them in their state: the reader's position is ahead of the examples by an amount

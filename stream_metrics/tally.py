@@ -177,11 +177,7 @@ class Tally:
         self.samples.host += rows
         self.rows += rows
         self.has_tokens = True
-        self.micro_batches += 1
-        self.in_window += 1
-        if self.in_window == self.gradient_accumulation_steps:
-            self.steps += 1
-            self.in_window = 0
+        self.micro_batch_done()
         return True
 
     def micro_batch_done(self) -> None:

@@ -30,6 +30,8 @@ Which rule counts a batch (SCHEMA section 1):
 - No mask and no positions: tokens are ``input_ids != pad_token_id`` where the pad id is known,
   else all of them (one warning). A list of 1-D token tensors, or of token lists, is a batch of
   unpadded sequences: one sample each, every token counts.
+- A mapping whose ``input_ids`` are one sequence (a 1-D tensor, or a list of ints): one example
+  (one warning), unless ``position_ids`` or ``cu_seq_lens_q`` cut it into several (padding-free).
 - NumPy arrays (a loader that yields them) count as the tensors they would become; they share the
   array's memory and are only read.
 """
@@ -174,16 +176,26 @@ def _from_mapping(batch: Mapping, pad_token_id, want_tokens: bool = True) -> Cou
     if isinstance(labels, torch.Tensor):
         loss_tokens = torch.count_nonzero(labels != IGNORE_INDEX)
     if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
-        rows = ids.shape[0]
+        # 1-D ids are one row: an example not collated (a dataset with format "torch" yields them),
+        # or several flattened into one, which position_ids or cu_seq_lens_q tell apart.
         grid = tuple(ids.shape[:2]) if ids.dim() >= 2 else (1, ids.shape[0])
+        rows = grid[0]
         positions, runs = _plane(batch.get("position_ids"), grid)
         cu = batch.get("cu_seq_lens_q")
         cu = cu if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() >= 2 else None
         if mask is None and (cu is not None or (positions is not None and not runs)):
             samples, tokens = _padding_free(ids, positions, cu, labels, pad_token_id)
             return Counts(samples, tokens, loss_tokens, rows)
-        return Counts(_samples(rows, positions, runs, mask),
+        if ids.dim() == 1 and positions is None:
+            _one_example_warning()
+        return Counts(_samples(rows, positions, runs, mask if ids.dim() > 1 or mask is None else mask.reshape(1, -1)),
                       _tokens_from_ids(ids, mask, pad_token_id) if want_tokens else None, loss_tokens, rows)
+    if isinstance(ids, (list, tuple)) and ids and _is_token_id(ids[0]):  # one example: {"input_ids": [1, 2]}
+        _one_example_warning()
+        list_mask = batch.get("attention_mask")
+        in_example = _nonzero(list_mask) if isinstance(list_mask, (list, tuple)) and len(list_mask) == len(ids) \
+            else len(ids)  # a list is not padded: every token counts, as in a batch of lists
+        return Counts(1, in_example if want_tokens else None, loss_tokens, 1)
     if isinstance(ids, (list, tuple)) and ids:  # an uncollated batch: {"input_ids": [[...], [...]]}
         counts = _from_sequence(ids, pad_token_id, want_tokens)._replace(loss_tokens=loss_tokens)
         list_mask = batch.get("attention_mask")
@@ -199,6 +211,17 @@ def _from_mapping(batch: Mapping, pad_token_id, want_tokens: bool = True) -> Cou
                                            "Pass tokens= to update() to count them.")
             return Counts(rows, None, loss_tokens, rows)
     raise BatchError("a batch with no tensors or lists in it", "pass samples= (and tokens=) to update()")
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or type(value).__module__ == "numpy" \
+        and getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None and value.dtype.kind in "iu"
+
+
+def _one_example_warning() -> None:
+    warn_once("one-example", "a batch whose input_ids are one sequence (1-D) is counted as one example, its tokens "
+                             "as one row's; if it holds several examples flattened into one row, pass their "
+                             "position_ids (or cu_seq_lens_q) with it, or samples= to update()")
 
 
 def _nonzero(row) -> Count:

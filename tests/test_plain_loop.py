@@ -216,6 +216,58 @@ def test_a_sized_dataset_of_packed_rows_counts_rows(workdir):
         assert (rows, samples) == (10, 25)
 
 
+@pytest.mark.parametrize("fmt", ["torch", None])
+def test_a_stream_of_single_examples_counts_one_sample_each_with_one_warning(workdir, mlflow_uri, fmt):
+    # A loop over a dataset's examples, not batches: each example's input_ids are one sequence (a 1-D
+    # tensor with format "torch", a list of ints without). Each is one sample; before, a 1-D tensor
+    # counted a sample per token and a list stopped the loop with an error.
+    import datasets
+
+    path = workdir / "tokens.jsonl"
+    examples = []
+    for i in range(23):
+        n = 3 + (i * 5) % 11
+        real = n - i % 3  # the last i % 3 positions are padding
+        examples.append({"input_ids": [7 + (i + j) % 50 for j in range(real)] + [0] * (n - real),
+                         "attention_mask": [1] * real + [0] * (n - real),
+                         "labels": [-100] * 2 + [7 + (i + j) % 50 for j in range(2, real)] + [-100] * (n - real)})
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    tokens = sum(sum(e["attention_mask"]) for e in examples)  # ground truth, from the lists
+    loss_tokens = sum(sum(1 for v in e["labels"] if v != -100) for e in examples)
+    ds = datasets.load_dataset("json", data_files=[str(path)], split="train", streaming=True)
+    if fmt:
+        ds = ds.with_format(fmt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stream_metrics.init(backend="mlflow", mlflow={"tracking_uri": mlflow_uri}, pad_token_id=0) as run:
+            seen = 0
+            for _ in run.iterate(ds):
+                seen += 1
+                assert (run.progress.samples, run.progress.epoch_source) == (seen, "none")
+                run.log({"loss": 1.0})
+            assert seen == 23
+            p = run.progress
+            assert (p.samples, p.tokens, p.loss_tokens, p.epoch, p.epoch_source) == (
+                23, tokens, loss_tokens if fmt else None, 1.0, "pass")
+            run_id = run.run_ids["mlflow"]
+    said = [str(w.message) for w in caught if "one sequence (1-D)" in str(w.message)]
+    assert len(said) == 1 and "position_ids" in said[0], said
+    rows = mlflow_rows(mlflow_uri, run_id)
+    assert [int(r["progress/samples"]) for r in rows][:23] == list(range(1, 24))
+    assert int(rows[-1]["progress/tokens"]) == tokens
+
+
+def test_one_flattened_sequence_with_position_ids_counts_each_example_in_it(workdir):
+    # The same 1-D form holding three examples, with their positions: counted as three (padding-free).
+    parts = [4, 2, 5]
+    batch = {"input_ids": torch.arange(1, 12), "position_ids": torch.cat([torch.arange(n) for n in parts])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "one example" warning: the positions say how many
+        with stream_metrics.init(backend="none", pad_token_id=0) as run:
+            run.update(batch)
+            assert (run.progress.samples, run.progress.tokens) == (3, 11)
+
+
 def test_a_user_size_is_used_until_a_pass_is_measured(workdir):
     paths = tiny.write_corpus(str(workdir / "d"), files=1, lines_per_file=(40,))
     with stream_metrics.init(backend="none", dataset_size=50) as run:  # a wrong guess: the pass shows it

@@ -57,6 +57,34 @@ def user_environment(monkeypatch, folder) -> None:
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_finish(session):
+    """The heap the test modules imported (torch, transformers, MLflow, W&B: about half a million
+    objects) is frozen: the garbage collector leaves it alone from here on (gc.freeze). Each
+    Trainer.train() ends with a full collection (accelerate's free_memory), which otherwise walks all of
+    it, and a later one the heap the earlier tests left (caches, stores): most of a second each, late
+    in the suite. Only objects alive now are frozen, after a collection, so no garbage is kept."""
+    _freeze_what_lives()
+
+
+_frozen_at: list = [None]
+
+
+def pytest_runtest_setup(item):
+    """At each test module's first test, what the earlier modules left alive is frozen too (after a
+    collection: garbage still goes). A test that unfreezes (test_overhead.py) is healed here."""
+    module = getattr(item, "module", None)
+    if module is not _frozen_at[0]:
+        _frozen_at[0] = module
+        _freeze_what_lives()
+
+
+def _freeze_what_lives() -> None:
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
     """A fresh folder as the working directory, and the environment of a user with no accounts."""

@@ -215,7 +215,10 @@ def test_the_training_process_s_garbage_collector_is_left_as_it_is(mlflow_uri, s
         assert run.flush()  # a request of its own each: the first, then those after the freeze
     run.finish()
     assert history(mlflow_uri, run.run_ids["mlflow"], "loss") == [(3 * (i + 1), float(i)) for i in range(6)]
-    assert collector() == before
+    enabled, threshold, frozen = collector()
+    # Nothing frozen here: the count of frozen objects never grows (it shrinks as frozen objects are
+    # freed: the suite freezes the heap its modules left, conftest.py), and the settings are the same.
+    assert (enabled, threshold) == before[:2] and frozen <= before[2]
 
 
 def test_the_mlflow_child_freezes_its_heap_once():

@@ -37,6 +37,7 @@ Which rule counts a batch (SCHEMA section 1):
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Union
 
@@ -214,8 +215,7 @@ def _from_mapping(batch: Mapping, pad_token_id, want_tokens: bool = True) -> Cou
 
 
 def _is_token_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or type(value).__module__ == "numpy" \
-        and getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None and value.dtype.kind in "iu"
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # NumPy's integers too
 
 
 def _one_example_warning() -> None:
